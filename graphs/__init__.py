@@ -1,0 +1,1 @@
+"""graphs: the ARMT in PyTorch (reference model, per-segment and diagonal cells, checkpoint import)."""

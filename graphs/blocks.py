@@ -1,0 +1,167 @@
+"""Decoder-block math for LLaMA and GPT-2, written once for a stack of layers.
+
+Every function takes weights with a leading layer axis n (a slice of the model's stacked (L, ...)
+parameters) and hidden states with the same leading axis:
+
+    h        (n, B, P, d)     n layers, B rows, P = slot length (segment tokens + M memory tokens)
+    W        (n, d_in, d_out) applied as x @ W (HF Linear weights are stored transposed)
+
+The sequential schedule calls these with n = 1, the diagonal schedule with n = the number of
+layers active on the current anti-diagonal. The math follows HF transformers' eager implementations
+(RMSNorm in fp32, rotate-half rotary embedding, fp32 softmax) so results match to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from graphs.config import BaseSpec
+
+Params = dict[str, torch.Tensor]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (n, ..., d_in) @ w (n, d_in, d_out) [+ b (n, d_out)] -> (n, ..., d_out), one batched GEMM."""
+    n, d_in = x.shape[0], x.shape[-1]
+    y = torch.bmm(x.reshape(n, -1, d_in), w)  # (n, rows, d_out)
+    if b is not None:
+        y = y + b[:, None, :]
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in fp32, scale in the input dtype. w (n, d) -> broadcast over (B, P)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w[:, None, None, :] * x32.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm with per-layer affine weights w, b (n, d)."""
+    y = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return y * w[:, None, None, :] + b[:, None, None, :]
+
+
+def rope_inv_freq(spec: BaseSpec) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim / 2,), fp32, as HF computes them (default or llama3 rope)."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if spec.rope_scaling:
+        s = dict(spec.rope_scaling)
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (n, B, P) int -> cos, sin (n, B, 1, P, head_dim) in `dtype` (computed in fp32)."""
+    freqs = positions.float()[..., None] * inv_freq  # (n, B, P, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (n, B, P, hd)
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """key_valid (n, B, P) bool -> allowed (n, B, 1, P, P): causal, padding keys hidden.
+
+    A query always sees itself, so a padding query never has an empty row (no NaN); padding keys
+    are never seen by real queries, which is what makes a padded slot exact.
+    """
+    P = key_valid.shape[-1]
+    idx = torch.arange(P, device=key_valid.device)
+    causal = idx[None, :] <= idx[:, None]  # (P, P) query i sees key j <= i
+    diag = idx[None, :] == idx[:, None]
+    return (causal & (key_valid[:, :, None, :] | diag))[:, :, None]  # (n, B, 1, P, P)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+           fused: bool = False) -> torch.Tensor:
+    """q (n, B, H, P, hd), k/v (n, B, Hkv, P, hd), allowed (n, B, 1, P, P) -> (n, B, H, P, hd).
+
+    `fused=False` writes the math out (what the exporter traces); `fused=True` uses PyTorch's fused
+    SDPA kernels (the fast GPU path). Both fold the layer axis into the batch.
+    """
+    n, B, H, P, hd = q.shape
+    rep = H // k.shape[2]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=2)
+        v = v.repeat_interleave(rep, dim=2)
+    if fused:
+        out = F.scaled_dot_product_attention(
+            q.reshape(n * B, H, P, hd), k.reshape(n * B, H, P, hd), v.reshape(n * B, H, P, hd),
+            attn_mask=allowed.reshape(n * B, 1, P, P))
+        return out.reshape(n, B, H, P, hd)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (n, B, H, P, P)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, tanh approximation, written out (portable to every ONNX consumer)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(n, B, P, heads * hd) -> (n, B, heads, P, hd)."""
+    n, B, P, _ = x.shape
+    return x.reshape(n, B, P, heads, head_dim).transpose(2, 3)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(n, B, H, P, hd) -> (n, B, P, H * hd)."""
+    n, B, H, P, hd = x.shape
+    return x.transpose(2, 3).reshape(n, B, P, H * hd)
+
+
+def llama_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                allowed: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """One LLaMA decoder layer per slot of the n axis. h (n, B, P, d) -> (n, B, P, d)."""
+    Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    x = rms_norm(h, p["attn_norm"], spec.norm_eps)
+    qkv = linear(x, p["qkv"], p.get("qkv_bias"))  # (n, B, P, (Hq + 2 Hkv) hd)
+    q = _split_heads(qkv[..., : Hq * hd], Hq, hd)  # (n, B, Hq, P, hd)
+    k = _split_heads(qkv[..., Hq * hd: (Hq + Hkv) * hd], Hkv, hd)
+    v = _split_heads(qkv[..., (Hq + Hkv) * hd:], Hkv, hd)
+    cos, sin = rope
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    a = _merge_heads(attend(q, k, v, allowed, fused))  # (n, B, P, Hq hd)
+    h = h + linear(a, p["o"], p.get("o_bias"))
+    x = rms_norm(h, p["mlp_norm"], spec.norm_eps)
+    gate_up = linear(x, p["gate_up"], p.get("gate_up_bias"))  # (n, B, P, 2 F)
+    gate, up = gate_up[..., : spec.d_ff], gate_up[..., spec.d_ff:]
+    return h + linear(F.silu(gate) * up, p["down"], p.get("down_bias"))
+
+
+def gpt2_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: None, allowed: torch.Tensor,
+               fused: bool = False) -> torch.Tensor:
+    """One GPT-2 block per slot of the n axis. h (n, B, P, d) -> (n, B, P, d)."""
+    H, hd, d = spec.n_heads, spec.head_dim, spec.d_model
+    x = layer_norm(h, p["ln1_w"], p["ln1_b"], spec.norm_eps)
+    qkv = linear(x, p["qkv"], p["qkv_bias"])  # (n, B, P, 3 d)
+    q, k, v = (_split_heads(qkv[..., i * d: (i + 1) * d], H, hd) for i in range(3))
+    a = _merge_heads(attend(q, k, v, allowed, fused))
+    h = h + linear(a, p["o"], p["o_bias"])
+    x = layer_norm(h, p["ln2_w"], p["ln2_b"], spec.norm_eps)
+    x = gelu_tanh(linear(x, p["fc"], p["fc_bias"]))
+    return h + linear(x, p["proj"], p["proj_bias"])
+
+
+BLOCKS = {"llama": llama_block, "gpt2": gpt2_block}

@@ -1,0 +1,69 @@
+"""The `armt` console command: collects each package's subcommands, maps typed errors to exit codes.
+
+    graphs.cli        convert-official
+    exporter.cli      export, build, inspect
+    runtimes.cli      run, verify, schedule
+    runtimes.bench    bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from graphs.errors import ArmtError
+
+log = logging.getLogger("armt")
+
+COMMAND_MODULES = ("graphs.cli", "exporter.cli", "runtimes.cli", "runtimes.bench.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="armt", description="Deploy Associative Recurrent Memory "
+                                     "Transformers: convert, export to ONNX/TensorRT, run, verify, bench.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that part of the tool is not present in this install
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except ArmtError as exc:
+        if args.verbose:
+            log.exception("armt %s failed", args.command)
+        print(f"armt {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"armt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"armt {args.command}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not bad input: still one line unless -v
+        if args.verbose:
+            raise
+        print(f"armt {args.command}: internal error: {exc.__class__.__name__}: {exc} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

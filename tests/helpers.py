@@ -1,0 +1,35 @@
+"""Tiny models and comparisons shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from graphs.config import ArmtConfig, ModelConfig, parse_base_config
+from graphs.model import ArmtModel
+from graphs.synthetic import PRESETS
+
+TINY_BASES = {
+    "llama": dict(PRESETS["tiny"], hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=48, vocab_size=61),
+    "gpt2": dict(PRESETS["tiny-gpt2"], n_embd=32, n_layer=3, n_head=4, n_positions=40, vocab_size=61),
+}
+
+
+def tiny_config(arch: str = "llama", segment_size: int = 6, num_mem_tokens: int = 3, d_mem: int = 4,
+                wrap_pos: bool = False, correction: bool = True, **base_overrides) -> ModelConfig:
+    base = parse_base_config(dict(TINY_BASES[arch], **base_overrides))
+    return ModelConfig(base, ArmtConfig(arch, segment_size, num_mem_tokens, d_mem,
+                                        correction=correction, wrap_pos=wrap_pos))
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw) -> ArmtModel:
+    """Random weights scaled so that the memory changes the outputs clearly."""
+    return ArmtModel(tiny_config(arch, **kw), init_std=0.15, mem_init_std=0.1, seed=seed).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (NaN anywhere gives inf)."""
+    a, b = a.double(), b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
