@@ -24,7 +24,7 @@ def tiny_config(arch: str = "llama", segment_size: int = 6, num_mem_tokens: int 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **kw) -> ArmtModel:
     """Random weights scaled so that the memory changes the outputs clearly."""
-    return ArmtModel(tiny_config(arch, **kw), init_std=0.15, mem_init_std=0.1, seed=seed).eval()
+    return ArmtModel(tiny_config(arch, **kw), init_std=0.15, mem_init_std=0.03, seed=seed).eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
