@@ -1,0 +1,93 @@
+"""The two graph-shaped cells: what the exporter traces and what the torch runner executes.
+
+Both take the memory state as explicit inputs and return it as outputs (see docs/architecture.md,
+"graph contract"). They hold no state between calls and do no host-side arithmetic, so the same
+call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
+
+    SegmentCell   one slot through all L layers (sequential schedule)
+    DiagonalStep  one anti-diagonal: L slots, one per layer, idle layers masked by `active`
+
+DiagonalStep data flow (one call = one step t):
+
+    input_ids --embed--> x[0]            hidden_in[0..L-2] --> x[1..L-1]   (the shift is in-graph)
+    x (L, B, P, d) --read / block / write, per layer--> y (L, B, P, d)
+    hidden_out = where(active, y, hidden_in);  state_out = where(active & write, new, old)
+    logits, hidden = head(hidden_out[L-1])       (the segment that leaves the pipeline)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphs.model import ArmtModel
+
+
+class SegmentCell(nn.Module):
+    """Sequential-schedule graph: one segment slot through every layer."""
+
+    def __init__(self, model: ArmtModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                write: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor, written_in: torch.Tensor):
+        """input_ids (B, W); positions, key_valid (B, P); write (B,); A_in (L, B, K, d); z_in (L, B, K);
+        written_in (L, B) -> logits (B, W, V) f32, hidden (B, W, d) f32, A_out, z_out, written_out."""
+        m = self.model
+        width = input_ids.shape[1]
+        h = m.embed(input_ids, positions)[None]  # (1, B, P, d)
+        rope, allowed = m.geometry(positions[None], key_valid[None])
+        A, z, wr = [], [], []
+        for l in range(m.cfg.base.n_layers):
+            h, a_l, z_l, w_l = m.cells(l, l + 1, h, rope, allowed, A_in[l:l + 1], z_in[l:l + 1],
+                                       written_in[l:l + 1], write[None])
+            A.append(a_l)
+            z.append(z_l)
+            wr.append(w_l)
+        logits, hidden = m.head(h[0, :, :width])
+        return logits.float(), hidden.float(), torch.cat(A), torch.cat(z), torch.cat(wr)
+
+
+class DiagonalStep(nn.Module):
+    """Diagonal-schedule graph: every layer works on its own segment slot in one batched call."""
+
+    def __init__(self, model: ArmtModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, hidden_in: torch.Tensor, positions: torch.Tensor,
+                key_valid: torch.Tensor, active: torch.Tensor, write: torch.Tensor, A_in: torch.Tensor,
+                z_in: torch.Tensor, written_in: torch.Tensor):
+        """input_ids (B, W); hidden_in (L, B, P, d); positions, key_valid (L, B, P); active (L,);
+        write (L, B); A_in (L, B, K, d); z_in (L, B, K); written_in (L, B)
+        -> hidden_out (L, B, P, d), logits (B, W, V) f32, hidden (B, W, d) f32, A_out, z_out, written_out."""
+        m = self.model
+        L = m.cfg.base.n_layers
+        width = input_ids.shape[1]
+        x0 = m.embed(input_ids, positions[0])[None]  # (1, B, P, d)
+        x = torch.cat([x0, hidden_in[: L - 1]], dim=0)  # (L, B, P, d)
+        rope, allowed = m.geometry(positions, key_valid)
+        live = write & active[:, None]  # (L, B): idle layers never write
+        y, A, z, wr = m.cells(0, L, x, rope, allowed, A_in, z_in, written_in, live)
+        hidden_out = torch.where(active[:, None, None, None], y, hidden_in)  # (L, B, P, d)
+        logits, hidden = m.head(hidden_out[L - 1, :, :width])
+        return hidden_out, logits.float(), hidden.float(), A, z, wr
+
+
+def diagonal_feeds(model: ArmtModel, slots: list, t: int) -> dict[str, torch.Tensor]:
+    """Step t's per-layer inputs (without the state and hidden buffers) from uniform-width slots.
+
+    Layer l works on segment s = t - l when 0 <= s < S; idle layers get segment 0's geometry (any
+    valid values do: their results are masked out)."""
+    L, S = model.cfg.base.n_layers, len(slots)
+    seg = [t - l if 0 <= t - l < S else 0 for l in range(L)]
+    active = torch.tensor([0 <= t - l < S for l in range(L)])
+    entering = slots[t] if t < S else slots[0]
+    return {
+        "input_ids": entering.ids,
+        "positions": torch.stack([slots[s].positions for s in seg]),  # (L, B, P)
+        "key_valid": torch.stack([slots[s].key_valid for s in seg]),  # (L, B, P)
+        "active": active,  # (L,)
+        "write": torch.stack([slots[s].write for s in seg]),  # (L, B)
+    }
