@@ -132,14 +132,14 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: s
                                                           ("o_b", (d,)))})
             if b.mlp_bias:
                 w.update({n: r.take(k[n], s) for n, s in (("gate_b", (F_,)), ("up_b", (F_,)), ("down_b", (d,)))})
-            if any(v is None for v in w.values()):
-                continue
-            layer = {"attn_norm": w["attn_norm"], "mlp_norm": w["mlp_norm"],
-                     "qkv": torch.cat([w["q"], w["k"], w["v"]], 0).t(), "o": w["o"].t(),
-                     "gate_up": torch.cat([w["gate"], w["up"]], 0).t(), "down": w["down"].t()}
-            if b.attention_bias:
+            layer = None
+            if all(v is not None for v in w.values()):
+                layer = {"attn_norm": w["attn_norm"], "mlp_norm": w["mlp_norm"],
+                         "qkv": torch.cat([w["q"], w["k"], w["v"]], 0).t(), "o": w["o"].t(),
+                         "gate_up": torch.cat([w["gate"], w["up"]], 0).t(), "down": w["down"].t()}
+            if layer is not None and b.attention_bias:
                 layer.update(qkv_bias=torch.cat([w["q_b"], w["k_b"], w["v_b"]]), o_bias=w["o_b"])
-            if b.mlp_bias:
+            if layer is not None and b.mlp_bias:
                 layer.update(gate_up_bias=torch.cat([w["gate_b"], w["up_b"]]), down_bias=w["down_b"])
         else:
             k = _gpt2_layer_keys(i)
@@ -149,8 +149,10 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: s
                         "proj": (F_, d), "proj_bias": (d,)}
             layer = {n: r.take(k[n], s) for n, s in shapes_l.items()}  # Conv1D weights are already (in, out)
             if any(v is None for v in layer.values()):
-                continue
-        for n, t in layer.items():
+                layer = None
+        # an incomplete layer is reported by the reader; its memory tensors are still taken (so they
+        # are not also reported as unexpected)
+        for n, t in (layer or {}).items():
             per_layer.setdefault(n, []).append(t.contiguous())
         mshapes = {"w_q": (a.d_mem, d), "w_k": (a.d_mem, d), "w_v": (d, d), "w_b": (1, d), "b_b": (1,)}
         for ours, key in _memory_keys(i).items():

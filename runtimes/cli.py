@@ -1,52 +1,160 @@
-"""`armt run`: run an ARMT on token ids (torch backend from a model directory)."""
+"""`armt run`, `armt verify`, `armt schedule`: the runtime's commands (see docs/runtimes.md)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("armt.run")
 
+BACKENDS = ("torch", "ort", "trt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a model on token ids and write the logits")
-    p.add_argument("path", help="model directory (torch backend)")
-    p.add_argument("--input-ids", required=True, help="int64 .npy of shape (B, N)")
-    p.add_argument("--output", required=True, help="where to write float32 logits (B, N, vocab) .npy")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="execution backend")
+    p = sub.add_parser("run", help="run a model on token ids (torch, ONNX Runtime or TensorRT)",
+                       description="Run an ARMT over token ids with the sequential or diagonal schedule. "
+                       "PATH is a model directory for --backend torch and an export directory for ort/trt.")
+    p.add_argument("path", help="model directory (torch) or export directory (ort, trt)")
+    p.add_argument("--input-ids", required=True, help="int .npy of shape (B, N)")
+    p.add_argument("--output", help="write float32 logits (B, N, vocab) .npy here")
+    p.add_argument("--hidden-output", help="write float32 final-norm hidden states (B, N, d) .npy here")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="execution backend (default torch)")
     p.add_argument("--schedule", default="diagonal", choices=["sequential", "diagonal"])
-    p.add_argument("--attention-mask", help="(B, N) .npy of 0/1, right-padded")
+    p.add_argument("--attention-mask", help="(B, N) .npy of 0/1, right-padded (ones, then zeros)")
     p.add_argument("--state-in", help="memory state .npz to start from (default: empty memory)")
     p.add_argument("--state-out", help="write the final memory state .npz here")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu (torch, ort), cuda (trt)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="torch: compute precision (default fp32); ort/trt: must match the export")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("verify", help="check an export's backends against the PyTorch reference",
+                       description="Check the export's checksums, then run the PyTorch sequential reference and "
+                       "each backend (both schedules) on the same inputs and compare every segment's logits, "
+                       "hidden states and memory state (A, z, written) against the precision's bounds. "
+                       "Exit 0: all within bounds; 1: a miss; 2: bad input; 3: nothing missed but a requested "
+                       "backend could not run here (not counted as passed).")
+    v.add_argument("export_dir")
+    v.add_argument("--model", help="model directory of the torch reference (default: rebuilt from the export)")
+    v.add_argument("--backend", default="ort", help="comma-separated: ort, trt (default ort)")
+    v.add_argument("--schedule", default="sequential,diagonal", help="comma-separated (default both)")
+    v.add_argument("--precision", choices=PRECISIONS, help="expected precision of the export (checked)")
+    v.add_argument("--input-ids", help="int .npy (B, N) to compare on (default: generated cases)")
+    v.add_argument("--attention-mask", help="(B, N) 0/1 .npy for --input-ids")
+    v.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="device of the reference and of ort (trt always runs on cuda)")
+    v.add_argument("--per-graph", action="store_true",
+                   help="also compare each graph across backends with Polygraphy's comparator on the "
+                   "export's sample feeds")
+    v.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("schedule", help="draw the sequential or diagonal schedule as an ASCII grid")
+    s.add_argument("--layers", type=int, required=True, help="L: decoder layers")
+    s.add_argument("--segments", type=int, required=True, help="S: segments")
+    s.add_argument("--schedule", default="diagonal", choices=["sequential", "diagonal"])
+    s.add_argument("--max-steps", type=int, default=40, help="draw at most this many steps")
+    s.set_defaults(func=cmd_schedule)
+
+
+# ------------------------------------------------------------------------------------------ run
+def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    from graphs.errors import InputError
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise InputError(f"{what} must be a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def _check_path_kind(path: str, backend: str) -> None:
+    """A clear message when a model directory and an export directory are mixed up."""
+    from graphs.errors import InputError
+    p = Path(path)
+    if backend == "torch" and (p / "manifest.json").is_file():
+        raise InputError(f"{p} is an export directory; --backend torch runs a model directory "
+                         "(use --backend ort or trt for exports)")
+    if backend != "torch" and p.is_dir() and not (p / "manifest.json").is_file() and (p / "armt_config.json").is_file():
+        raise InputError(f"{p} is a model directory; --backend {backend} runs an export directory "
+                         "(make one with `armt export`)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from graphs.arrays import load_npy, save_npy
-    from graphs.errors import InputError
-    from graphs.modeldir import load_model_dir
-    from graphs.state import load_state, save_state
+    from graphs.arrays import save_npy
+    from graphs.state import save_state
+    from runtimes.execute import ROLE_OF_SCHEDULE, run_schedule
+    from runtimes.inputs import load_ids, load_mask, load_state_for
+    from runtimes.runner import make_runner
 
-    model = load_model_dir(args.path)
-    ids = load_npy(args.input_ids, "input ids")
-    if ids.dtype.kind not in "iu":
-        raise InputError(f"input ids must be an integer array, got {ids.dtype}")
-    mask = None
-    if args.attention_mask:
-        mask_np = load_npy(args.attention_mask, "attention mask")
-        if mask_np.dtype.kind not in "iub":
-            raise InputError(f"attention mask must be 0/1 integers, got {mask_np.dtype}")
-        mask = torch.from_numpy(mask_np.astype(np.int64))
-    state = load_state(args.state_in, model.model_id()) if args.state_in else None
-    with torch.no_grad():
-        out = model(torch.from_numpy(ids.astype(np.int64)), attention_mask=mask, state=state,
-                    schedule=args.schedule)
-    save_npy(args.output, out.logits.numpy().astype(np.float32))
+    _check_path_kind(args.path, args.backend)
+    ids = load_ids(args.input_ids)
+    mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
+    device = args.device or ("cuda" if args.backend == "trt" else "cpu")
+    runner = make_runner(args.backend, args.path, ROLE_OF_SCHEDULE[args.schedule], device=device,
+                         precision=args.precision)
+    state = load_state_for(args.state_in, runner.model_id) if args.state_in else None
+    collect = tuple(k for k, path in (("logits", args.output), ("hidden", args.hidden_output)) if path)
+    with runner, torch.no_grad():
+        result = run_schedule(runner, ids, mask, state=state, collect=collect,
+                              progress=not args.no_progress)
+    if args.output:
+        save_npy(args.output, result.logits.numpy().astype(np.float32))
+    if args.hidden_output:
+        save_npy(args.hidden_output, result.hidden.numpy().astype(np.float32))
     if args.state_out:
-        save_state(args.state_out, out.state, model.model_id())
-    log.info("wrote logits %s to %s", tuple(out.logits.shape), Path(args.output))
+        save_state(args.state_out, result.state, runner.model_id)
+    B, N = ids.shape
+    log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", runner.name, B, N, args.schedule,
+             len(result.schedule.steps), result.seconds,
+             f"; logits -> {args.output}" if args.output else "")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    from exporter.manifest import load_manifest
+    from graphs.errors import InputError, ParityFailure
+    from runtimes.inputs import load_ids, load_mask
+    from runtimes.verify import generated_cases, given_case, reference_model, verify
+
+    backends = _split(args.backend, ("ort", "trt"), "--backend")
+    schedules = _split(args.schedule, ("sequential", "diagonal"), "--schedule")
+    manifest = load_manifest(args.export_dir, verify_checksums=True)  # an altered file stops here (exit 2)
+    if args.precision and args.precision != manifest.precision:
+        raise InputError(f"export {args.export_dir} holds {manifest.precision} graphs, not {args.precision}")
+    model = reference_model(manifest, args.model, args.device)
+    if args.input_ids:
+        ids = load_ids(args.input_ids)
+        cases = [given_case(ids, load_mask(args.attention_mask, ids) if args.attention_mask else None)]
+    elif args.attention_mask:
+        raise InputError("--attention-mask needs --input-ids")
+    else:
+        cases = generated_cases(manifest.model_config())
+    report = verify(model, args.export_dir, backends, schedules, cases, device=args.device, manifest=manifest)
+    print(report.table())
+    if args.per_graph:
+        from runtimes.per_graph import compare_graphs
+        graph_report = compare_graphs(manifest, model, backends, device=args.device)
+        print()
+        print(graph_report.table())
+        report.rows.extend(graph_report.rows)
+    print(report.summary())
+    if report.failed:
+        raise ParityFailure(report.summary())
+    if report.not_run:
+        print(f"armt verify: exit {report.exit_code}: a requested backend did not run here; "
+              "it is not counted as passed", file=sys.stderr)
+    return report.exit_code
+
+
+# ------------------------------------------------------------------------------------------ schedule
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from runtimes.schedule import build_schedule, render
+    print(render(build_schedule(args.schedule, args.layers, args.segments), max_steps=max(args.max_steps, 1)))
     return 0

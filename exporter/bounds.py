@@ -1,0 +1,130 @@
+"""Parity bounds: ONE table keyed by (precision, tensor kind), and the comparison that applies it.
+
+Reference: the PyTorch model cast to the same precision (ArmtModel.cast: layers/embeddings/head in
+that dtype, memory weights and state fp32), run by the same cell calls. Metrics per tensor:
+
+    max_abs  = max |got - ref|
+    rel      = max |got - ref| / max |ref|                   (bounded by Bound.rel)
+    q_rel    = quantile_0.999 |got - ref| / max |ref|        (bounded by Bound.q_rel)
+
+Only entries that carry meaning are compared (exporter.specs.output_mask: no padding places, no
+ended rows, no idle layers). NaN or Inf in `got` (where `ref` is finite) never passes. Bool tensors (`written`) must be equal.
+Kinds: logits, hidden (final-norm output), hidden_out (the diagonal step's carried hidden, compute
+dtype), A and z (memory state, fp32 in every precision), written.
+
+How the numbers were set (docs/exporter.md, "Bounds"), reference = torch at the same precision:
+  fp32  the project's 1e-5 promise; measured export errors are ~1e-7..1e-6.
+  fp16  measured ONNX Runtime CPU vs torch CPU over whole 3-segment chains (memory fed back) on tiny
+        and small (d 256, 4 layers) LLaMA and GPT-2(wrap_pos) models (tiny: 3 weight seeds, small: 1) x 3 input seeds:
+        worst rel 9.8e-3 (A), 7.9e-3 (z), 6.8e-3 (logits); worst q99.9 7.1e-3. Bounds = ~3x / ~2x that.
+  bf16  8x the fp16 bounds: bf16's unit roundoff is 8x fp16's, and torch bf16-vs-fp32 errors measured
+        5-13x the fp16-vs-fp32 ones on the same models. Not measured backend-vs-torch: ONNX Runtime
+        CPU has no bf16 kernels, so bf16 export validation reports "not run".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+KINDS = ("logits", "hidden", "hidden_out", "A", "z", "written")
+QUANTILE = 0.999
+
+
+@dataclass(frozen=True)
+class Bound:
+    rel: float
+    q_rel: float
+
+
+_FP32 = Bound(rel=1e-5, q_rel=1e-5)
+_FP16 = {k: Bound(rel=3e-2, q_rel=1.5e-2) for k in ("logits", "hidden", "hidden_out", "A", "z")}
+_BF16 = {k: Bound(b.rel * 8, b.q_rel * 8) for k, b in _FP16.items()}
+_EXACT = Bound(0.0, 0.0)
+
+BOUNDS: dict[tuple[str, str], Bound] = {
+    **{("fp32", k): _FP32 for k in KINDS if k != "written"},
+    **{("fp16", k): b for k, b in _FP16.items()},
+    **{("bf16", k): b for k, b in _BF16.items()},
+    **{(p, "written"): _EXACT for p in ("fp32", "fp16", "bf16")},
+}
+
+
+def bound_for(precision: str, kind: str) -> Bound:
+    try:
+        return BOUNDS[(precision, kind)]
+    except KeyError:
+        raise KeyError(f"no parity bound for precision {precision!r} and tensor kind {kind!r}") from None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    kind: str
+    max_abs: float
+    rel: float
+    q_rel: float
+    bound: Bound
+    ok: bool
+    note: str = ""
+
+    def row(self) -> list[str]:
+        return [self.name, f"{self.max_abs:.3e}", f"{self.rel:.3e}", f"{self.q_rel:.3e}",
+                f"{self.bound.rel:.2g}/{self.bound.q_rel:.2g}", "ok" if self.ok else "MISS"]
+
+
+def compare(name: str, kind: str, precision: str, got, ref, mask=None) -> Comparison:
+    """Compare one output (numpy arrays or torch tensors) against its reference under the table.
+
+    `mask` (bool, broadcastable to the output; see exporter.specs.output_mask) limits the comparison
+    to the entries that carry meaning; None compares everything."""
+    got, ref = _np(got), _np(ref)
+    bound = bound_for(precision, kind)
+    if got.shape != ref.shape:
+        return Comparison(name, kind, math.inf, math.inf, math.inf, bound, False,
+                          f"shape {got.shape} != reference {ref.shape}")
+    if mask is not None:
+        mask = np.broadcast_to(_np(mask).astype(bool), got.shape)
+        got, ref = got[mask], ref[mask]
+    if ref.dtype == np.bool_ or got.dtype == np.bool_:
+        diff = int(np.count_nonzero(got.astype(bool) != ref.astype(bool)))
+        return Comparison(name, kind, float(diff), float(diff), float(diff), bound, diff == 0,
+                          f"{diff} mismatching flags" if diff else "")
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    if not np.isfinite(r).all():
+        return Comparison(name, kind, math.inf, math.inf, math.inf, bound, False, "reference is not finite")
+    if not np.isfinite(g).all():
+        return Comparison(name, kind, math.inf, math.inf, math.inf, bound, False, "NaN/Inf in output")
+    if g.size == 0:
+        return Comparison(name, kind, 0.0, 0.0, 0.0, bound, True)
+    err = np.abs(g - r)
+    scale = max(float(np.abs(r).max()), 1e-30)
+    max_abs = float(err.max())
+    rel = max_abs / scale
+    q_rel = float(np.quantile(err, QUANTILE)) / scale
+    return Comparison(name, kind, max_abs, rel, q_rel, bound, rel <= bound.rel and q_rel <= bound.q_rel)
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def format_table(rows: list[Comparison], title: str = "") -> str:
+    """A fixed-width table: output, max abs, rel, q99.9 rel, bound (rel/q), ok."""
+    head = ["output", "max abs", "rel", "q99.9 rel", "bound", "ok"]
+    body = [c.row() for c in rows]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = [title] if title else []
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    for c, r in zip(rows, body):
+        line = "  ".join(v.ljust(w) for v, w in zip(r, widths))
+        lines.append(line + (f"  ({c.note})" if c.note else ""))
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""`armt inspect`: what an export directory holds, as plain-text tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter.manifest import Manifest, load_manifest
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e4 else f"{n} B"
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return out
+
+
+def describe(manifest: Manifest, top_ops: int = 8) -> str:
+    m = manifest
+    cfg = m.model_config()
+    lines = [f"export {m.root}  (format {m.format_version}, {m.precision}, opset {m.opset})",
+             f"model: {cfg.base.architecture}, {cfg.base.n_layers} layers, d_model {cfg.base.d_model}, vocab "
+             f"{cfg.base.vocab_size}; ARMT segment {cfg.armt.segment_size}, {cfg.armt.num_mem_tokens} memory tokens, "
+             f"d_mem {cfg.armt.d_mem} (K = {cfg.armt.d_key}){', wrap_pos' if cfg.armt.wrap_pos else ''}",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
+             f"validation: {m.validation.get('status', 'unknown')}"
+             + (f" ({m.validation['reason']})" if m.validation.get("reason") else ""), ""]
+    rows = []
+    for role, g in m.graphs.items():
+        nodes = sum(g.op_counts.values())
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts.items(), key=lambda kv: -kv[1])[:top_ops])
+        data = ", ".join(f"{f} {_mb(m.files[f].bytes)}" for f in g.data_files if f in m.files)
+        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), ops])
+    lines += _table(["graph", "file", "size", "external data", "nodes", "top ops"], rows)
+    for role, g in m.graphs.items():
+        lines += ["", f"{role} inputs / outputs:"]
+        lines += _table(["", "name", "dtype", "shape"],
+                        [["in", t.name, t.dtype, _shape(t.shape)] for t in g.inputs]
+                        + [["out", t.name, t.dtype, _shape(t.shape)] for t in g.outputs])
+    engines = [[role, e.file, _mb(m.files[e.file].bytes) if e.file in m.files else "?",
+                f"{e.builder} {e.builder_version}", ",".join(e.compute_capability) or "default",
+                "; ".join(f"batch {p['input_ids'].min[0]}..{p['input_ids'].max[0]}, width "
+                          f"{p['input_ids'].min[1]}..{p['input_ids'].max[1]}" for p in e.profiles if "input_ids" in p)]
+               for role, g in m.graphs.items() for e in g.engines]
+    lines.append("")
+    if engines:
+        lines += _table(["engine of", "file", "size", "builder", "compute cap.", "profile"], engines)
+    else:
+        lines.append("engines: none (run `armt build`)")
+    other = [f for f in m.files if f not in {x for g in m.graphs.values() for x in g.files}]
+    if other:
+        lines += ["", "other files: " + ", ".join(f"{f} {_mb(m.files[f].bytes)}" for f in other)]
+    lines.append(f"total: {_mb(sum(r.bytes for r in m.files.values()))}")
+    return "\n".join(lines)
+
+
+def inspect_export(export_dir: str | Path, verify_checksums: bool = False) -> str:
+    return describe(load_manifest(export_dir, verify_checksums=verify_checksums))

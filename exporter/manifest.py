@@ -1,0 +1,327 @@
+"""`manifest.json`: what an export directory holds, and the check that it is intact.
+
+Layout of an export directory (file names are fixed by this module; the manifest lists them all):
+
+    EXPORT_DIR/
+      manifest.json                this file's contents (format_version, model, graphs, files, ...)
+      segment.onnx                 sequential-schedule graph   (role "segment")
+      diagonal_step.onnx           diagonal-schedule graph     (role "diagonal_step")
+      weights.data                 ONNX external data (the graphs' weights, shared)
+      sample_feeds.npz             realistic inputs for every graph (prefix "<role>/")
+      polygraphy_data_loader.py    `polygraphy run ... --data-loader-script` helper
+      segment.<tag>.engine, ...    TensorRT engines, after `armt build`
+
+Every file except manifest.json has an entry in `files` (sha256 and size). `load_manifest` refuses a
+directory whose manifest is missing, malformed, of another format version, or whose files are
+missing, altered, or referenced without a checksum entry: one line, `ExportError`.
+
+Tensor dtypes are ONNX/numpy names ("float32", "float16", "bfloat16", "int64", "bool"); shapes are
+lists whose entries are ints (fixed) or strings (named dynamic dims "batch", "width", "slot").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphs.atomic import atomic_write_bytes
+from graphs.errors import ExportError
+
+log = logging.getLogger("armt.export")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ROLES = ("segment", "diagonal_step")
+GRAPH_FILES = {"segment": "segment.onnx", "diagonal_step": "diagonal_step.onnx"}
+SAMPLE_FEEDS = "sample_feeds.npz"
+POLYGRAPHY_SCRIPT = "polygraphy_data_loader.py"
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+DYNAMIC_DIMS = ("batch", "width", "slot")
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str  # one of DTYPES
+    shape: tuple[int | str, ...]  # ints are fixed sizes, strings are named dynamic dims
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(d["shape"]))
+
+    def concrete_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The shape with named dims replaced from `dims` (e.g. {"batch": 2, "width": 6, "slot": 9})."""
+        try:
+            return tuple(dims[s] if isinstance(s, str) else int(s) for s in self.shape)
+        except KeyError as exc:
+            raise ExportError(f"tensor {self.name} needs a size for dim {exc.args[0]!r}") from None
+
+
+@dataclass(frozen=True)
+class ProfileRange:
+    """One optimization-profile range of an engine input: shapes for min / opt / max."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProfileRange":
+        return cls(tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine built from one graph (`armt build`)."""
+
+    file: str
+    builder: str  # "tensorrt" or "tensorrt_rtx"
+    builder_version: str
+    precision: str
+    compute_capability: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("8.9", "12.0"); () = builder default
+    profiles: tuple[dict[str, ProfileRange], ...] = ()  # per profile: input name -> range
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "builder": self.builder, "builder_version": self.builder_version,
+                "precision": self.precision, "compute_capability": list(self.compute_capability),
+                "profiles": [{k: v.to_dict() for k, v in p.items()} for p in self.profiles]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineRecord":
+        return cls(file=str(d["file"]), builder=str(d["builder"]), builder_version=str(d["builder_version"]),
+                   precision=str(d["precision"]), compute_capability=tuple(d.get("compute_capability", ())),
+                   profiles=tuple({k: ProfileRange.from_dict(v) for k, v in p.items()}
+                                  for p in d.get("profiles", ())))
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """One exported ONNX graph."""
+
+    role: str  # one of ROLES
+    file: str  # the .onnx file, relative to the export directory
+    data_files: tuple[str, ...]  # its external-data files
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str
+    opset: int
+    op_counts: dict[str, int] = field(default_factory=dict)  # ONNX op type -> node count
+    engines: tuple[EngineRecord, ...] = ()
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.role, "input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.role, "output")
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file this graph needs (graph, external data, engines)."""
+        return (self.file, *self.data_files, *(e.file for e in self.engines))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "file": self.file, "data_files": list(self.data_files),
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+                "precision": self.precision, "opset": self.opset, "op_counts": dict(self.op_counts),
+                "engines": [e.to_dict() for e in self.engines]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphRecord":
+        return cls(role=str(d["role"]), file=str(d["file"]), data_files=tuple(d.get("data_files", ())),
+                   inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+                   precision=str(d["precision"]), opset=int(d["opset"]),
+                   op_counts={str(k): int(v) for k, v in d.get("op_counts", {}).items()},
+                   engines=tuple(EngineRecord.from_dict(e) for e in d.get("engines", ())))
+
+
+def _by_name(specs: tuple[TensorSpec, ...], name: str, role: str, what: str) -> TensorSpec:
+    for s in specs:
+        if s.name == name:
+            return s
+    raise ExportError(f"graph {role} has no {what} named {name!r}")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest.json. `root` is the export directory it was read from (not serialised)."""
+
+    precision: str
+    opset: int
+    model: dict[str, Any]  # {"config": HF config.json dict, "armt_config": dict, "model_id": str}
+    dims: dict[str, int]  # L, B-independent sizes: layers, d_model, d_key, vocab, mem_tokens, segment_size
+    graphs: dict[str, GraphRecord]  # role -> record
+    files: dict[str, FileRecord]  # relative path -> checksum (every file but manifest.json)
+    versions: dict[str, str]  # torch, onnx, exporter (and onnxruntime when validation ran)
+    validation: dict[str, Any] = field(default_factory=dict)  # {"status": "passed"|"failed"|"not run", ...}
+    samples: str | None = SAMPLE_FEEDS  # the .npz of sample feeds, or None
+    polygraphy_script: str | None = POLYGRAPHY_SCRIPT
+    format_version: int = FORMAT_VERSION
+    root: Path | None = None
+
+    # ---------------------------------------------------------------- conveniences for the runtimes
+    def model_config(self):
+        """The ModelConfig the graphs were exported from."""
+        from graphs.config import ArmtConfig, ModelConfig, parse_base_config
+        try:
+            return ModelConfig(parse_base_config(self.model["config"]),
+                               ArmtConfig.from_dict(self.model["armt_config"]))
+        except KeyError as exc:
+            raise ExportError(f"manifest.json model section lacks {exc.args[0]!r}") from None
+
+    def graph(self, role: str) -> GraphRecord:
+        if role not in self.graphs:
+            raise ExportError(f"export has no {role!r} graph (it has: {', '.join(self.graphs) or 'none'})")
+        return self.graphs[role]
+
+    def path(self, relative: str) -> Path:
+        if self.root is None:
+            raise ExportError("manifest was not loaded from a directory")
+        return self.root / relative
+
+    def graph_path(self, role: str) -> Path:
+        return self.path(self.graph(role).file)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "precision": self.precision, "opset": self.opset,
+                "model": self.model, "dims": self.dims,
+                "graphs": {r: g.to_dict() for r, g in self.graphs.items()},
+                "samples": self.samples, "polygraphy_script": self.polygraphy_script,
+                "versions": self.versions, "validation": self.validation,
+                "files": {k: v.to_dict() for k, v in sorted(self.files.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], root: Path | None = None) -> "Manifest":
+        return cls(format_version=int(d["format_version"]), precision=str(d["precision"]), opset=int(d["opset"]),
+                   model=dict(d["model"]), dims={str(k): int(v) for k, v in d["dims"].items()},
+                   graphs={str(r): GraphRecord.from_dict(g) for r, g in d["graphs"].items()},
+                   files={str(k): FileRecord(str(v["sha256"]), int(v["bytes"])) for k, v in d["files"].items()},
+                   versions={str(k): str(v) for k, v in d.get("versions", {}).items()},
+                   validation=dict(d.get("validation", {})), samples=d.get("samples"),
+                   polygraphy_script=d.get("polygraphy_script"), root=root)
+
+    def referenced_files(self) -> list[str]:
+        """Every file the manifest's sections point at."""
+        refs = [f for g in self.graphs.values() for f in g.files]
+        refs += [f for f in (self.samples, self.polygraphy_script) if f]
+        return list(dict.fromkeys(refs))
+
+
+# ------------------------------------------------------------------------------------------ files
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> FileRecord:
+    return FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def record_files(root: Path, names: list[str] | tuple[str, ...]) -> dict[str, FileRecord]:
+    """Checksum the given files under `root`."""
+    out = {}
+    for name in names:
+        p = root / name
+        if not p.is_file():
+            raise ExportError(f"export file {name} was not written")
+        out[name] = file_record(p)
+    return out
+
+
+def write_manifest(export_dir: str | Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically (temp file, rename). The caller fills `files` first."""
+    path = Path(export_dir) / MANIFEST
+    text = json.dumps(manifest.to_dict(), indent=2) + "\n"
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def load_manifest(export_dir: str | Path, verify_checksums: bool = True) -> Manifest:
+    """Read and check an export directory's manifest.
+
+    Raises ExportError (one line) when the directory or manifest is missing or malformed, the format
+    version is not this one, a referenced file has no checksum entry, or a listed file is missing,
+    of another size or (with `verify_checksums`) of another sha256.
+    """
+    root = Path(export_dir)
+    if not root.is_dir():
+        raise ExportError(f"export directory {root} does not exist")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{root} is not an export directory: {MANIFEST} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or "format_version" not in raw:
+        raise ExportError(f"{path} is not an ARMT export manifest (no format_version)")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise ExportError(f"{path} has format version {raw['format_version']!r}; this armt reads version "
+                          f"{FORMAT_VERSION} (re-export the model)")
+    try:
+        manifest = Manifest.from_dict(raw, root=root)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{path} is malformed ({exc.__class__.__name__}: {exc})") from None
+    _check_consistent(manifest, path)
+    for name, rec in manifest.files.items():
+        f = root / name
+        if not f.is_file():
+            raise ExportError(f"export {root} is incomplete: {name} is missing")
+        size = f.stat().st_size
+        if size != rec.bytes:
+            raise ExportError(f"export {root}: {name} was altered ({size} bytes, manifest says {rec.bytes})")
+        if verify_checksums:
+            if sha256_file(f) != rec.sha256:
+                raise ExportError(f"export {root}: {name} was altered (sha256 does not match the manifest)")
+    return manifest
+
+
+def _check_consistent(m: Manifest, path: Path) -> None:
+    if m.precision not in PRECISIONS:
+        raise ExportError(f"{path}: unknown precision {m.precision!r}")
+    for role, g in m.graphs.items():
+        if role not in ROLES or g.role != role:
+            raise ExportError(f"{path}: unknown graph role {role!r}")
+        for spec in (*g.inputs, *g.outputs):
+            if spec.dtype not in DTYPES:
+                raise ExportError(f"{path}: graph {role} tensor {spec.name} has unknown dtype {spec.dtype!r}")
+    for name in m.referenced_files():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ExportError(f"{path}: file {name!r} lies outside the export directory")
+        if name not in m.files:
+            raise ExportError(f"{path} references {name} but lists no checksum for it")
+    for name in m.files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ExportError(f"{path}: file {name!r} lies outside the export directory")
+
+
+def replace(manifest: Manifest, **changes: Any) -> Manifest:
+    """A copy with some fields changed (dataclasses.replace, kept here for discoverability)."""
+    return dataclasses.replace(manifest, **changes)

@@ -1,0 +1,59 @@
+"""Portable graphs: only standard ONNX ops that ONNX Runtime and TensorRT both parse.
+
+The allow-list holds the default-domain ops the ARMT graphs need (plus a few harmless neighbours).
+Refused on purpose: any non-default domain (com.microsoft fusions), data-dependent shapes (NonZero,
+Unique, NonMaxSuppression, control flow), the opset-23 fused ops RotaryEmbedding and Attention
+(batch-1 cos cache trap; Attention does not build in fp32 on TensorRT), and local functions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+
+from graphs.errors import ExportError
+
+ALLOWED_OPS = frozenset({
+    # arithmetic and activations
+    "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Tanh", "Erf",
+    "Relu", "Sigmoid", "Softmax", "Cos", "Sin", "Clip", "Min", "Max",
+    # linear algebra and reductions
+    "MatMul", "Gemm", "ReduceMean", "ReduceSum", "ReduceMax", "LayerNormalization",
+    # logic and selection
+    "Where", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Not",
+    # data movement and shapes (static rank, shape-dependent only)
+    "Cast", "Reshape", "Transpose", "Slice", "Concat", "Split", "Gather", "GatherND", "GatherElements",
+    "Unsqueeze", "Squeeze", "Expand", "Tile", "Shape", "Range", "Constant", "ConstantOfShape", "Identity",
+})
+
+# named in error messages: why these would be refused even if someone widened the list
+KNOWN_TRAPS = {
+    "NonZero": "data-dependent output shape",
+    "Unique": "data-dependent output shape",
+    "Loop": "control flow", "If": "control flow", "Scan": "control flow",
+    "RotaryEmbedding": "fused rotary with a batch-1 cos cache breaks at batch > 1",
+    "Attention": "the ONNX Attention op does not build in fp32 on TensorRT",
+}
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """op type -> node count (domain-qualified when not the default domain)."""
+    c = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    return dict(sorted(c.items()))
+
+
+def check_portable(model: onnx.ModelProto, role: str) -> None:
+    """Raise ExportError naming the first node that is not portable."""
+    if len(model.functions):
+        raise ExportError(f"{role} graph holds local functions ({model.functions[0].name}); inline them first")
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ExportError(f"{role} graph node {node.name} uses op {node.domain}::{node.op_type}: only standard "
+                              "ONNX ops are portable to both ONNX Runtime and TensorRT")
+        if node.op_type not in ALLOWED_OPS:
+            why = KNOWN_TRAPS.get(node.op_type, "not on the exporter's allow-list of portable ops")
+            raise ExportError(f"{role} graph node {node.name} uses op {node.op_type}: {why}")
+    for imp in model.opset_import:
+        if imp.domain not in ("", "ai.onnx"):
+            raise ExportError(f"{role} graph imports opset domain {imp.domain!r}; only the default domain is portable")

@@ -1,0 +1,60 @@
+"""`armt convert-official`: an official ARMT checkpoint -> a model directory.
+
+    armt convert-official CKPT --base-config DIR --segment-size N --num-mem-tokens M --d-mem D
+                          [--wrap-pos] [--no-correction] [--nu 3] [--overwrite] -o MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("armt.convert")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-official",
+        help="convert a checkpoint of the official ARMT code into a model directory",
+        description="Convert a state_dict of the official AssociativeRecurrentWrapper("
+                    "AssociativeMemoryCell(base)) (RodkinIvan/associative-recurrent-memory-transformer) "
+                    "into a model directory (config.json, armt_config.json, model.safetensors). The "
+                    "checkpoint is read as data only (.pt via torch.load(weights_only=True), or .safetensors).")
+    p.add_argument("checkpoint", metavar="CKPT", help="official checkpoint (.pt/.bin/.pth or .safetensors)")
+    p.add_argument("--base-config", required=True, metavar="DIR",
+                   help="directory holding the base model's HF config.json")
+    p.add_argument("--segment-size", required=True, type=_positive_int, metavar="N",
+                   help="tokens per segment the model was trained with")
+    p.add_argument("--num-mem-tokens", required=True, type=_positive_int, metavar="M",
+                   help="memory tokens (AssociativeMemoryCell num_mem_tokens)")
+    p.add_argument("--d-mem", required=True, type=_positive_int, metavar="D",
+                   help="memory key width (AssociativeMemoryCell d_mem)")
+    p.add_argument("--wrap-pos", action="store_true",
+                   help="GPT-2 trained with wrap_pos=True (position table of n_positions + M rows)")
+    p.add_argument("--no-correction", action="store_true",
+                   help="the model was trained with correction=False (gamma = 1)")
+    p.add_argument("--nu", type=_positive_int, default=3, help="DPFP order (the official code uses 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write")
+    p.set_defaults(func=cmd_convert_official)
+
+
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    from graphs.checkpoint import convert_official
+
+    out = convert_official(args.checkpoint, args.base_config, args.output,
+                           segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens,
+                           d_mem=args.d_mem, wrap_pos=args.wrap_pos, correction=not args.no_correction,
+                           nu=args.nu, overwrite=args.overwrite)
+    log.info("wrote model directory %s", out)
+    return 0

@@ -1,0 +1,163 @@
+"""`armt bench`: full attention vs sequential ARMT vs diagonal ARMT, side by side in one run.
+
+    armt bench --synthetic llama-1b --device cuda --precision bf16 \
+        --lengths 4096,16384,131072 --schedules full,sequential,diagonal --backends torch \
+        --output results/bench.json --plot results/bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import shlex
+import sys
+import time
+
+log = logging.getLogger("armt.bench")
+
+
+def _ints(text: str) -> list[int]:
+    from graphs.errors import InputError
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InputError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    from graphs.errors import InputError
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise InputError(f"{what} must be among {', '.join(allowed)}, got {text!r}")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time full attention, sequential and diagonal ARMT side by side",
+                       description="Time the base model's full attention, the sequential ARMT schedule and "
+                       "the diagonal ARMT schedule on the same inputs; record medians, tokens/s and peak "
+                       "device memory.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("model", nargs="?", help="model directory (config.json, armt_config.json, model.safetensors)")
+    src.add_argument("--synthetic", choices=["tiny", "llama-1b", "llama-3b", "llama-8b"],
+                     help="random weights in the shape of this base model")
+    p.add_argument("--segment-size", type=int, default=1024, help="synthetic: ARMT segment size (1024)")
+    p.add_argument("--memory-tokens", type=int, default=128, help="synthetic: memory tokens M (128)")
+    p.add_argument("--d-mem", type=int, default=64, help="synthetic: memory key width d_mem (64)")
+    p.add_argument("--layers", type=int, help="synthetic: override the number of layers")
+    p.add_argument("--init-std", type=float, default=0.02, help="synthetic: std of the random weights (0.02)")
+    p.add_argument("--mem-std", type=float, help="synthetic: std of the memory weights (default: --init-std); "
+                   "smaller keeps the random memory well conditioned")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", default="4096,16384", help="comma-separated token counts")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--backends", default="torch", help="comma-separated: torch (fast executor), torch-ref "
+                   "(graphs.model reference), ort (ONNX Runtime, needs --export-dir)")
+    p.add_argument("--schedules", default="full,sequential,diagonal", help="comma-separated: full, sequential, diagonal")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--export-dir", help="export directory for the ort backend (`armt export` of the same model)")
+    p.add_argument("--export-to", help="ort backend without --export-dir: export the bench's model here first")
+    p.add_argument("--lm-head", action="store_true", help="torch backends: also compute the logits of every "
+                   "segment (default: base model without LM head, hidden states only)")
+    p.add_argument("--max-full", type=int, help="skip full attention above this many tokens")
+    p.add_argument("--max-sequential", type=int, help="skip the sequential schedule above this many tokens")
+    p.add_argument("--max-ref", type=int, default=131072, help="skip the torch-ref backend above this many tokens")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (3)")
+    p.add_argument("--parity-length", type=int, default=0, help="also compare every backend's schedules with "
+                   "the fp32 reference at this many tokens (0: off)")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG of time and memory against length here (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from graphs.errors import ArmtError, InputError
+    from runtimes.bench import report
+    from runtimes.bench.parity import run_parity
+    from runtimes.bench.timing import measure
+    from runtimes.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
+    from runtimes.torch_runner import check_device
+
+    lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
+    backends = _names(args.backends, BACKENDS, "--backends")
+    schedules = _names(args.schedules, SCHEDULES, "--schedules")
+    if args.warmup < 0 or args.repeats < 1:
+        raise InputError("--warmup must be >= 0 and --repeats >= 1")
+    device = check_device(args.device)
+    torch.manual_seed(args.seed)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else None
+    model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
+                        args.init_std, args.mem_std, args.seed, overrides)
+    work = Workloads(model, device, args.precision, lm_head=args.lm_head, export_dir=args.export_dir)
+    if "ort" in backends and not args.export_dir and args.export_to:
+        work.ensure_export(args.export_to)
+    cfg = model.cfg
+    meta = {
+        "command": "armt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(("armt", "main.py"))
+        else " ".join(shlex.quote(a) for a in sys.argv),
+        "model": args.synthetic or args.model, "precision": args.precision, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "lm_head": args.lm_head, "warmup": args.warmup, "repeats": args.repeats,
+        "segment_size": cfg.armt.segment_size, "memory_tokens": cfg.armt.num_mem_tokens, "d_mem": cfg.armt.d_mem,
+        "layers": cfg.base.n_layers, "d_model": cfg.base.d_model, "init_std": args.init_std,
+        "mem_std": args.mem_std if args.mem_std is not None else args.init_std,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    rows: list[dict] = []
+    record = {"meta": meta, "results": rows, "parity": []}
+    gen = torch.Generator().manual_seed(args.seed)
+    limits = {"full": args.max_full, "sequential": args.max_sequential}
+    try:
+        for B in batches:
+            for N in lengths:
+                ids = torch.randint(0, cfg.base.vocab_size, (B, N), generator=gen)
+                for backend in backends:
+                    for schedule in schedules:
+                        if not work.supports(backend, schedule):
+                            continue
+                        limit = limits.get(schedule)
+                        if (limit and N > limit) or (backend == "torch-ref" and args.max_ref and N > args.max_ref):
+                            continue
+                        row = {"backend": backend, "schedule": schedule, "tokens": N, "batch": B,
+                               "precision": args.precision}
+                        try:
+                            fn = work.callable(backend, schedule, ids)
+                            t = measure(fn, device, args.warmup, args.repeats)
+                        except torch.OutOfMemoryError:
+                            row["error"] = "out of device memory"
+                            torch.cuda.empty_cache()
+                        except ArmtError as exc:
+                            row["error"] = str(exc)
+                        else:
+                            row.update(times_ms=t.times_ms, median_ms=t.median_ms,
+                                       tokens_per_s=B * N / (t.median_ms / 1e3), peak_bytes=t.peak_bytes,
+                                       nonfinite=t.result.nonfinite())
+                            if row["nonfinite"]:
+                                log.warning("%s %s at %d tokens: non-finite %s (random weights)", backend,
+                                            schedule, N, ",".join(row["nonfinite"]))
+                        rows.append(row)
+                        log.info("%s", report.table([row]).splitlines()[-1])
+                        if args.output:
+                            report.write_json(args.output, record)
+        if args.parity_length:
+            record["parity"] = run_parity(work, backends, args.parity_length, batches[0], args.seed)
+    finally:
+        work.close()
+    print(report.table(rows))
+    if record["parity"]:
+        print()
+        print(report.parity_table(record["parity"]))
+    if args.output:
+        report.write_json(args.output, record)
+    if args.plot:
+        report.plot(args.plot, record)
+    return 0

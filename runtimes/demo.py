@@ -1,0 +1,209 @@
+"""`make demo`: the project's main job end to end on the shipped trained model (models/armt-recall).
+
+    models/armt-recall (trained ARMT, associative recall; docs/demo-model.md)
+      |-- exporter.export_model ------> out/demo/export-fp32, out/demo/export-fp16 (ONNX + manifest)
+      |-- exporter.build_engines -----> TensorRT(-RTX) engines, where a builder imports (build only)
+      |-- run_schedule(diagonal) -----> torch and ONNX Runtime, fp32 and fp16: recall accuracy
+      |-- runtimes.verify ------------> per-segment parity vs the PyTorch sequential reference
+      '-- memory-zeroed control ------> the query segment alone, from an empty memory: ~chance
+
+    python -m runtimes.demo [--rows 64] [--out out/demo] [--no-engines] [--full]
+
+Exit status: 0 when every check passed, 1 when one missed (parity, fp32 answers, or accuracy targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graphs.errors import ArmtError, BackendUnavailable, ParityFailure
+
+log = logging.getLogger("armt.demo")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "armt-recall"
+TASK_FILE = "recall_task.json"
+PRECISIONS = ("fp32", "fp16")
+TARGETS = {"trained": 0.99, "4x": 0.95}  # accuracy the shipped model must reach (issue 5)
+
+
+def load_demo_model(model_dir: Path = MODEL_DIR):
+    """(fp32 ArmtModel, RecallTask, trained number of segments) of the shipped model directory."""
+    from graphs.modeldir import load_model_dir
+    from graphs.recall import RecallTask
+    model = load_model_dir(model_dir)
+    task = RecallTask.from_dict(json.loads((Path(model_dir) / TASK_FILE).read_text()))
+    card = json.loads((Path(model_dir) / "train_metrics.json").read_text()) if (Path(model_dir) / "train_metrics.json").is_file() else {}
+    segments = int(card.get("args", {}).get("segments", 4))
+    return model, task, segments
+
+
+def eval_batches(task, segments: int, rows: int, seed: int = 1234) -> dict:
+    """The demo's evaluation sets: at the trained length and at 4x the segments (same pairs, spread out)."""
+    from graphs.recall import make_batch
+    pairs = task.max_pairs(segments)
+    return {"trained": make_batch(task, rows, segments, pairs, np.random.default_rng(seed)),
+            "4x": make_batch(task, rows, 4 * segments, pairs, np.random.default_rng(seed + 1))}
+
+
+def run_backend(backend: str, path, precision: str, batch, threads: int | None = None):
+    """Diagonal schedule on one backend: (logits (B, N, V) fp32, seconds)."""
+    from runtimes.execute import run_schedule
+    from runtimes.runner import make_runner
+    opts = {"threads": threads} if backend == "ort" and threads else {}
+    runner = make_runner(backend, path, "diagonal_step", device="cpu", precision=precision, **opts)
+    with runner:
+        res = run_schedule(runner, torch.from_numpy(batch.input_ids), collect=("logits",))
+    return res.logits, res.seconds
+
+
+def zeroed_memory_accuracy(model, batch) -> float:
+    """The control: only the query segment, from an empty MemoryState (nothing of the pairs is seen)."""
+    from graphs.recall import accuracy
+    last = batch.last_segment()
+    with torch.no_grad():
+        out = model(torch.from_numpy(last.input_ids), state=model.zero_state(last.input_ids.shape[0]),
+                    schedule="diagonal")
+    return accuracy(out.logits, last)
+
+
+def try_build_engines(export_dir: Path) -> str:
+    """Build TensorRT(-RTX) engines for the export's graphs; a one-line outcome."""
+    from exporter.engines import build_engines, engine_sizes
+    t0 = time.perf_counter()
+    try:
+        manifest = build_engines(export_dir)
+    except BackendUnavailable as exc:
+        return f"skipped ({exc})"
+    sizes = engine_sizes(manifest)
+    names = ", ".join(f"{n} ({b / 1e6:.1f} MB)" for n, b in sorted(sizes.items()))
+    return f"built in {time.perf_counter() - t0:.1f} s: {names}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtimes.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(MODEL_DIR), help="trained recall model directory")
+    p.add_argument("--out", default=str(ROOT / "out" / "demo"), help="where the exports go")
+    p.add_argument("--rows", type=int, default=64, help="evaluation rows per length (6 queries each)")
+    p.add_argument("--no-engines", action="store_true", help="skip the TensorRT engine builds")
+    p.add_argument("--full", action="store_true", help="also run torch fp16 on the long set (slow on a CPU)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return demo(args)
+    except ArmtError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def demo(args) -> int:
+    import copy
+
+    from exporter.export import export_model
+    from graphs.recall import accuracy, predictions
+    from runtimes.verify import given_case, verify
+
+    t_all = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, task, S = load_demo_model(Path(args.model))
+    b, a = model.cfg.base, model.cfg.armt
+    print(f"model: {args.model}: LLaMA-based ARMT, {b.n_layers} layers, d {b.d_model}, segment {a.segment_size} "
+          f"tokens + {a.num_mem_tokens} memory tokens, d_mem {a.d_mem}; trained on {S} segments")
+    sets = eval_batches(task, S, args.rows)
+    for name, batch in sets.items():
+        print(f"eval set {name:8s}: {batch.input_ids.shape[0]} rows x {batch.n_segments} segments "
+              f"({batch.input_ids.shape[1]} tokens), {batch.n_queries} queries")
+    ok = True
+
+    # ------------------------------------------------------------------ export (+ engines)
+    out = Path(args.out)
+    exports = {}
+    for prec in PRECISIONS:
+        t0 = time.perf_counter()
+        try:
+            res = export_model(copy.deepcopy(model), out / f"export-{prec}", precision=prec, overwrite=True,
+                               source=str(args.model))
+            note = "validated on ONNX Runtime"
+        except ParityFailure as exc:
+            if prec == "fp32":
+                raise
+            # the exporter's fp16 q99.9 bound was set on random tiny models; report the miss, keep going,
+            # and let runtimes.verify (below) judge parity per segment
+            print(f"WARNING: {prec} export validation: {exc}")
+            res = export_model(copy.deepcopy(model), out / f"export-{prec}", precision=prec, overwrite=True,
+                               source=str(args.model), validate=False)
+            note = "NOT validated at export (see the warning); parity is checked below"
+        exports[prec] = res.export_dir
+        print(f"exported {prec}: {res.export_dir} ({time.perf_counter() - t0:.1f} s, {note})")
+    if not args.no_engines:
+        for prec in PRECISIONS:
+            print(f"TensorRT engines {prec}: {try_build_engines(exports[prec])}")
+        print("  (engines are built ahead of time only: no GPU here, and TensorRT-RTX engines do not run on "
+              "the H100 either; `armt run --backend trt` runs them on a supported GPU)")
+
+    # ------------------------------------------------------------------ the task on every backend
+    rows = []  # (backend, precision, set, accuracy, seconds)
+    preds = {}
+    for prec in PRECISIONS:
+        for backend, path in (("torch", args.model), ("ort", exports[prec])):
+            for name, batch in sets.items():
+                if backend == "torch" and prec != "fp32" and name != "trained" and not args.full:
+                    print(f"{backend:5s} {prec} diagonal, {name:7s}: skipped (torch's CPU fp16 kernels are slow; "
+                          "--full runs it)")
+                    continue
+                logits, secs = run_backend(backend, path, prec, batch)
+                acc = accuracy(logits, batch)
+                preds[(backend, prec, name)] = predictions(logits, batch)
+                rows.append((backend, prec, name, acc, secs))
+                print(f"{backend:5s} {prec} diagonal, {name:7s} ({batch.n_segments:2d} segments): "
+                      f"accuracy: {100 * acc:.1f}%")
+    zero = zeroed_memory_accuracy(model, sets["trained"])
+    print(f"control: query segment with the memory zeroed: accuracy: {100 * zero:.1f}% "
+          f"(chance {100 * task.chance:.1f}%)")
+
+    # ------------------------------------------------------------------ checks
+    for name, batch in sets.items():
+        same = preds[("ort", "fp32", name)] == preds[("torch", "fp32", name)]
+        n_diff = int((~same & batch.query_valid).sum())
+        print(f"fp32 answers, ONNX Runtime vs torch, {name}: "
+              f"{'identical' if n_diff == 0 else f'{n_diff} of {batch.n_queries} differ'}")
+        ok &= n_diff == 0
+    for backend, prec, name, acc, _ in rows:
+        if prec == "fp32" and backend == "torch" and acc < TARGETS[name]:
+            print(f"MISS: torch fp32 {name} accuracy {100 * acc:.1f}% < target {100 * TARGETS[name]:.0f}%")
+            ok = False
+    probe = sets["trained"]
+    case = given_case(torch.from_numpy(probe.input_ids[:2]), None)
+    for prec in PRECISIONS:
+        report = verify(model, exports[prec], ["ort"], ["sequential", "diagonal"], [case])
+        print(f"parity {prec} (ONNX Runtime vs torch sequential reference, per segment, logits/hidden/A/z): "
+              f"{report.summary()}")
+        ok &= not report.failed
+
+    # ------------------------------------------------------------------ timing table
+    print("\ntiming (diagonal schedule, CPU, whole eval set; ONNX Runtime with IO binding):")
+    print(f"  {'backend':8s} {'precision':9s} {'set':8s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s}")
+    for backend, prec, name, acc, secs in rows:
+        n = sets[name].input_ids.size
+        print(f"  {backend:8s} {prec:9s} {name:8s} {n:8d} {secs:8.3f} {n / secs:9.0f}")
+    print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.perf_counter() - t_all:.0f} s")
+    print("\nnext, on your own checkpoint (a model directory: config.json, armt_config.json, model.safetensors):\n"
+          "  armt export MODEL_DIR -o out/my-export [--precision fp16]\n"
+          "  armt build out/my-export                         # TensorRT engines, where a builder is installed\n"
+          "  armt run out/my-export --backend ort --input-ids ids.npy --output logits.npy\n"
+          "  armt verify out/my-export --model MODEL_DIR      # parity per segment vs the PyTorch reference\n"
+          "  retrain this demo model: python scripts/train_recall.py --out models/armt-recall (docs/demo-model.md)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""`armt verify`: the backends against the PyTorch sequential reference, per segment and per tensor.
+
+    checksums (load_manifest)  ->  torch reference (the model at the export's precision, its own
+                                   sequential loop, traced per segment)
+    for backend in ort, trt:  for schedule in sequential, diagonal:  for case in cases:
+        run the schedule loop, compare every segment's logits, hidden, A, z, written
+    table -> exit 0 all passed | 1 a miss (ParityFailure) | 3 nothing missed but a backend could not run
+
+Generated cases (unless --input-ids): one row of 2.5 segments, a batch with one short segment,
+a right-padded batch of three lengths, and a run resumed at a segment boundary from the state of
+its first part (the state travels through the host, as a state file would).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from exporter.bounds import Bound, Comparison, compare
+from graphs.config import ModelConfig
+from graphs.errors import BackendUnavailable, ExportError, InputError
+from graphs.model import ArmtModel
+from graphs.state import MemoryState
+from runtimes.execute import ROLE_OF_SCHEDULE, RunResult, run_schedule
+from runtimes.graphio import PRECISION_DTYPES
+from runtimes.runner import Runner, make_runner
+
+log = logging.getLogger("armt.verify")
+
+NOT_RUN_EXIT = 3  # every comparison that ran passed, but a requested backend could not run here
+# Conditioning: the memory update can amplify rounding (k.z + eps denominators, the gamma clamp), so on
+# some inputs two equally valid implementations at one precision differ by more than the table allows
+# (measured: torch fp32 with plain vs fused attention, official LLaMA fixture, A rel 3.2e-5). The
+# reference is therefore run twice (plain and fused attention) and a backend may differ from it by
+# NOISE_FACTOR x that spread, never by more than NOISE_CAP x the table's bound.
+NOISE_FACTOR = 4.0
+NOISE_CAP = 5.0
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_model(manifest, model_dir: str | None, device: str = "cpu") -> ArmtModel:
+    """The fp32 torch reference: from `model_dir`, or rebuilt from the export's own weights."""
+    from graphs.modeldir import load_model_dir
+    from runtimes.torch_runner import check_device
+    if model_dir:
+        model = load_model_dir(model_dir)
+        source = f"model directory {model_dir}"
+    else:
+        model = _model_from_export(manifest)
+        source = f"the weights of export {manifest.root}"
+    want = str(manifest.model.get("model_id", ""))
+    if model.cfg != manifest.model_config() or model.model_id() != want:
+        raise InputError(f"{source} is not the model this export was made from "
+                         f"(model id {model.model_id()}, export {want or 'unknown'})")
+    return model.to(check_device(device)).eval()
+
+
+def _model_from_export(manifest) -> ArmtModel:
+    try:
+        from exporter.reference import reference_model as rebuild
+    except ImportError:
+        raise InputError("this export cannot rebuild its torch reference here: pass --model MODEL_DIR") from None
+    return rebuild(manifest)
+
+
+# ------------------------------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    name: str
+    ids: torch.Tensor  # (B, N) int64
+    mask: torch.Tensor | None  # (B, N) 0/1 right-padded, or None
+    cut: int | None = None  # resume: run ids[:, :cut], then ids[:, cut:] from that state
+
+
+def generated_cases(cfg: ModelConfig, seed: int = 0) -> list[Case]:
+    T, V = cfg.armt.segment_size, cfg.base.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda B, N: torch.randint(0, V, (B, N), generator=g)  # noqa: E731
+    n1 = 2 * T + T // 2
+    lengths = torch.tensor([3 * T + 1, T + 1, 1])
+    n_pad = int(lengths.max())
+    mask = (torch.arange(n_pad)[None] < lengths[:, None]).long()
+    return [
+        Case(f"1x{n1}", ids(1, n1), None),
+        Case(f"2x{max(T // 2, 1)}", ids(2, max(T // 2, 1)), None),
+        Case(f"padded 3x{n_pad} ({','.join(map(str, lengths.tolist()))})", ids(3, n_pad), mask),
+        Case(f"resumed 2x{2 * T + 2} at {T}", ids(2, 2 * T + 2), None, cut=T),
+    ]
+
+
+def given_case(ids: torch.Tensor, mask: torch.Tensor | None) -> Case:
+    return Case(f"given {ids.shape[0]}x{ids.shape[1]}", ids, mask)
+
+
+# ------------------------------------------------------------------------------------------ rows
+@dataclass
+class Row:
+    backend: str
+    schedule: str
+    case: str
+    tensor: str
+    cmp: Comparison | None = None  # the worst segment's (or call's) comparison
+    segment: int | None = None  # the worst segment (or sample call)
+    status: str = "ok"  # "ok" | "FAIL" | "not run"
+    note: str = ""
+    noise: Comparison | None = None  # the reference's own spread at that segment (plain vs fused attention)
+
+    @property
+    def widened(self) -> bool:
+        return self.cmp is not None and self.noise is not None and self.cmp.bound != self.noise.bound
+
+
+@dataclass
+class Report:
+    export_dir: str
+    precision: str
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "FAIL"]
+
+    @property
+    def not_run(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "not run"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else NOT_RUN_EXIT if self.not_run else 0
+
+    def table(self) -> str:
+        head = ("backend", "schedule", "case", "tensor", "worst seg", "max abs", "rel err", "q99.9 rel", "ref noise",
+                "bound rel/q", "status")
+        lines = [head]
+        for r in self.rows:
+            c = r.cmp
+            if c is None:
+                lines.append((r.backend, r.schedule, r.case, r.tensor, "", "", "", "", "", "", f"{r.status}: {r.note}"))
+                continue
+            bound = ("exact" if c.bound.rel == 0 else f"{c.bound.rel:.1e}/{c.bound.q_rel:.1e}*" if r.widened
+                     else f"{c.bound.rel:.0e}/{c.bound.q_rel:.0e}")
+            note = r.note or c.note
+            lines.append((r.backend, r.schedule, r.case, r.tensor, "" if r.segment is None else str(r.segment),
+                          f"{c.max_abs:.2e}", f"{c.rel:.2e}", f"{c.q_rel:.2e}",
+                          "" if r.noise is None or c.bound.rel == 0 else f"{r.noise.rel:.1e}", bound,
+                          r.status + (f" ({note})" if note else "")))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
+        out = []
+        for line in lines:
+            cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths)]
+            out.append("  ".join(cells) + "  " + str(line[-1]))
+        out.insert(1, "-" * len(out[0]))
+        if any(r.widened for r in self.rows):
+            out.append(f"* bound widened to {NOISE_FACTOR:g} x the reference's own spread (ref noise: plain vs fused "
+                       f"attention, same precision), at most {NOISE_CAP:g} x the table bound")
+        return "\n".join(out)
+
+    def summary(self) -> str:
+        ran = [r for r in self.rows if r.status != "not run"]
+        text = f"{len(ran) - len(self.failed)}/{len(ran)} comparisons within bounds ({self.precision})"
+        if self.failed:
+            worst = max(self.failed, key=lambda r: (r.cmp.rel / max(r.cmp.bound.rel, 1e-30)) if r.cmp else 0)
+            c = worst.cmp
+            what = (c.note if c.note else f"rel {c.rel:.2e} > {c.bound.rel:.1e}" if c.rel > c.bound.rel
+                    else f"q99.9 rel {c.q_rel:.2e} > {c.bound.q_rel:.1e}")
+            text += (f"; {len(self.failed)} missed, worst: {worst.backend} {worst.schedule} {worst.case} "
+                     f"{worst.tensor} {what}")
+        backends = sorted({r.backend for r in self.not_run})
+        if backends:
+            text += f"; NOT RUN (not counted as passed): {', '.join(backends)}"
+        return text
+
+
+# ------------------------------------------------------------------------------------------ running
+def reference_run(model: ArmtModel, case: Case, fused: bool = False) -> RunResult:
+    """The PyTorch sequential reference (the model's own loop, not the runtime's), traced per segment.
+    `fused=True`: the same with PyTorch's fused attention kernel (the noise probe)."""
+    with torch.no_grad():
+        out = model(case.ids.to(model.device), attention_mask=None if case.mask is None else case.mask.to(model.device),
+                    schedule="sequential", trace=True, fused=fused)
+    return RunResult(out.logits.cpu(), out.hidden.cpu(), out.state.to("cpu"), None, 0.0,
+                     [s.to("cpu") for s in out.segment_states])
+
+
+def backend_run(runner: Runner, case: Case) -> RunResult:
+    if case.cut is None:
+        return run_schedule(runner, case.ids, case.mask, trace=True)
+    c = case.cut
+    if c % runner.cfg.armt.segment_size:
+        raise InputError("a resumed case must cut at a segment boundary")
+    mask = (None, None) if case.mask is None else (case.mask[:, :c], case.mask[:, c:])
+    first = run_schedule(runner, case.ids[:, :c], mask[0], trace=True)
+    state = MemoryState(first.state.A.clone(), first.state.z.clone(), first.state.written.clone())  # via the host
+    second = run_schedule(runner, case.ids[:, c:], mask[1], state=state, trace=True)
+    return RunResult(torch.cat([first.logits, second.logits], 1), torch.cat([first.hidden, second.hidden], 1),
+                     second.state, second.schedule, first.seconds + second.seconds,
+                     first.segment_states + second.segment_states)
+
+
+def _worse(a: Comparison, b: Comparison) -> bool:
+    """Is `a` the worse of two comparisons (a miss first, then the larger error relative to its bound)?"""
+    ra = a.rel / max(a.bound.rel, 1e-30)
+    rb = b.rel / max(b.bound.rel, 1e-30)
+    return (not a.ok, ra, a.q_rel) > (not b.ok, rb, b.q_rel)
+
+
+def judge(c: Comparison, noise: Comparison | None) -> Comparison:
+    """`c` judged against the table bound widened to NOISE_FACTOR x the reference's own spread
+    (`noise`), capped at NOISE_CAP x the table bound. Exact (bool) tensors and non-finite values
+    are never widened."""
+    b = c.bound
+    if noise is None or b.rel == 0 or c.note or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel)):
+        return c
+    eff = Bound(rel=min(max(b.rel, NOISE_FACTOR * noise.rel), NOISE_CAP * b.rel),
+                q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))
+    if eff == b:
+        return c
+    return dataclasses.replace(c, bound=eff, ok=c.rel <= eff.rel and c.q_rel <= eff.q_rel)
+
+
+def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: str,
+                 probe: RunResult | None = None) -> dict[str, tuple[Comparison, int, Comparison | None]]:
+    """Per tensor kind: the worst segment's comparison, that segment's index and the reference's own
+    spread there (`probe`: the reference run with fused attention). Logits and hidden are compared at
+    the real (unpadded) tokens of each segment; A, z, written as the state right after the segment."""
+    B, N = case.ids.shape
+    valid = torch.ones(B, N, dtype=torch.bool) if case.mask is None else case.mask.bool()
+    if len(got.segment_states) != len(ref.segment_states):
+        raise ExportError(f"backend ran {len(got.segment_states)} segments, the reference "
+                          f"{len(ref.segment_states)}")
+    worst: dict[str, tuple[Comparison, int, Comparison | None]] = {}
+
+    def keep(kind: str, pick, s: int) -> None:
+        got_t, ref_t = pick(got), pick(ref)
+        noise = compare(kind, kind, precision, pick(probe), ref_t) if probe is not None else None
+        c = judge(compare(kind, kind, precision, got_t, ref_t), noise)
+        if kind not in worst or _worse(c, worst[kind][0]):
+            worst[kind] = (c, s, noise)
+
+    for s in range(len(ref.segment_states)):
+        span = slice(s * T, min((s + 1) * T, N))
+        v = valid[:, span]  # (B, w): real tokens of this segment
+        keep("logits", lambda r: r.logits[:, span][v], s)
+        keep("hidden", lambda r: r.hidden[:, span][v], s)
+        keep("A", lambda r: r.segment_states[s].A, s)
+        keep("z", lambda r: r.segment_states[s].z, s)
+        keep("written", lambda r: r.segment_states[s].written, s)
+    if not ref.segment_states:  # no tokens at all: the state must come back unchanged
+        for kind in ("A", "z", "written"):
+            keep(kind, lambda r: getattr(r.state, kind), 0)
+    return worst
+
+
+def verify(model: ArmtModel, export_dir, backends: list[str], schedules: list[str], cases: list[Case],
+           device: str = "cpu", manifest=None) -> Report:
+    """Run every backend x schedule x case against the reference and fill a report.
+
+    `model`: the fp32 torch model; the reference is that model cast to the export's precision (the
+    bounds table's reference), run by its own sequential loop."""
+    from exporter.manifest import load_manifest
+    manifest = manifest or load_manifest(export_dir, verify_checksums=True)
+    prec = manifest.precision
+    report = Report(str(export_dir), prec)
+    reference = model if prec == "fp32" else copy.deepcopy(model).cast(PRECISION_DTYPES[prec])
+    refs = [reference_run(reference, case) for case in cases]
+    probes = [reference_run(reference, case, fused=True) for case in cases]
+    del reference
+    T = model.cfg.armt.segment_size
+    for backend in backends:
+        for schedule in schedules:
+            role = ROLE_OF_SCHEDULE[schedule]
+            try:
+                dev = "cuda" if backend == "trt" else device  # TensorRT engines run on a GPU only
+                runner = make_runner(backend, manifest, role, device=dev)
+                runner.activate()
+            except BackendUnavailable as exc:
+                report.rows.append(Row(backend, schedule, "*", "*", status="not run", note=str(exc)))
+                log.warning("%s %s not run: %s", backend, schedule, exc)
+                continue
+            try:
+                for case, ref, probe in zip(cases, refs, probes):
+                    got = backend_run(runner, case)
+                    for kind, (c, seg, noise) in compare_runs(got, ref, case, T, prec, probe).items():
+                        report.rows.append(Row(backend, schedule, case.name, kind, c, seg,
+                                               "ok" if c.ok else "FAIL", noise=noise))
+            finally:
+                runner.deactivate()
+    return report

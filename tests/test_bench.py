@@ -1,0 +1,128 @@
+"""`armt bench` on the CPU with a tiny synthetic model, and the fast torch executor against the reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from graphs.blocks import attention_mask, llama_block, rms_norm, rope_tables
+from graphs.errors import ConfigError, InputError
+from runtimes.fast_torch import FastArmt
+from runtimes.main import main
+from tests.helpers import rel_err, tiny_model
+
+TINY = ["--synthetic", "tiny", "--segment-size", "16", "--memory-tokens", "4", "--d-mem", "8",
+        "--layers", "3", "--precision", "fp32", "--warmup", "0", "--repeats", "2"]
+
+
+def test_bench_cli_runs_three_schedules(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", *TINY, "--lengths", "40,64", "--backends", "torch,torch-ref",
+               "--parity-length", "40", "--output", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    rows = rec["results"]
+    assert {(r["backend"], r["schedule"]) for r in rows} == {
+        ("torch", "full"), ("torch", "sequential"), ("torch", "diagonal"),
+        ("torch-ref", "sequential"), ("torch-ref", "diagonal")}
+    for r in rows:
+        assert r["tokens"] in (40, 64) and r["batch"] == 1
+        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["median_ms"] / 1e3))
+        assert r["peak_bytes"] is None  # no device memory counter on the CPU
+        assert r["nonfinite"] == []
+    assert rec["meta"]["layers"] == 3 and rec["meta"]["segment_size"] == 16
+    # fp32: every schedule of every backend matches the fp32 reference to rounding
+    assert {(p["backend"], p["schedule"]) for p in rec["parity"]} >= {("torch", "diagonal"), ("torch", "sequential")}
+    for p in rec["parity"]:
+        assert p["finite"] and p["max_rel"] < 1e-4, p
+    printed = capsys.readouterr().out
+    assert "diagonal" in printed and "full" in printed
+
+
+def test_bench_limits_and_nonfinite_reported(tmp_path):
+    out = tmp_path / "b.json"
+    # a huge memory weight scale overflows the memory: the bench must still time it and say so
+    rc = main(["bench", *TINY, "--lengths", "32,48", "--schedules", "full,diagonal", "--max-full", "32",
+               "--mem-std", "1e6", "--output", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["schedule"], r["tokens"]) for r in rows] == [("full", 32), ("diagonal", 32), ("diagonal", 48)]
+    diag = [r for r in rows if r["schedule"] == "diagonal"]
+    assert all(r["median_ms"] > 0 for r in diag)
+    assert any(r["nonfinite"] for r in diag)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lengths", "0"], "positive"),
+    (["--backends", "tensorflow"], "--backends"),
+    (["--schedules", "diagonal,zigzag"], "--schedules"),
+    (["--device", "tpu"], "device"),
+])
+def test_bench_bad_input_is_one_line(argv, message, capsys):
+    rc = main(["bench", *TINY, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_bench_ort_needs_an_export(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--lengths", "32", "--backends", "ort", "--schedules", "diagonal",
+                 "--output", str(out)]) == 0
+    assert "--export-dir" in json.loads(out.read_text())["results"][0]["error"]
+
+
+@pytest.mark.parametrize("B, N", [(1, 30), (2, 34), (1, 3), (2, 12)])
+def test_fast_executor_matches_reference(B, N):
+    """Segment 6: full, short last segment, a single short segment; diagonal and sequential; fp32."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.cfg.base.vocab_size, (B, N), generator=torch.Generator().manual_seed(N))
+    with torch.no_grad():
+        ref = model(ids, schedule="sequential")
+    fast = FastArmt(model)
+    for schedule in ("diagonal", "sequential"):
+        got = fast.run(ids, schedule, collect=True, head=True)
+        assert rel_err(got.hidden, ref.hidden) < 1e-5
+        assert rel_err(got.logits, ref.logits) < 1e-5
+        assert rel_err(got.state.A, ref.state.A) < 1e-5
+        assert rel_err(got.state.z, ref.state.z) < 1e-5
+        assert torch.equal(got.state.written, ref.state.written)
+        c = N - (-(-N // 6) - 1) * 6
+        assert rel_err(got.last_hidden, ref.hidden[:, N - c:]) < 1e-5
+
+
+def test_fast_executor_resumes_from_state():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.cfg.base.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    fast = FastArmt(model)
+    whole = fast.run(ids, "diagonal", collect=True)
+    first = fast.run(ids[:, :12], "diagonal")
+    second = fast.run(ids[:, 12:], "diagonal", state=first.state, collect=True)
+    assert rel_err(second.hidden, whole.hidden[:, 12:]) < 1e-5
+    assert rel_err(second.state.A, whole.state.A) < 1e-5
+
+
+def test_fast_full_attention_is_the_base_model():
+    """Full attention = the reference LLaMA block over the whole sequence, no memory."""
+    model = tiny_model("llama")
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.base.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = model.globals["embed"][ids][None]  # (1, B, N, d)
+        pos = torch.arange(20)[None, None].expand(1, 2, 20)
+        rope = rope_tables(pos, model.inv_freq, model.dtype)
+        allowed = attention_mask(torch.ones(1, 2, 20, dtype=torch.bool))
+        for l in range(cfg.base.n_layers):
+            h = llama_block(cfg.base, {k: v[l:l + 1] for k, v in model.layers.items()}, h, rope, allowed)
+        ref = rms_norm(h, model.globals["final_norm_w"][None], cfg.base.norm_eps)[0]
+    assert rel_err(FastArmt(model).full_attention(ids), ref) < 1e-5
+
+
+def test_fast_executor_refuses_what_it_does_not_cover():
+    with pytest.raises(ConfigError):
+        FastArmt(tiny_model("gpt2"))
+    fast = FastArmt(tiny_model("llama"))
+    with pytest.raises(InputError):
+        fast.run(torch.zeros(1, 5, dtype=torch.int64), "zigzag")

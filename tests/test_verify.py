@@ -1,0 +1,208 @@
+"""`armt verify`: passes on a good export; exit 1 when parity breaks (a weight altered with the checksums
+recomputed, another model's graph swapped in); exit 2 on a checksum mismatch or bad input; exit 3 when
+a requested backend cannot run here (TensorRT without a supported GPU), never counted as passed."""
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.external_data_helper import ExternalDataInfo
+
+from exporter.manifest import Manifest, write_manifest
+from graphs.errors import ExportError
+from graphs.modeldir import save_model_dir
+from runtimes.main import main
+from runtimes.verify import generated_cases
+from tests.helpers import tiny_model
+from tests.test_runtime_ort import V, export_copy, exported, fresh_model, rechecksum
+
+
+def _verify(export_dir, *args):
+    return main(["verify", str(export_dir), *map(str, args)])
+
+
+def _largest_external_tensor(graph_path):
+    proto = onnx.load(str(graph_path), load_external_data=False)
+    ext = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    t = max(ext, key=lambda t: int(ExternalDataInfo(t).length or 0))
+    info = ExternalDataInfo(t)
+    return t.name, info.location, int(info.offset or 0), int(info.length)
+
+
+def test_good_export_passes_with_per_graph(capsys):
+    export_dir, model_dir = exported("llama")
+    assert _verify(export_dir, "--model", model_dir, "--per-graph") == 0
+    out = capsys.readouterr().out
+    ran = len(generated_cases(fresh_model("llama").cfg)) * 2 * 5  # cases x schedules x tensors
+    assert f"{ran + 11}/{ran + 11} comparisons within bounds (fp32)" in out  # + 11 per-graph outputs
+    assert "graph diagonal_step" in out and "FAIL" not in out and "not run" not in out
+
+
+def test_fp16_export_passes_against_its_precision(capsys):
+    export_dir, model_dir = exported("llama-fp16")
+    assert _verify(export_dir, "--model", model_dir, "--precision", "fp16", "--schedule", "diagonal") == 0
+    assert "within bounds (fp16)" in capsys.readouterr().out
+
+
+def test_given_ids_and_mask(tmp_path, capsys):
+    export_dir, model_dir = exported("llama")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(1).integers(0, V, (2, 17)))
+    np.save(tmp_path / "mask.npy", (np.arange(17)[None] < np.array([17, 4])[:, None]).astype(np.int64))
+    assert _verify(export_dir, "--model", model_dir, "--input-ids", tmp_path / "ids.npy",
+                   "--attention-mask", tmp_path / "mask.npy") == 0
+    out = capsys.readouterr().out
+    assert "given 2x17" in out and "10/10 comparisons" in out
+
+
+def test_altered_weight_with_recomputed_checksums_fails_parity(tmp_path, capsys):
+    """One weight changed by 0.01 inside the external data; the checksums then made to match, so
+    only the parity comparison can catch it: exit 1, and the per-graph comparison flags it too."""
+    export_dir, model_dir = exported("llama")
+    d = export_copy("llama", tmp_path / "altered")
+    name, location, offset, length = _largest_external_tensor(d / "segment.onnx")
+    with open(d / location, "r+b") as f:
+        f.seek(offset + 4 * (length // 8))  # a float32 in the middle of the tensor
+        value = np.frombuffer(f.read(4), np.float32)[0]
+        f.seek(offset + 4 * (length // 8))
+        f.write(np.float32(value + 0.01).tobytes())
+    rechecksum(d)
+    assert _verify(d, "--model", model_dir, "--per-graph") == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "polygraphy: mismatch" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("armt verify: error:") and "missed" in err[0]
+
+
+def test_graph_of_another_model_swapped_in_fails_parity(tmp_path, capsys):
+    """diagonal_step.onnx replaced by the same graph of a different model (same interface, its own
+    weights file, manifest updated consistently): the diagonal schedule misses, the sequential passes."""
+    from exporter.export import fix_io
+    from exporter.specs import graph_io
+    from exporter.trace import export_graph
+    from exporter.weights import SharedWeights
+    _, model_dir = exported("llama")
+    d = export_copy("llama", tmp_path / "swapped")
+    other = fresh_model("llama")  # the same architecture with other weights (say, another fine-tune)
+    with torch.no_grad():
+        other.layers["qkv"].mul_(1.1)
+    inputs, outputs = graph_io(other.cfg, "diagonal_step", "fp32")
+    export_graph(other, "diagonal_step", "fp32", d / "other.onnx")
+    SharedWeights(d, name="swapped.data").adopt(
+        d / "other.onnx", lambda p: fix_io(p, "diagonal_step", inputs, outputs, other.cfg.armt.num_mem_tokens))
+    (d / "other.onnx").replace(d / "diagonal_step.onnx")
+    m = Manifest.from_dict(json.loads((d / "manifest.json").read_text()), root=d)
+    m.graphs["diagonal_step"] = dataclasses.replace(m.graphs["diagonal_step"],
+                                                    data_files=("weights.data", "swapped.data"))
+    m.files["swapped.data"] = m.files["weights.data"]  # placeholder, recomputed next
+    write_manifest(d, m)
+    rechecksum(d)
+    assert _verify(d, "--model", model_dir) == 1
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("ort ")]
+    assert any(r[1] == "diagonal" and r[-1] == "FAIL" for r in rows)
+    assert all(r[-1] == "ok" for r in rows if r[1] == "sequential")
+
+
+def test_checksum_mismatch_is_bad_input(tmp_path, capsys):
+    _, model_dir = exported("llama")
+    d = export_copy("llama", tmp_path / "tampered")
+    with open(d / "sample_feeds.npz", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    assert _verify(d, "--model", model_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "sample_feeds.npz was altered (sha256" in err
+
+
+def test_wrong_reference_and_bad_arguments(tmp_path, capsys):
+    export_dir, model_dir = exported("llama")
+    other_dir = save_model_dir(tiny_model("llama", seed=7), tmp_path / "other")
+    assert _verify(export_dir, "--model", other_dir) == 2
+    assert "is not the model this export was made from" in capsys.readouterr().err
+    assert _verify(export_dir, "--model", model_dir, "--backend", "onnx") == 2
+    assert "--backend must be" in capsys.readouterr().err
+    assert _verify(export_dir, "--model", model_dir, "--precision", "bf16") == 2
+    assert "holds fp32 graphs" in capsys.readouterr().err
+    np.save(tmp_path / "oov.npy", np.full((1, 5), 99))
+    assert _verify(export_dir, "--model", model_dir, "--input-ids", tmp_path / "oov.npy") == 2
+    assert f"must lie in [0, {V})" in capsys.readouterr().err
+    assert _verify(tmp_path / "nothing", "--model", model_dir) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on machines without a GPU")
+def test_trt_not_run_is_not_a_pass(tmp_path, capsys):
+    """With engines built (TensorRT-RTX builds without a GPU) but no GPU to execute them: ORT rows
+    pass, TensorRT gets a 'not run' row with its reason, and the exit code is 3, not 0."""
+    pytest.importorskip("tensorrt_rtx")
+    from exporter.engines import build_engines
+    _, model_dir = exported("llama")
+    d = export_copy("llama", tmp_path / "engines")
+    build_engines(d)
+    assert _verify(d, "--model", model_dir, "--backend", "ort,trt", "--schedule", "diagonal") == 3
+    captured = capsys.readouterr()
+    assert "not run: TensorRT engines execute on a CUDA GPU" in captured.out
+    assert "NOT RUN (not counted as passed): trt" in captured.out
+    assert "not counted as passed" in captured.err
+    # the TensorRT runner refuses clearly when asked directly
+    np.save(tmp_path / "ids.npy", np.zeros((1, 4), np.int64))
+    assert main(["run", str(d), "--backend", "trt", "--input-ids", str(tmp_path / "ids.npy")]) == 2
+    assert "TensorRT engines execute on a CUDA GPU" in capsys.readouterr().err
+
+
+def test_trt_without_engines_is_bad_input(capsys):
+    export_dir, model_dir = exported("llama")
+    assert _verify(export_dir, "--model", model_dir, "--backend", "trt") == 2
+    assert "run `armt build" in capsys.readouterr().err
+
+
+def test_reference_needs_model_dir_or_rebuild(capsys):
+    export_dir, _ = exported("llama")
+    code = _verify(export_dir)
+    try:
+        import exporter.reference  # noqa: F401
+    except ImportError:
+        assert code == 2 and "pass --model MODEL_DIR" in capsys.readouterr().err
+    else:
+        assert code == 0
+
+
+def test_report_exit_codes():
+    from runtimes.verify import Report, Row
+    r = Report("x", "fp32")
+    assert r.exit_code == 0
+    r.rows.append(Row("trt", "diagonal", "*", "*", status="not run", note="no GPU"))
+    assert r.exit_code == 3
+    r.rows.append(Row("ort", "diagonal", "c", "A", status="FAIL"))
+    assert r.exit_code == 1
+    with pytest.raises(ExportError):
+        from runtimes.verify import compare_runs, Case, RunResult
+        from graphs.state import MemoryState
+        st = MemoryState.zeros(1, 1, 2, 2)
+        compare_runs(RunResult(None, None, st, None, 0, [st]), RunResult(None, None, st, None, 0, []),
+                     Case("c", torch.zeros(1, 1, dtype=torch.long), None), 6, "fp32")
+
+
+def test_noise_widening_is_capped_and_never_for_exact_or_nan():
+    from exporter.bounds import compare as cmp
+    from runtimes.verify import NOISE_CAP, NOISE_FACTOR, judge
+    ref = torch.linspace(-1, 1, 1000)
+    got = ref + 3e-5  # rel 3e-5: misses the fp32 bound 1e-5
+    quiet = cmp("A", "A", "fp32", ref + 1e-7, ref)
+    noisy = cmp("A", "A", "fp32", ref - 1e-5, ref)  # the reference's own spread: 1e-5
+    assert not judge(cmp("A", "A", "fp32", got, ref), quiet).ok
+    widened = judge(cmp("A", "A", "fp32", got, ref), noisy)
+    assert widened.ok and widened.bound.rel == pytest.approx(min(NOISE_FACTOR * 1e-5, NOISE_CAP * 1e-5), rel=1e-2)
+    huge = cmp("A", "A", "fp32", ref * 1.5, ref)  # a reference that is noise only cannot excuse anything
+    assert judge(cmp("A", "A", "fp32", ref * 1.4, ref), huge).bound.rel == pytest.approx(NOISE_CAP * 1e-5)
+    assert not judge(cmp("A", "A", "fp32", ref * 1.4, ref), huge).ok
+    nan = ref.clone()
+    nan[3] = float("nan")
+    assert not judge(cmp("A", "A", "fp32", nan, ref), noisy).ok
+    flags = torch.tensor([True, False])
+    assert not judge(cmp("w", "written", "fp32", ~flags, flags), noisy).ok
