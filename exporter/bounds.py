@@ -24,6 +24,7 @@ How the numbers were set (docs/exporter.md, "Bounds"), reference = torch at the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -105,6 +106,30 @@ def compare(name: str, kind: str, precision: str, got, ref, mask=None) -> Compar
     rel = max_abs / scale
     q_rel = float(np.quantile(err, QUANTILE)) / scale
     return Comparison(name, kind, max_abs, rel, q_rel, bound, rel <= bound.rel and q_rel <= bound.q_rel)
+
+
+# Conditioning: the memory update can amplify rounding (k.z + eps denominators, the gamma clamp), so on
+# some inputs two equally valid torch implementations at one precision differ by more than the table
+# allows (official LLaMA fixture, fp32: plain vs fused attention differ by A rel ~3e-5; the exported
+# graph on ONNX Runtime by the same). A comparison may therefore use the table bound widened to
+# NOISE_FACTOR x the reference's own spread (`noise`: the reference vs its fused-attention twin on the
+# same inputs), never more than NOISE_CAP x the table bound. runtimes/verify.py applies the same rule.
+NOISE_FACTOR = 4.0
+NOISE_CAP = 5.0
+
+
+def widen(c: Comparison, noise: Comparison | None) -> Comparison:
+    """`c` judged against its bound widened by the reference's own spread (see NOISE_FACTOR). Exact
+    (bool) tensors, failed shape/NaN checks and a non-finite spread are never widened."""
+    b = c.bound
+    if noise is None or b.rel == 0 or c.note or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel)):
+        return c
+    eff = Bound(rel=min(max(b.rel, NOISE_FACTOR * noise.rel), NOISE_CAP * b.rel),
+                q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))
+    if eff == b:
+        return c
+    return dataclasses.replace(c, bound=eff, ok=c.rel <= eff.rel and c.q_rel <= eff.q_rel,
+                               note=f"bound widened: reference spread rel {noise.rel:.1e}")
 
 
 def _np(x) -> np.ndarray:

@@ -206,11 +206,11 @@ def _sample_calls(model: ArmtModel, plans: dict, precision: str, consume: bool) 
 
 
 def _miss(c) -> str:
-    if c.note:
-        return c.note
     if c.rel > c.bound.rel:
-        return f"rel {c.rel:.2e} > {c.bound.rel:.0e}"
-    return f"q99.9 {c.q_rel:.2e} > {c.bound.q_rel:.0e}"
+        return f"rel {c.rel:.2e} > {c.bound.rel:.2g}"
+    if c.q_rel > c.bound.q_rel:
+        return f"q99.9 {c.q_rel:.2e} > {c.bound.q_rel:.2g}"
+    return c.note
 
 
 def _free(model: ArmtModel) -> None:

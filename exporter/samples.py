@@ -137,9 +137,10 @@ def run_plan(plan: Plan, step: Callable[[dict], dict], convert: Callable = lambd
     return Chain(plan.role, calls, plan.sample_index)
 
 
-def torch_step(model: ArmtModel, role: str) -> Callable[[dict], dict]:
-    """The torch cell of `role` as a feeds -> outputs-by-name function (the reference)."""
-    cell = (SegmentCell(model) if role == "segment" else DiagonalStep(model)).eval()
+def torch_step(model: ArmtModel, role: str, fused: bool = False) -> Callable[[dict], dict]:
+    """The torch cell of `role` as a feeds -> outputs-by-name function (the reference; `fused`: its
+    fused-attention twin, used to measure the reference's own rounding spread)."""
+    cell = (SegmentCell(model, fused) if role == "segment" else DiagonalStep(model, fused)).eval()
     names = SEGMENT_OUT if role == "segment" else DIAGONAL_OUT
 
     @torch.no_grad()

@@ -26,9 +26,10 @@ from graphs.model import ArmtModel
 class SegmentCell(nn.Module):
     """Sequential-schedule graph: one segment slot through every layer."""
 
-    def __init__(self, model: ArmtModel):
+    def __init__(self, model: ArmtModel, fused: bool = False):
         super().__init__()
         self.model = model
+        self.fused = fused  # fused SDPA attention (torch only; the exporter traces fused=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 write: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor, written_in: torch.Tensor):
@@ -41,7 +42,7 @@ class SegmentCell(nn.Module):
         A, z, wr = [], [], []
         for l in range(m.cfg.base.n_layers):
             h, a_l, z_l, w_l = m.cells(l, l + 1, h, rope, allowed, A_in[l:l + 1], z_in[l:l + 1],
-                                       written_in[l:l + 1], write[None])
+                                       written_in[l:l + 1], write[None], self.fused)
             A.append(a_l)
             z.append(z_l)
             wr.append(w_l)
@@ -52,9 +53,10 @@ class SegmentCell(nn.Module):
 class DiagonalStep(nn.Module):
     """Diagonal-schedule graph: every layer works on its own segment slot in one batched call."""
 
-    def __init__(self, model: ArmtModel):
+    def __init__(self, model: ArmtModel, fused: bool = False):
         super().__init__()
         self.model = model
+        self.fused = fused  # fused SDPA attention (torch only; the exporter traces fused=False)
 
     def forward(self, input_ids: torch.Tensor, hidden_in: torch.Tensor, positions: torch.Tensor,
                 key_valid: torch.Tensor, active: torch.Tensor, write: torch.Tensor, A_in: torch.Tensor,
@@ -69,7 +71,7 @@ class DiagonalStep(nn.Module):
         x = torch.cat([x0, hidden_in[: L - 1]], dim=0)  # (L, B, P, d)
         rope, allowed = m.geometry(positions, key_valid)
         live = write & active[:, None]  # (L, B): idle layers never write
-        y, A, z, wr = m.cells(0, L, x, rope, allowed, A_in, z_in, written_in, live)
+        y, A, z, wr = m.cells(0, L, x, rope, allowed, A_in, z_in, written_in, live, self.fused)
         hidden_out = torch.where(active[:, None, None, None], y, hidden_in)  # (L, B, P, d)
         logits, hidden = m.head(hidden_out[L - 1, :, :width])
         return hidden_out, logits.float(), hidden.float(), A, z, wr

@@ -188,3 +188,20 @@ def test_plans_and_output_masks():
     assert hm.shape == (L, 2, 9, 1)
     assert not hm[0].any()  # layer 0 idle at step L (S = 3 segments)
     assert hm[L - 1, 0].all() and not hm[L - 1, 1].any()  # row 1 has no tokens in segment 1
+
+
+def test_widen_by_reference_spread_is_capped():
+    from exporter.bounds import NOISE_CAP, widen
+    ref = np.linspace(1, 2, 100)
+    c = compare("A_out", "A", "fp32", ref * (1 + 3e-5), ref)
+    assert not c.ok
+    noise = compare("A_out", "A", "fp32", ref * (1 + 1e-5), ref)
+    w = widen(c, noise)
+    assert w.ok and w.bound.rel == pytest.approx(4 * noise.rel) and "widened" in w.note
+    huge = compare("A_out", "A", "fp32", ref * 1.5, ref)
+    assert widen(c, huge).bound.rel == pytest.approx(NOISE_CAP * 1e-5)  # never beyond the cap
+    assert widen(c, None) is c
+    flags = compare("w", "written", "fp32", np.array([True]), np.array([False]))
+    assert widen(flags, noise) is flags  # exact tensors are never widened
+    bad = compare("x", "logits", "fp32", np.array([np.nan]), np.array([1.0]))
+    assert not widen(bad, noise).ok
