@@ -118,9 +118,10 @@ NOISE_FACTOR = 4.0
 NOISE_CAP = 5.0
 
 
-def widen(c: Comparison, noise: Comparison | None) -> Comparison:
+def widen(c: Comparison, noise: Comparison | None, describe: bool = True) -> Comparison:
     """`c` judged against its bound widened by the reference's own spread (see NOISE_FACTOR). Exact
-    (bool) tensors, failed shape/NaN checks and a non-finite spread are never widened."""
+    (bool) tensors, failed shape/NaN checks and a non-finite spread are never widened. `describe`
+    puts the widening into the comparison's note (tables that mark it otherwise pass False)."""
     b = c.bound
     if noise is None or b.rel == 0 or c.note or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel)):
         return c
@@ -128,8 +129,8 @@ def widen(c: Comparison, noise: Comparison | None) -> Comparison:
                 q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))
     if eff == b:
         return c
-    return dataclasses.replace(c, bound=eff, ok=c.rel <= eff.rel and c.q_rel <= eff.q_rel,
-                               note=f"bound widened: reference spread rel {noise.rel:.1e}")
+    note = f"bound widened: reference spread rel {noise.rel:.1e}" if describe else c.note
+    return dataclasses.replace(c, bound=eff, ok=c.rel <= eff.rel and c.q_rel <= eff.q_rel, note=note)
 
 
 def _np(x) -> np.ndarray:

@@ -111,7 +111,7 @@ class OfficialNames:
         self._memory_re = re.compile(rf"^{lp}\.(\d+)\.({mem})$")
         self._block_re = re.compile(rf"^{lp}\.(\d+)\.layer\.(.+)$")
         self._hf_block_re = re.compile(rf"^{lp}\.(\d+)\.(.+)$")
-        self._hf_memory_re = re.compile(rf"^armt\.layers\.(\d+)\.(.+)$")
+        self._hf_memory_re = re.compile(r"^armt\.layers\.(\d+)\.(.+)$")
 
     def to_hf(self, name: str) -> str | None:
         """Model-directory name of an official tensor; None for the alias copies under `layers.`;

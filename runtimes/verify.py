@@ -14,14 +14,12 @@ its first part (the state travels through the host, as a state file would).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from exporter.bounds import Bound, Comparison, compare
+from exporter.bounds import NOISE_CAP, NOISE_FACTOR, Comparison, compare, widen
 from graphs.config import ModelConfig
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from graphs.model import ArmtModel
@@ -37,9 +35,7 @@ NOT_RUN_EXIT = 3  # every comparison that ran passed, but a requested backend co
 # some inputs two equally valid implementations at one precision differ by more than the table allows
 # (measured: torch fp32 with plain vs fused attention, official LLaMA fixture, A rel 3.2e-5). The
 # reference is therefore run twice (plain and fused attention) and a backend may differ from it by
-# NOISE_FACTOR x that spread, never by more than NOISE_CAP x the table's bound.
-NOISE_FACTOR = 4.0
-NOISE_CAP = 5.0
+# NOISE_FACTOR x that spread, never by more than NOISE_CAP x the table's bound (exporter.bounds.widen).
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -210,17 +206,9 @@ def _worse(a: Comparison, b: Comparison) -> bool:
 
 
 def judge(c: Comparison, noise: Comparison | None) -> Comparison:
-    """`c` judged against the table bound widened to NOISE_FACTOR x the reference's own spread
-    (`noise`), capped at NOISE_CAP x the table bound. Exact (bool) tensors and non-finite values
-    are never widened."""
-    b = c.bound
-    if noise is None or b.rel == 0 or c.note or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel)):
-        return c
-    eff = Bound(rel=min(max(b.rel, NOISE_FACTOR * noise.rel), NOISE_CAP * b.rel),
-                q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))
-    if eff == b:
-        return c
-    return dataclasses.replace(c, bound=eff, ok=c.rel <= eff.rel and c.q_rel <= eff.q_rel)
+    """`c` against the table bound widened by the reference's own spread (exporter.bounds.widen);
+    the table marks widened rows with '*' instead of a note."""
+    return widen(c, noise, describe=False)
 
 
 def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: str,

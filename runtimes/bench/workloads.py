@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from graphs.blocks import rms_norm
-from graphs.errors import BackendUnavailable, InputError
+from graphs.errors import InputError
 from graphs.model import ArmtModel
 from graphs.segments import make_slots
 from graphs.state import MemoryState
