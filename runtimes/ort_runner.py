@@ -16,10 +16,9 @@ buffers straight back in and nothing is copied through the host inside the loop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
@@ -27,7 +26,7 @@ from exporter.manifest import Manifest, TensorSpec, load_manifest
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.buffers import BufferSet
 from runtimes.graphio import ONNX_ELEMENT_TYPES, PRECISION_DTYPES, check_contract
-from runtimes.runner import Runner
+from runtimes.runner import StreamRunner
 from runtimes.torch_runner import check_device
 
 log = logging.getLogger("armt.ort")
@@ -51,7 +50,7 @@ def open_export(export: str | Path | Manifest, precision: str | None, verify_che
     return manifest
 
 
-class OrtRunner(Runner):
+class OrtRunner(StreamRunner):
     backend = "ort"
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cpu",
@@ -139,22 +138,9 @@ class OrtRunner(Runner):
         self.synchronize()
         self._binding = self._session = self._buffers = self._stream = self._run_options = None
 
-    @contextlib.contextmanager
-    def stream(self) -> Iterator[None]:
-        if self._stream is None:
-            yield
-        else:
-            with torch.cuda.stream(self._stream):
-                yield
-
-    def synchronize(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:
-        if self._stream is not None:  # feeds made on the caller's stream are complete before we read them
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._wait_for_caller()
         with self.stream():
             inputs = self._buffers.bind_inputs(feeds)
             outputs = self._buffers.bind_outputs(dims, inputs)

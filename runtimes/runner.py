@@ -112,6 +112,31 @@ class Runner(abc.ABC):
             torch.cuda.synchronize(self.device)
 
 
+
+class StreamRunner(Runner):
+    """A runner whose backend works on its own CUDA stream (`_stream`, None on the CPU): the caller's
+    torch work on the runner's tensors goes on that stream, so nothing needs a host sync."""
+
+    _stream: "torch.cuda.Stream | None" = None
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+        else:
+            with torch.cuda.stream(self._stream):
+                yield
+
+    def synchronize(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def _wait_for_caller(self) -> None:
+        """Feeds made on the caller's stream are complete before the backend reads them."""
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+
+
 def make_runner(backend: str, path, role: str, device: str = "cpu", precision: str | None = None,
                 **options) -> Runner:
     """A runner of `backend` for graph `role`: torch from a model directory, ort/trt from an export directory."""

@@ -17,11 +17,10 @@ runner is exercised by tests marked `gpu`/`trt` that run where a supported GPU e
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -30,7 +29,7 @@ from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.buffers import BufferSet
 from runtimes.graphio import PRECISION_DTYPES, check_contract
 from runtimes.ort_runner import open_export
-from runtimes.runner import Runner
+from runtimes.runner import StreamRunner
 from runtimes.torch_runner import check_device
 
 log = logging.getLogger("armt.trt")
@@ -87,7 +86,7 @@ def _within(shape: tuple[int, ...], rng) -> bool:
     return len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
 
 
-class TrtRunner(Runner):
+class TrtRunner(StreamRunner):
     backend = "trt"
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cuda",
@@ -161,23 +160,10 @@ class TrtRunner(Runner):
         self._seen.clear()
         self._context = self._engine = self._runtime = self._buffers = self._stream = None
 
-    @contextlib.contextmanager
-    def stream(self) -> Iterator[None]:
-        if self._stream is None:
-            yield
-        else:
-            with torch.cuda.stream(self._stream):
-                yield
-
-    def synchronize(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:
         ctx = self._context
-        if self._stream is not None:  # feeds made on the caller's stream are complete before we read them
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._wait_for_caller()
         with self.stream():
             inputs = self._buffers.bind_inputs(feeds)
             outputs = self._buffers.bind_outputs(dims, inputs)
