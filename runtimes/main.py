@@ -28,15 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that part of the tool is not present in this install
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,15 +50,11 @@ def open_export(export: str | Path | Manifest, precision: str | None, verify_che
     return manifest
 
 
-class OrtRunner(StreamRunner):
-    backend = "ort"
+class ExportRunner(StreamRunner):
+    """A runner of one graph of an export directory: manifest, graph contract, model id and precision."""
 
-    def __init__(self, export: str | Path | Manifest, role: str, device: str = "cpu",
-                 precision: str | None = None, verify_checksums: bool = True, threads: int | None = None,
-                 sync_each_call: bool = True):
-        """`export`: an export directory (its manifest and checksums are checked now) or a loaded Manifest.
-        `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
-        `sync_each_call=False` (CUDA): do not wait for each call to finish (see the module docstring)."""
+    def __init__(self, export: str | Path | Manifest, role: str, device: str, precision: str | None,
+                 verify_checksums: bool):
         super().__init__(role, device)
         self.manifest = open_export(export, precision, verify_checksums)
         self.graph = self.manifest.graph(role)
@@ -69,6 +65,18 @@ class OrtRunner(StreamRunner):
             raise ExportError(f"export {self.manifest.root}: manifest.json lacks model.model_id")
         self.precision = self.manifest.precision
         self.compute_dtype = PRECISION_DTYPES[self.precision]
+
+
+class OrtRunner(ExportRunner):
+    backend = "ort"
+
+    def __init__(self, export: str | Path | Manifest, role: str, device: str = "cpu",
+                 precision: str | None = None, verify_checksums: bool = True, threads: int | None = None,
+                 sync_each_call: bool = True):
+        """`export`: an export directory (its manifest and checksums are checked now) or a loaded Manifest.
+        `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
+        `sync_each_call=False` (CUDA): do not wait for each call to finish (see the module docstring)."""
+        super().__init__(export, role, device, precision, verify_checksums)
         self.threads = threads
         self.sync_each_call = sync_each_call
         self._run_options = None

@@ -27,9 +27,7 @@ import torch
 from exporter.manifest import EngineRecord, Manifest, TensorSpec
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.buffers import BufferSet
-from runtimes.graphio import PRECISION_DTYPES, check_contract
-from runtimes.ort_runner import open_export
-from runtimes.runner import StreamRunner
+from runtimes.ort_runner import ExportRunner
 from runtimes.torch_runner import check_device
 
 log = logging.getLogger("armt.trt")
@@ -86,23 +84,14 @@ def _within(shape: tuple[int, ...], rng) -> bool:
     return len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
 
 
-class TrtRunner(StreamRunner):
+class TrtRunner(ExportRunner):
     backend = "trt"
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cuda",
                  precision: str | None = None, verify_checksums: bool = True, cuda_graphs: bool = True):
         if torch.device(device).type != "cuda":
             raise InputError("the trt backend runs TensorRT engines on a CUDA GPU: use --device cuda")
-        super().__init__(role, device)
-        self.manifest = open_export(export, precision, verify_checksums)
-        self.graph = self.manifest.graph(role)
-        check_contract(role, self.graph.inputs, self.graph.outputs, f"export {self.manifest.root}")
-        self.cfg = self.manifest.model_config()
-        self.model_id = str(self.manifest.model.get("model_id", ""))
-        if not self.model_id:
-            raise ExportError(f"export {self.manifest.root}: manifest.json lacks model.model_id")
-        self.precision = self.manifest.precision
-        self.compute_dtype = PRECISION_DTYPES[self.precision]
+        super().__init__(export, role, device, precision, verify_checksums)
         self.cuda_graphs = cuda_graphs
         self.engine_record = select_engine(self.graph.engines, role)
         self._runtime = self._engine = self._context = self._stream = self._buffers = None

@@ -33,3 +33,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("inf")
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def flip_bits(path, offset: int, mask: int) -> None:
+    """Corrupt one byte of a file in place (XOR with `mask`): a stand-in for a damaged artifact."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))

@@ -11,6 +11,7 @@ from graphs.state import MemoryState
 from runtimes.buffers import BufferSet
 from runtimes.execute import run_schedule
 from runtimes.progress import Progress
+from runtimes.runner import Runner
 from runtimes.torch_runner import TorchRunner
 from runtimes.trt_runner import TrtRunner, pick_profile, select_engine
 from tests.helpers import rel_err, tiny_model
@@ -246,7 +247,7 @@ def test_trt_runner_call_path_with_a_fake_engine(role):
     from runtimes.buffers import BufferSet
     model = tiny_model()
     runner = TrtRunner.__new__(TrtRunner)  # no engine file, no GPU: set up what _activate would
-    super(TrtRunner, runner).__init__(role, "cpu")
+    Runner.__init__(runner, role, "cpu")  # the plain runner set-up, without an export directory
     inputs, outputs = graph_io(model.cfg, role, "fp32")
     runner.graph = type("G", (), {"inputs": inputs, "outputs": outputs})()
     runner.cfg, runner.model_id, runner.precision, runner.compute_dtype = model.cfg, model.model_id(), "fp32", torch.float32

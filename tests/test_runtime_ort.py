@@ -26,7 +26,7 @@ from graphs.state import load_state
 from runtimes.execute import run_schedule
 from runtimes.main import main
 from runtimes.ort_runner import OrtRunner
-from tests.helpers import tiny_model
+from tests.helpers import flip_bits, tiny_model
 
 ROLES = ["segment", "diagonal_step"]
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -244,11 +244,7 @@ def test_bad_input_on_exports(tmp_path, capsys):
 def test_altered_or_missing_export_files(tmp_path, capsys):
     np.save(tmp_path / "ids.npy", _ids(1, 8).numpy())
     altered = export_copy("llama", tmp_path / "altered")
-    with open(altered / "weights.data", "r+b") as f:
-        f.seek(9000)
-        byte = f.read(1)
-        f.seek(9000)
-        f.write(bytes([byte[0] ^ 0x40]))
+    flip_bits(altered / "weights.data", 9000, 0x40)
     run = lambda d: main(["run", str(d), "--backend", "ort", "--input-ids", str(tmp_path / "ids.npy")])  # noqa: E731
     assert run(altered) == 2
     _one_line(capsys, "weights.data was altered (sha256")

@@ -16,7 +16,7 @@ from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
 from runtimes.main import main
 from runtimes.verify import generated_cases
-from tests.helpers import tiny_model
+from tests.helpers import flip_bits, tiny_model
 from tests.test_runtime_ort import V, export_copy, exported, fresh_model, rechecksum
 
 
@@ -109,11 +109,7 @@ def test_graph_of_another_model_swapped_in_fails_parity(tmp_path, capsys):
 def test_checksum_mismatch_is_bad_input(tmp_path, capsys):
     _, model_dir = exported("llama")
     d = export_copy("llama", tmp_path / "tampered")
-    with open(d / "sample_feeds.npz", "r+b") as f:
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 1]))
+    flip_bits(d / "sample_feeds.npz", 100, 1)
     assert _verify(d, "--model", model_dir) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "sample_feeds.npz was altered (sha256" in err
