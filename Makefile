@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m runtimes.demo
+	$(PY) -m armt.demo
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,3 +1,3 @@
-"""exporter: ARMT cells to ONNX (memory state as explicit graph I/O), manifest, validation, TensorRT engines."""
+"""exporter: ARMT cells to ONNX (memory state as explicit graph I/O), manifest, TensorRT engines."""
 
-__version__ = "0.1.0"
+from graphs import __version__  # noqa: F401 (recorded in every manifest)

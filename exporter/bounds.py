@@ -7,7 +7,7 @@ that dtype, memory weights and state fp32), run by the same cell calls. Metrics 
     rel      = max |got - ref| / max |ref|                   (bounded by Bound.rel)
     q_rel    = quantile_0.999 |got - ref| / max |ref|        (bounded by Bound.q_rel)
 
-Only entries that carry meaning are compared (exporter.specs.output_mask: no padding places, no
+Only entries that carry meaning are compared (GraphContract.output_mask, graphs/contracts.py: no padding places, no
 ended rows, no idle layers). NaN or Inf in `got` (where `ref` is finite) never passes. Bool tensors (`written`) must be equal.
 Kinds: logits, hidden (final-norm output), hidden_out (the diagonal step's carried hidden, compute
 dtype), A and z (memory state, fp32 in every precision), written.
@@ -79,7 +79,7 @@ class Comparison:
 def compare(name: str, kind: str, precision: str, got, ref, mask=None) -> Comparison:
     """Compare one output (numpy arrays or torch tensors) against its reference under the table.
 
-    `mask` (bool, broadcastable to the output; see exporter.specs.output_mask) limits the comparison
+    `mask` (bool, broadcastable to the output; see GraphContract.output_mask, graphs/contracts.py) limits the comparison
     to the entries that carry meaning; None compares everything."""
     got, ref = _np(got), _np(ref)
     bound = bound_for(precision, kind)

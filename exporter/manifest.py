@@ -21,7 +21,6 @@ lists whose entries are ints (fixed) or strings (named dynamic dims "batch", "wi
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -30,45 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from graphs.atomic import atomic_write_bytes
+from graphs.contracts import ROLES, TensorSpec, spec_by_name
+from graphs.dtypes import DTYPES, PRECISIONS
 from graphs.errors import ExportError
 
 log = logging.getLogger("armt.export")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-ROLES = ("segment", "diagonal_step")
-GRAPH_FILES = {"segment": "segment.onnx", "diagonal_step": "diagonal_step.onnx"}
 SAMPLE_FEEDS = "sample_feeds.npz"
 POLYGRAPHY_SCRIPT = "polygraphy_data_loader.py"
-PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
-DYNAMIC_DIMS = ("batch", "width", "slot")
 
 
 # ------------------------------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output."""
-
-    name: str
-    dtype: str  # one of DTYPES
-    shape: tuple[int | str, ...]  # ints are fixed sizes, strings are named dynamic dims
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(d["shape"]))
-
-    def concrete_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """The shape with named dims replaced from `dims` (e.g. {"batch": 2, "width": 6, "slot": 9})."""
-        try:
-            return tuple(dims[s] if isinstance(s, str) else int(s) for s in self.shape)
-        except KeyError as exc:
-            raise ExportError(f"tensor {self.name} needs a size for dim {exc.args[0]!r}") from None
-
-
 @dataclass(frozen=True)
 class ProfileRange:
     """One optimization-profile range of an engine input: shapes for min / opt / max."""
@@ -124,10 +97,10 @@ class GraphRecord:
     engines: tuple[EngineRecord, ...] = ()
 
     def input(self, name: str) -> TensorSpec:
-        return _by_name(self.inputs, name, self.role, "input")
+        return spec_by_name(self.inputs, name, self.role, "input")
 
     def output(self, name: str) -> TensorSpec:
-        return _by_name(self.outputs, name, self.role, "output")
+        return spec_by_name(self.outputs, name, self.role, "output")
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -148,13 +121,6 @@ class GraphRecord:
                    precision=str(d["precision"]), opset=int(d["opset"]),
                    op_counts={str(k): int(v) for k, v in d.get("op_counts", {}).items()},
                    engines=tuple(EngineRecord.from_dict(e) for e in d.get("engines", ())))
-
-
-def _by_name(specs: tuple[TensorSpec, ...], name: str, role: str, what: str) -> TensorSpec:
-    for s in specs:
-        if s.name == name:
-            return s
-    raise ExportError(f"graph {role} has no {what} named {name!r}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +144,8 @@ class Manifest:
     files: dict[str, FileRecord]  # relative path -> checksum (every file but manifest.json)
     versions: dict[str, str]  # torch, onnx, exporter (and onnxruntime when validation ran)
     validation: dict[str, Any] = field(default_factory=dict)  # {"status": "passed"|"failed"|"not run", ...}
+    # model parameter name ("layers.qkv", "mem.w_q", ...) -> {"file", "offset", "length", "dtype", "shape"}
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: str | None = SAMPLE_FEEDS  # the .npz of sample feeds, or None
     polygraphy_script: str | None = POLYGRAPHY_SCRIPT
     format_version: int = FORMAT_VERSION
@@ -192,6 +160,13 @@ class Manifest:
                                ArmtConfig.from_dict(self.model["armt_config"]))
         except KeyError as exc:
             raise ExportError(f"manifest.json model section lacks {exc.args[0]!r}") from None
+
+    @property
+    def model_id(self) -> str:
+        model_id = str(self.model.get("model_id", ""))
+        if not model_id:
+            raise ExportError(f"export {self.root}: manifest.json lacks model.model_id")
+        return model_id
 
     def graph(self, role: str) -> GraphRecord:
         if role not in self.graphs:
@@ -211,7 +186,7 @@ class Manifest:
                 "model": self.model, "dims": self.dims,
                 "graphs": {r: g.to_dict() for r, g in self.graphs.items()},
                 "samples": self.samples, "polygraphy_script": self.polygraphy_script,
-                "versions": self.versions, "validation": self.validation,
+                "versions": self.versions, "validation": self.validation, "parameters": self.parameters,
                 "files": {k: v.to_dict() for k, v in sorted(self.files.items())}}
 
     @classmethod
@@ -221,12 +196,14 @@ class Manifest:
                    graphs={str(r): GraphRecord.from_dict(g) for r, g in d["graphs"].items()},
                    files={str(k): FileRecord(str(v["sha256"]), int(v["bytes"])) for k, v in d["files"].items()},
                    versions={str(k): str(v) for k, v in d.get("versions", {}).items()},
-                   validation=dict(d.get("validation", {})), samples=d.get("samples"),
+                   validation=dict(d.get("validation", {})), parameters=dict(d.get("parameters", {})),
+                   samples=d.get("samples"),
                    polygraphy_script=d.get("polygraphy_script"), root=root)
 
     def referenced_files(self) -> list[str]:
         """Every file the manifest's sections point at."""
         refs = [f for g in self.graphs.values() for f in g.files]
+        refs += [p["file"] for p in self.parameters.values()]
         refs += [f for f in (self.samples, self.polygraphy_script) if f]
         return list(dict.fromkeys(refs))
 
@@ -320,8 +297,3 @@ def _check_consistent(m: Manifest, path: Path) -> None:
     for name in m.files:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ExportError(f"{path}: file {name!r} lies outside the export directory")
-
-
-def replace(manifest: Manifest, **changes: Any) -> Manifest:
-    """A copy with some fields changed (dataclasses.replace, kept here for discoverability)."""
-    return dataclasses.replace(manifest, **changes)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from graphs.atomic import atomic_write_bytes
 
-from exporter.manifest import GRAPH_FILES, SAMPLE_FEEDS
+from exporter.manifest import SAMPLE_FEEDS
+from graphs.contracts import GRAPH_FILES
 
 _TEMPLATE = '''"""Polygraphy data loader for this ARMT export (written by `armt export`).
 
@@ -48,12 +49,15 @@ def _feeds(role):
     return feeds
 
 
-def load_segment():
-    yield _feeds("segment")
+def _loader(role):
+    def load():
+        yield _feeds(role)
+    load.__name__ = "load_" + role
+    return load
 
 
-def load_diagonal_step():
-    yield _feeds("diagonal_step")
+for _r in GRAPH_FILES:  # load_segment, load_diagonal_step, ...: one loader per graph
+    globals()["load_" + _r] = _loader(_r)
 
 
 def _role():
@@ -76,7 +80,7 @@ def _role():
 
 
 def load_data():
-    yield from {{"segment": load_segment, "diagonal_step": load_diagonal_step}}[_role()]()
+    yield from _loader(_role())()
 '''
 
 

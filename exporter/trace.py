@@ -19,15 +19,15 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from pathlib import Path
 
+import numpy as np
 import torch
 
-from graphs.cells import DiagonalStep, SegmentCell
+from graphs.cells import cell_for
+from graphs.contracts import contract
+from graphs.dtypes import FLOATS, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
-
-from exporter.specs import graph_io
 
 log = logging.getLogger("armt.export")
 
@@ -50,41 +50,38 @@ def trace_width(model: ArmtModel) -> int:
     raise ExportError("could not pick a trace width")  # unreachable for any real config
 
 
-def example_args(model: ArmtModel, role: str) -> tuple[torch.Tensor, ...]:
-    """Valid example inputs for tracing: batch 2, width trace_width(), zero memory state."""
-    cfg = model.cfg
-    L, M, B = cfg.base.n_layers, cfg.armt.num_mem_tokens, TRACE_BATCH
-    W = trace_width(model)
-    P = W + M
-    ids = torch.zeros(B, W, dtype=torch.int64)
-    pos = torch.arange(P, dtype=torch.int64)[None].expand(B, P).contiguous()
-    if cfg.armt.wrap_pos:
-        pos = torch.cat([pos[:, :W], torch.arange(cfg.pos_table_rows - M, cfg.pos_table_rows)[None].expand(B, M)], 1)
-    kv = torch.ones(B, P, dtype=torch.bool)
-    st = model.zero_state(B)
-    if role == "segment":
-        return ids, pos, kv, torch.ones(B, dtype=torch.bool), st.A, st.z, st.written
-    hidden = torch.zeros(L, B, P, cfg.base.d_model, dtype=model.dtype)
-    return (ids, hidden, pos[None].expand(L, B, P).contiguous(), kv[None].expand(L, B, P).contiguous(),
-            torch.ones(L, dtype=torch.bool), torch.ones(L, B, dtype=torch.bool), st.A, st.z, st.written)
+def example_args(model: ArmtModel, role: str, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
+    """Valid example inputs for tracing (the contract's order): batch 2, width trace_width(), one
+    full slot each, zero memory state."""
+    from graphs.segments import make_slots
+    from graphs.schedule import build_schedule, step_feeds
+    c = contract(model.cfg, role, precision)
+    B, W = TRACE_BATCH, trace_width(model)
+    ids = np.zeros((B, W), dtype=np.int64)
+    slots = make_slots(model.cfg, ids, np.full(B, W), uniform=True, segment_size=W)
+    L = model.cfg.base.n_layers
+    feeds = step_feeds(build_schedule(c.schedule, L, 1), slots)[0]
+    if "active" in feeds:
+        feeds["active"] = np.ones(L, dtype=bool)  # every layer live (one segment would idle L-1 of them)
+        feeds["write"] = np.ones_like(feeds["write"])
+    feeds.update(c.initial_carry(B, W))
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=np.float32)).to(torch_dtype(s.dtype))
+                 if s.dtype in FLOATS else torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in c.inputs)
 
 
 def dynamic_shapes(model: ArmtModel, role: str) -> dict[str, dict[int, object]]:
+    """torch.export dims from the contract's named dims (derived ones as expressions: slot = width + M)."""
     from torch.export import Dim
-    M = model.cfg.armt.num_mem_tokens
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    width = Dim("width", min=1, max=MAX_WIDTH)
-    slot = width + M
-    state = {"A_in": {1: batch}, "z_in": {1: batch}, "written_in": {1: batch}}
-    if role == "segment":
-        return {"input_ids": {0: batch, 1: width}, "positions": {0: batch, 1: slot},
-                "key_valid": {0: batch, 1: slot}, "write": {0: batch}, **state}
-    return {"input_ids": {0: batch, 1: width}, "hidden_in": {1: batch, 2: slot}, "positions": {1: batch, 2: slot},
-            "key_valid": {1: batch, 2: slot}, "active": {}, "write": {1: batch}, **state}
+    c = contract(model.cfg, role, "fp32")
+    base = {"batch": Dim("batch", min=1, max=MAX_BATCH), "width": Dim("width", min=1, max=MAX_WIDTH)}
+    for name, (of, offset) in c.derived_dims.items():
+        base[name] = base[of] + offset
+    return {spec.name: {axis: base[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+            for spec in c.inputs}
 
 
 def cell_module(model: ArmtModel, role: str) -> torch.nn.Module:
-    return SegmentCell(model).eval() if role == "segment" else DiagonalStep(model).eval()
+    return cell_for(model, role)
 
 
 def check_opset(opset: int) -> None:
@@ -97,8 +94,8 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int = DEFAUL
     """Trace the `role` cell of `model` (already cast to the export precision): an onnx_ir Model whose
     initializers still share memory with the torch parameters."""
     check_opset(opset)
-    inputs, outputs = graph_io(model.cfg, role, precision)
-    args = example_args(model, role)
+    c = contract(model.cfg, role, precision)
+    args = example_args(model, role, precision)
     for name in QUIET_LOGGERS:  # their INFO lines (one per folded initializer) drown ours
         logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.perf_counter()
@@ -108,17 +105,10 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int = DEFAUL
         try:
             program = torch.onnx.export(
                 cell_module(model, role), args, dynamic_shapes=dynamic_shapes(model, role),
-                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+                input_names=list(c.input_names), output_names=list(c.output_names),
                 opset_version=opset, dynamo=True, optimize=True, external_data=True, verbose=False)
         except Exception as exc:  # torch.export raises many types; the message is what the user needs
             raise ExportError(f"torch.onnx.export of the {role} graph failed: {exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     log.info("traced %s graph in %.1f s", role, time.perf_counter() - t0)
     return program.model
-
-
-def export_graph(model: ArmtModel, role: str, precision: str, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Trace into `path` with torch's own external-data file `path`.data (exporter.weights.SharedWeights
-    .adopt re-homes it). `armt export` itself uses trace_graph + SharedWeights.adopt_ir (no extra copy)."""
-    import onnx_ir as ir
-    ir.save(trace_graph(model, role, precision, opset), str(path), external_data=path.name + ".data")

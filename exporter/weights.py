@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+import torch
 from onnx.external_data_helper import ExternalDataInfo
 
 from graphs.errors import ExportError
@@ -57,6 +58,27 @@ class SharedWeights:
         self.size = offset + len(blob)
         return offset
 
+    def add(self, blob: memoryview) -> tuple[int, int]:
+        """(offset, length) of `blob` in the shared file, appending it unless identical bytes are there."""
+        key = (hashlib.sha256(blob).hexdigest(), len(blob))
+        if key not in self.index:
+            self.index[key] = (self._append(blob), len(blob))
+        return self.index[key]
+
+    def index_parameters(self, model) -> dict[str, dict]:
+        """Every model parameter in the shared file (mostly bytes the graphs already hold: weight stacks
+        reach the graphs unchanged): name ("layers.qkv") -> file, offset, length, dtype, shape."""
+        import numpy as np
+        out = {}
+        for name, p in model.named_parameters():
+            t = p.detach().contiguous().cpu()
+            dtype = str(t.dtype).replace("torch.", "")
+            array = t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
+            offset, length = self.add(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            out[name] = {"file": self.name, "offset": offset, "length": length, "dtype": dtype,
+                         "shape": list(t.shape)}
+        return out
+
     def adopt_ir(self, model, path: Path, edit: Callable[[onnx.ModelProto], None] | None = None) -> onnx.ModelProto:
         """Write the traced onnx_ir `model` to `path`, its large initializers into the shared file
         (streamed from the torch parameters' memory: no second copy of the weights), then apply `edit`
@@ -70,13 +92,12 @@ class SharedWeights:
                 continue
             array = np.ascontiguousarray(tensor.numpy())  # a view of the torch parameter when contiguous
             blob = memoryview(array.reshape(-1).view(np.uint8))
-            key = (hashlib.sha256(blob).hexdigest(), len(blob))
-            if key in self.index:
-                reused += len(blob)
+            size_before = self.size
+            offset, length = self.add(blob)
+            if self.size == size_before:
+                reused += length
             else:
-                self.index[key] = (self._append(blob), len(blob))
-                written += len(blob)
-            offset, length = self.index[key]
+                written += length
             value.const_value = ir.ExternalTensor(self.name, offset, length, tensor.dtype, shape=tensor.shape,
                                                   name=value.name, base_dir=str(self.root))
             del array, blob
@@ -114,14 +135,13 @@ class SharedWeights:
                 offset = info.offset or 0
                 length = info.length if info.length is not None else (len(mm) - offset if mm else 0)
                 blob = memoryview(mm)[offset:offset + length] if mm else memoryview(b"")
-                key = (hashlib.sha256(blob).hexdigest(), length)
-                if key in self.index:
+                size_before = self.size
+                new_offset, new_length = self.add(blob)
+                if self.size == size_before:
                     reused += length
                 else:
-                    self.index[key] = (self._append(blob), length)
                     written += length
                 blob.release()
-                new_offset, new_length = self.index[key]
                 del tensor.external_data[:]
                 for k, v in (("location", self.name), ("offset", str(new_offset)), ("length", str(new_length))):
                     entry = tensor.external_data.add()

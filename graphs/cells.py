@@ -1,7 +1,8 @@
-"""The two graph-shaped cells: what the exporter traces and what the torch runner executes.
+"""The graph-shaped cells: what the exporter traces and what the torch runner executes.
 
-Both take the memory state as explicit inputs and return it as outputs (see docs/architecture.md,
-"graph contract"). They hold no state between calls and do no host-side arithmetic, so the same
+Each implements one graph role of graphs/contracts.py (CELLS maps role -> cell class): its forward
+takes the contract's inputs in order and returns its outputs in order. The memory state is an
+explicit input and output. They hold no state between calls and do no host-side arithmetic, so the same
 call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
 
     SegmentCell   one slot through all L layers (sequential schedule)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graphs.contracts import DIAGONAL_STEP, SEGMENT
 from graphs.model import ArmtModel
 
 
@@ -77,19 +79,9 @@ class DiagonalStep(nn.Module):
         return hidden_out, logits.float(), hidden.float(), A, z, wr
 
 
-def diagonal_feeds(model: ArmtModel, slots: list, t: int) -> dict[str, torch.Tensor]:
-    """Step t's per-layer inputs (without the state and hidden buffers) from uniform-width slots.
+CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep}
 
-    Layer l works on segment s = t - l when 0 <= s < S; idle layers get segment 0's geometry (any
-    valid values do: their results are masked out)."""
-    L, S = model.cfg.base.n_layers, len(slots)
-    seg = [t - l if 0 <= t - l < S else 0 for l in range(L)]
-    active = torch.tensor([0 <= t - l < S for l in range(L)])
-    entering = slots[t] if t < S else slots[0]
-    return {
-        "input_ids": entering.ids,
-        "positions": torch.stack([slots[s].positions for s in seg]),  # (L, B, P)
-        "key_valid": torch.stack([slots[s].key_valid for s in seg]),  # (L, B, P)
-        "active": active,  # (L,)
-        "write": torch.stack([slots[s].write for s in seg]),  # (L, B)
-    }
+
+def cell_for(model: ArmtModel, role: str, fused: bool = False) -> nn.Module:
+    """The cell module of graph `role` over `model` (eval mode)."""
+    return CELLS[role](model, fused).eval()

@@ -24,7 +24,9 @@ class ExportError(ArmtError):
 
 
 class BackendUnavailable(ArmtError):
-    """An optional backend (onnxruntime, TensorRT, CUDA) is not installed or cannot run here."""
+    """An optional backend (onnxruntime, TensorRT, CUDA, torch) is not installed or cannot run here."""
+
+    exit_code = 3
 
 
 class ParityFailure(ArmtError):

@@ -4,12 +4,12 @@ A *cell* (s, l) is segment s through layer l: memory read, decoder block, memory
 needs (s, l-1) (its input) and (s-1, l) (the memory of layer l), so:
 
     sequential   for s: for l: cell(s, l)                        S * L calls of n = 1 layer
-    diagonal     for t in 0 .. S+L-2: cells {(t-l, l)} at once   S + L - 1 calls of n <= L layers
+    diagonal     for each step of graphs.schedule: its cells      S + L - 1 calls of n <= L layers
 
-    layer  3 |          .  (0,3) (1,3) (2,3)        t = step; at step t the active layers are the
-    layer  2 |       (0,2) (1,2) (2,2)  .            contiguous range lo..hi with
-    layer  1 |    (0,1) (1,1) (2,1)  .               lo = max(0, t-S+1), hi = min(L-1, t),
-    layer  0 | (0,0) (1,0) (2,0)  .                  so their stacked weights are a plain slice.
+    layer  3 |          .  (0,3) (1,3) (2,3)        t = step; at step t the active layers are a
+    layer  2 |       (0,2) (1,2) (2,2)  .            contiguous range step.lo .. step.hi, so their
+    layer  1 |    (0,1) (1,1) (2,1)  .               stacked weights are a plain slice
+    layer  0 | (0,0) (1,0) (2,0)  .                  (graphs/schedule.py owns the index arithmetic).
              +------------------------------ t
                0     1     2     3     4     5
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,10 +28,16 @@ from graphs.blocks import BLOCKS, attention_mask, layer_norm, rms_norm, rope_inv
 from graphs.config import ModelConfig
 from graphs.errors import InputError
 from graphs.memory import memory_read, memory_write
+from graphs.schedule import build_schedule
 from graphs.segments import Slot, check_ids, make_slots
 from graphs.state import MemoryState
 
 SCHEDULES = ("sequential", "diagonal")
+
+
+def torch_state(state: MemoryState, device: torch.device | str) -> MemoryState:
+    """`state` (numpy or torch arrays) as torch tensors on `device`."""
+    return MemoryState(*(torch.as_tensor(x).to(device) for x in (state.A, state.z, state.written)))
 
 
 def block_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -127,8 +134,9 @@ class ArmtModel(nn.Module):
         return f"{self.cfg.fingerprint()}-{digest[:12]}"
 
     def zero_state(self, batch: int) -> MemoryState:
+        """An empty memory for `batch` rows (torch tensors on the model's device)."""
         b = self.cfg.base
-        return MemoryState.zeros(b.n_layers, batch, self.cfg.armt.d_key, b.d_model, device=self.device)
+        return torch_state(MemoryState.zeros(b.n_layers, batch, self.cfg.armt.d_key, b.d_model), self.device)
 
     # ---------------------------------------------------------------- the pieces of a step
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -179,15 +187,13 @@ class ArmtModel(nn.Module):
         if schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         b = self.cfg.base
-        ids_cpu = input_ids.cpu()
-        lengths = check_ids(ids_cpu, b.vocab_size, None if attention_mask is None else attention_mask.cpu())
-        ids_cpu = ids_cpu.to(torch.int64)
+        lengths = check_ids(input_ids, b.vocab_size, attention_mask)
         B, N = input_ids.shape
         if state is None:
             state = self.zero_state(B)
         state.check_fits(b.n_layers, B, self.cfg.armt.d_key, b.d_model)
-        state = state.to(self.device)
-        slots = make_slots(self.cfg, ids_cpu, lengths, uniform=(schedule == "diagonal"))
+        state = torch_state(state, self.device)
+        slots = make_slots(self.cfg, input_ids, lengths, uniform=(schedule == "diagonal"))
         logits = torch.zeros(B, N, b.vocab_size, device=self.device)
         hidden = torch.zeros(B, N, b.d_model, device=self.device)
 
@@ -204,7 +210,7 @@ class ArmtModel(nn.Module):
 
     def _slot_tensors(self, slot: Slot) -> tuple[torch.Tensor, ...]:
         dev = self.device
-        return (slot.ids.to(dev), slot.positions.to(dev), slot.key_valid.to(dev), slot.write.to(dev))
+        return tuple(torch.from_numpy(x).to(dev) for x in (slot.ids, slot.positions, slot.key_valid, slot.write))
 
     def _sequential(self, slots, state: MemoryState, emit, fused: bool, trace: bool):
         L = self.cfg.base.n_layers
@@ -228,27 +234,26 @@ class ArmtModel(nn.Module):
         A, z, wr = list(state.A.unbind(0)), list(state.z.unbind(0)), list(state.written.unbind(0))
         traced: list[list[tuple[torch.Tensor, ...]]] = [[None] * L for _ in range(S)] if trace else []
         if S:
-            pos_all = torch.stack([s.positions for s in slots]).to(self.device)  # (S, B, P)
-            kv_all = torch.stack([s.key_valid for s in slots]).to(self.device)  # (S, B, P)
-            write_all = torch.stack([s.write for s in slots]).to(self.device)  # (S, B)
+            stack = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in slots])).to(self.device)  # noqa: E731
+            pos_all, kv_all, write_all = stack("positions"), stack("key_valid"), stack("write")  # (S, B, P), (S, B)
         outs: list[torch.Tensor | None] = [None] * L  # outs[l]: layer l's output at the previous step
-        for t in range(S + L - 1):
-            lo, hi = max(0, t - S + 1), min(L - 1, t)
+        for step in build_schedule("diagonal", L, S).steps:
+            lo, hi = step.lo, step.hi
             inputs = [outs[l - 1] if l > 0 else None for l in range(lo, hi + 1)]
-            if lo == 0:
-                ids, pos, _, _ = self._slot_tensors(slots[t])
+            if step.entering is not None:  # layer 0 works on the entering segment
+                ids, pos, _, _ = self._slot_tensors(slots[step.entering])
                 inputs[0] = self.embed(ids, pos)
             x = torch.stack(inputs)  # (n, B, P, d)
-            seg = t - torch.arange(lo, hi + 1, device=self.device)  # segment of each active layer
+            seg = torch.tensor(step.segments, device=self.device)  # segment of each active layer
             rope, allowed = self.geometry(pos_all[seg], kv_all[seg])
             y, a_n, z_n, w_n = self.cells(lo, hi + 1, x, rope, allowed, torch.stack(A[lo:hi + 1]),
                                           torch.stack(z[lo:hi + 1]), torch.stack(wr[lo:hi + 1]),
                                           write_all[seg], fused)
-            for i, l in enumerate(range(lo, hi + 1)):
+            for i, (l, s) in enumerate(zip(range(lo, hi + 1), step.segments)):
                 outs[l], A[l], z[l], wr[l] = y[i], a_n[i], z_n[i], w_n[i]
                 if trace:
-                    traced[t - l][l] = (a_n[i], z_n[i], w_n[i])
-            if hi == L - 1:
-                emit(slots[t - L + 1], outs[L - 1])
+                    traced[s][l] = (a_n[i], z_n[i], w_n[i])
+            if step.leaving is not None:
+                emit(slots[step.leaving], outs[L - 1])
         seg_states = [MemoryState(*(torch.stack([cell[k] for cell in row]) for k in range(3))) for row in traced]
         return MemoryState(torch.stack(A), torch.stack(z), torch.stack(wr)), seg_states

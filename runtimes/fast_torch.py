@@ -42,6 +42,7 @@ from graphs.blocks import attention_mask, rope_tables
 from graphs.errors import ConfigError, InputError
 from graphs.memory import EPS, dpfp
 from graphs.model import ArmtModel
+from graphs.schedule import build_schedule
 from graphs.state import MemoryState
 
 log = logging.getLogger("armt.fast")
@@ -425,24 +426,21 @@ class FastArmt:
 
         with torch.no_grad(), self._precision():
             self._reset(state, B)
-            if schedule == "diagonal":
-                for t in range(S + L - 1):
-                    lo, hi = max(0, t - S + 1), min(L - 1, t)
-                    if lo == 0:
-                        self.ids_buf.copy_(ids[:, t * T:(t + 1) * T])
-                    segs = [t - l for l in range(lo, hi + 1)]
-                    short = any(counts[s] < T for s in segs)
-                    geo = self._short_geometry(segs, counts) if short else None
-                    self._step(lo, hi, lo == 0, geo)
-                    if hi == L - 1:
-                        emit(t - L + 1)
-            else:
-                for s in range(S):
+            for step in build_schedule(schedule, L, S).steps:
+                if step.entering is not None:
+                    s = step.entering
                     self.ids_buf.copy_(ids[:, s * T:(s + 1) * T])
+                if schedule == "diagonal":
+                    segs = list(step.segments)
+                    short = any(counts[s] < T for s in segs)
+                    self._step(step.lo, step.hi, step.lo == 0, self._short_geometry(segs, counts) if short else None)
+                else:  # the segment graph's call, layer by layer
+                    s = step.entering
                     geo = self._short_geometry([s], counts) if counts[s] < T else None
                     for l in range(L):
                         self._step(l, l, l == 0, geo)
-                    emit(s)
+                if step.leaving is not None:
+                    emit(step.leaving)
             final = MemoryState(self.A.clone(), self.z.clone(), self.written.clone())
         return FastResult(state=final, hidden=hidden, last_hidden=last[0], logits=logits)
 

@@ -1,34 +1,40 @@
-"""The TensorRT runner: one engine from the export directory, the mirror of the ONNX Runtime CUDA runner.
+"""The TensorRT runner: one engine from the export directory, the mirror of the ONNX Runtime runner.
 
-Same buffers (runtimes/buffers.py: runner-owned, ping-pong for outputs fed back as inputs), same
-stream discipline (one torch CUDA stream; the loop's own torch work runs in `runner.stream()`).
-Per call: pick the optimization profile that holds the input shapes, `set_input_shape` for every
-input, `set_tensor_address` for every input and output, `execute_async_v3` on the stream. Where a
-call's shapes and addresses repeat (every diagonal step after the first two has the same ones), the
-call is captured once as a CUDA graph and replayed.
+No torch: device memory, copies and the stream come from Polygraphy's CUDA wrapper (polygraphy.cuda,
+ctypes over libcudart; installed with the [trt] extra), CUDA-graph capture from the same library.
+Same buffers as the ORT runner (runtimes/buffers.py: runner-owned, per shape, ping-pong for outputs
+fed back as inputs). Per call: pick the optimization profile that holds the input shapes,
+`set_input_shape` for every input, `set_tensor_address` for every input and output,
+`execute_async_v3` on the runner's stream, then synchronize the stream (a staging buffer is never
+rewritten while a call still reads it). Where a call's profile, shapes and addresses repeat (every
+steady diagonal step, in two ping-pong parities), the call is captured once as a CUDA graph and
+replayed.
 
 Engines come from `armt build` (manifest: graph -> engines, each with its builder `tensorrt` or
 `tensorrt_rtx`); the runner imports whichever of the two modules the engine needs and is installed.
 
 Limits: an engine executes only on a GPU its builder supports. TensorRT-RTX 1.7 engines do not run on
-compute capability 9.0 (H100); no machine of this project can execute a TensorRT engine, so this
-runner is exercised by tests marked `gpu`/`trt` that run where a supported GPU exists.
+compute capability 9.0 (H100, H200); no machine of this project can execute a TensorRT engine, so the
+device path here is exercised by tests marked `gpu`/`trt` that run where a supported GPU exists; the
+call orchestration is tested on the CPU with a stand-in execution context and host storage.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import torch
+import numpy as np
 
-from exporter.manifest import EngineRecord, Manifest, TensorSpec
+from exporter.manifest import EngineRecord, Manifest
+from graphs.contracts import contract as contract_of
 from graphs.errors import BackendUnavailable, ExportError, InputError
-from runtimes.buffers import BufferSet
-from runtimes.ort_runner import ExportRunner
-from runtimes.torch_runner import check_device
+from runtimes.base import Runner, parse_device
+from runtimes.buffers import Buffer, BufferSet, HostStorage
+from runtimes.loaders import EngineBytesLoader, open_export
 
 log = logging.getLogger("armt.trt")
 
@@ -84,94 +90,182 @@ def _within(shape: tuple[int, ...], rng) -> bool:
     return len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
 
 
-class TrtRunner(ExportRunner):
+def _cuda():
+    try:
+        from polygraphy import cuda
+    except ImportError as exc:
+        raise BackendUnavailable(f"the trt backend needs polygraphy's CUDA wrapper ({exc}); "
+                                 "pip install 'armt-deploy[trt]'") from None
+    return cuda
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA runtime sees (0 without libcudart or a driver)."""
+    try:
+        lib = _cuda().wrapper()
+        count = ctypes.c_int(0)
+        return count.value if lib.handle.cudaGetDeviceCount(ctypes.byref(count)) == 0 else 0
+    except Exception:  # noqa: BLE001 - no CUDA runtime library, no driver: no GPU
+        return 0
+
+
+class CudaStorage:
+    """Raw device memory through polygraphy.cuda (the Storage of runtimes/buffers.py); copies on `stream`."""
+
+    def __init__(self, stream_ptr: int):
+        self.cuda = _cuda()
+        self.lib = self.cuda.wrapper()
+        self.stream = stream_ptr
+        self.blocks: list[int] = []
+
+    def alloc(self, nbytes: int) -> tuple[int, int]:
+        ptr = self.lib.malloc(max(nbytes, 1))
+        self.blocks.append(ptr)
+        return ptr, max(nbytes, 1)
+
+    def ptr(self, block) -> int:
+        return block[0]
+
+    def write(self, block, data: np.ndarray) -> None:
+        self.lib.memcpy(block[0], data.ctypes.data, data.nbytes, self.cuda.MemcpyKind.HostToDevice, self.stream)
+
+    def read(self, block) -> np.ndarray:
+        host = np.empty(block[1], dtype=np.uint8)
+        self.lib.memcpy(host.ctypes.data, block[0], block[1], self.cuda.MemcpyKind.DeviceToHost, self.stream)
+        self.lib.stream_synchronize(self.stream)
+        return host
+
+    def free(self) -> None:
+        for ptr in self.blocks:
+            self.lib.free(ptr)
+        self.blocks.clear()
+
+
+class CudaGraph:
+    """One captured stream's work (cudaStreamBeginCapture .. cudaGraphInstantiate), replayed by launch()."""
+
+    def __init__(self, lib, stream: int, work):
+        self.h, self.stream = lib.handle, stream
+        self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
+        check = lib.check
+        check(self.h.cudaStreamBeginCapture(ctypes.c_void_p(stream), ctypes.c_int(2)))  # relaxed mode
+        ok = False
+        try:
+            ok = work()
+        finally:
+            check(self.h.cudaStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(self.graph)))
+        if not ok:
+            raise RuntimeError("execute_async_v3 returned False during capture")
+        check(self.h.cudaGraphInstantiate(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0)))
+
+    def launch(self) -> None:
+        if self.h.cudaGraphLaunch(self.exec, ctypes.c_void_p(self.stream)) != 0:
+            raise ExportError("cudaGraphLaunch failed for a captured TensorRT call")
+
+
+class TrtRunner(Runner):
     backend = "trt"
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cuda",
                  precision: str | None = None, verify_checksums: bool = True, cuda_graphs: bool = True):
-        if torch.device(device).type != "cuda":
+        if parse_device(device).type != "cuda":
             raise InputError("the trt backend runs TensorRT engines on a CUDA GPU: use --device cuda")
-        super().__init__(export, role, device, precision, verify_checksums)
+        self.manifest = open_export(export, precision, verify_checksums)
+        graph = self.manifest.graph(role)
+        c = contract_of(self.manifest.model_config(), role, self.manifest.precision)
+        c.check_io(graph.inputs, graph.outputs, f"export {self.manifest.root}")
+        super().__init__(c, device, self.manifest.model_id)
         self.cuda_graphs = cuda_graphs
-        self.engine_record = select_engine(self.graph.engines, role)
-        self._runtime = self._engine = self._context = self._stream = self._buffers = None
+        self.engine_record = select_engine(graph.engines, role)
+        self.loader = EngineBytesLoader(self.manifest.path(self.engine_record.file))
+        self._runtime = self._engine = self._context = self._stream = self._buffers = self._storage = None
         self._profiles: list[dict] = []
         self._seen: set = set()  # call keys run once: the second time they are captured
-        self._graphs: dict = {}  # call key -> torch.cuda.CUDAGraph (None: not capturable)
-
-    @property
-    def input_specs(self) -> tuple[TensorSpec, ...]:
-        return self.graph.inputs
-
-    @property
-    def output_specs(self) -> tuple[TensorSpec, ...]:
-        return self.graph.outputs
+        self._graphs: dict = {}  # call key -> CudaGraph (None: not capturable)
 
     # ---------------------------------------------------------------- engine
     def _activate(self) -> None:
         trt = import_tensorrt(self.engine_record.builder)
-        if not torch.cuda.is_available():
-            rec = self.engine_record
+        cuda = _cuda()
+        rec = self.engine_record
+        if cuda_device_count() <= self.device.id:
             raise BackendUnavailable(f"TensorRT engines execute on a CUDA GPU and none is visible here "
                                      f"({rec.file} needs a GPU {rec.builder} supports)")
-        self.device = check_device(str(self.device))
-        path = self.manifest.path(self.engine_record.file)
+        lib = cuda.wrapper()
+        lib.check(lib.handle.cudaSetDevice(ctypes.c_int(self.device.id)))
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        with torch.cuda.device(self.device):
-            try:
-                engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            except Exception as exc:  # TensorRT raises plain RuntimeError/TypeError
-                engine, reason = None, str(exc).splitlines()[0]
-            else:
-                reason = "deserialize_cuda_engine returned None"
-            if engine is None:
-                cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
-                targets = list(self.engine_record.compute_capability) or "builder default"
-                raise BackendUnavailable(f"{self.engine_record.builder} cannot load {path.name} on this GPU "
-                                         f"(compute capability {cc}; engine targets {targets}): {reason}")
-            context = engine.create_execution_context()
+        path = self.loader.path
+        try:
+            engine = runtime.deserialize_cuda_engine(self.loader())
+        except Exception as exc:  # TensorRT raises plain RuntimeError/TypeError
+            engine, reason = None, str(exc).splitlines()[0]
+        else:
+            reason = "deserialize_cuda_engine returned None"
+        if engine is None:
+            raise BackendUnavailable(f"{rec.builder} cannot load {path.name} on this GPU (engine targets "
+                                     f"{list(rec.compute_capability) or 'builder default'}): {reason}")
+        context = engine.create_execution_context()
         if context is None:
             raise BackendUnavailable(f"TensorRT could not create an execution context for {path.name}")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        want = sorted(s.name for s in (*self.graph.inputs, *self.graph.outputs))
+        want = sorted((*self.contract.input_names, *self.contract.output_names))
         if sorted(names) != want:
             raise ExportError(f"engine {path.name} has tensors {sorted(names)}, the {self.role} graph has {want}")
         self._runtime, self._engine, self._context = runtime, engine, context  # the runtime outlives the engine
-        self._stream = torch.cuda.Stream(device=self.device)
+        self._stream = cuda.Stream()
+        self._storage = CudaStorage(self._stream.ptr)
         self._profiles = [{s.name: tuple(tuple(x) for x in engine.get_tensor_profile_shape(s.name, p))
-                           for s in self.graph.inputs}
+                           for s in self.contract.inputs}
                           for p in range(engine.num_optimization_profiles)]
-        self._buffers = BufferSet(self.graph.inputs, self.graph.outputs, self.device)
+        self._buffers = BufferSet(self.contract, self._storage)
 
     def _deactivate(self) -> None:
         self.synchronize()
         self._graphs.clear()
         self._seen.clear()
-        self._context = self._engine = self._runtime = self._buffers = self._stream = None
+        if isinstance(self._storage, CudaStorage):
+            self._storage.free()
+        if self._stream is not None and hasattr(self._stream, "free"):
+            self._stream.free()
+        self._context = self._engine = self._runtime = self._buffers = self._stream = self._storage = None
+
+    def use_host_storage(self) -> None:
+        """Host buffers instead of device memory: for the CPU tests with a stand-in execution context."""
+        self._storage = HostStorage()
+        self._buffers = BufferSet(self.contract, self._storage)
+
+    def owns(self, value: Any) -> bool:
+        return self._buffers is not None and self._buffers.owns(value)
+
+    def to_numpy(self, value: Buffer) -> np.ndarray:
+        return self._buffers.read(value)
+
+    def synchronize(self) -> None:
+        if self._stream is not None and hasattr(self._stream, "synchronize"):
+            self._stream.synchronize()
 
     # ---------------------------------------------------------------- one call
-    def _infer(self, feeds: Mapping[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
         ctx = self._context
-        self._wait_for_caller()
-        with self.stream():
-            inputs = self._buffers.bind_inputs(feeds)
-            outputs = self._buffers.bind_outputs(dims, inputs)
-        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+        inputs = self._buffers.bind_inputs(feeds)
+        outputs = self._buffers.bind_outputs(dims, inputs)
+        shapes = {n: b.shape for n, b in inputs.items()}
         profile = pick_profile(self._profiles, shapes)
         if ctx.active_optimization_profile != profile:
             ctx.set_optimization_profile_async(profile, self._handle())
-        for name, t in inputs.items():
-            if not ctx.set_input_shape(name, tuple(t.shape)):
-                raise InputError(f"TensorRT refused shape {tuple(t.shape)} for input {name}")
-            ctx.set_tensor_address(name, t.data_ptr())
-        for name, t in outputs.items():
+        for name, buf in inputs.items():
+            if not ctx.set_input_shape(name, buf.shape):
+                raise InputError(f"TensorRT refused shape {buf.shape} for input {name}")
+            ctx.set_tensor_address(name, buf.ptr)
+        for name, buf in outputs.items():
             got = tuple(ctx.get_tensor_shape(name))
-            if got != tuple(t.shape):
-                raise ExportError(f"engine output {name} has shape {got}, the graph contract says {tuple(t.shape)}")
-            ctx.set_tensor_address(name, t.data_ptr())
-        key = (profile, tuple(sorted((n, shapes[n], t.data_ptr()) for n, t in inputs.items())),
-               tuple(sorted((n, t.data_ptr()) for n, t in outputs.items())))
+            if got != buf.shape:
+                raise ExportError(f"engine output {name} has shape {got}, the graph contract says {buf.shape}")
+            ctx.set_tensor_address(name, buf.ptr)
+        key = (profile, tuple(sorted((n, b.shape, b.ptr) for n, b in inputs.items())),
+               tuple(sorted((n, b.ptr) for n, b in outputs.items())))
         self._execute(key)
+        self.synchronize()
         return outputs
 
     def _execute(self, key) -> None:
@@ -180,13 +274,13 @@ class TrtRunner(ExportRunner):
         ctx = self._context
         graph = self._graphs.get(key)
         if graph is not None:
-            graph.replay()
+            graph.launch()
             return
         if self.cuda_graphs and key in self._seen and key not in self._graphs:
             graph = self._capture()
             self._graphs[key] = graph
             if graph is not None:
-                graph.replay()
+                graph.launch()
                 return
         self._seen.add(key)
         if not ctx.execute_async_v3(self._handle()):
@@ -194,17 +288,12 @@ class TrtRunner(ExportRunner):
 
     def _handle(self) -> int:
         """The CUDA stream handle TensorRT enqueues on (0 only in CPU-side unit tests with a fake context)."""
-        return self._stream.cuda_stream if self._stream is not None else 0
+        return self._stream.ptr if self._stream is not None else 0
 
-    def _capture(self):
-        ctx, stream = self._context, self._stream
-        graph = torch.cuda.CUDAGraph()
+    def _capture(self) -> CudaGraph | None:
         try:
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                ok = ctx.execute_async_v3(stream.cuda_stream)
-            if not ok:
-                raise RuntimeError("execute_async_v3 returned False during capture")
+            return CudaGraph(self._storage.lib, self._handle(),
+                             lambda: self._context.execute_async_v3(self._handle()))
         except Exception as exc:  # not capturable (e.g. an engine with data-dependent shapes): run plainly
             log.debug("CUDA graph capture failed for %s: %s", self.name, exc)
             return None
-        return graph

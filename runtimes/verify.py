@@ -17,16 +17,15 @@ import copy
 import logging
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from exporter.bounds import NOISE_CAP, NOISE_FACTOR, Comparison, compare, widen
 from graphs.config import ModelConfig
+from graphs.contracts import ROLE_OF_SCHEDULE
 from graphs.errors import BackendUnavailable, ExportError, InputError
-from graphs.model import ArmtModel
-from graphs.state import MemoryState
-from runtimes.execute import ROLE_OF_SCHEDULE, RunResult, run_schedule
-from runtimes.graphio import PRECISION_DTYPES
-from runtimes.runner import Runner, make_runner
+from graphs.state import to_numpy
+from runtimes.base import Runner, make_runner
+from runtimes.execute import RunResult, run_schedule
 
 log = logging.getLogger("armt.verify")
 
@@ -39,48 +38,44 @@ NOT_RUN_EXIT = 3  # every comparison that ran passed, but a requested backend co
 
 
 # ------------------------------------------------------------------------------------------ reference
-def reference_model(manifest, model_dir: str | None, device: str = "cpu") -> ArmtModel:
-    """The fp32 torch reference: from `model_dir`, or rebuilt from the export's own weights."""
-    from graphs.modeldir import load_model_dir
-    from runtimes.torch_runner import check_device
+def reference_model(manifest, model_dir: str | None, device: str = "cpu"):
+    """The torch reference: the fp32 model of `model_dir` (checked to be the export's), or the
+    export's own weights at its precision (exporter/reference.py) when no model directory is given."""
+    try:
+        from graphs.modeldir import load_model_dir
+        from exporter.reference import model_from_export
+        from runtimes.torch_runner import check_torch_device
+    except ImportError as exc:
+        raise BackendUnavailable(f"the torch reference needs torch ({exc}); pip install 'armt-deploy[torch]', "
+                                 "or check the graphs alone with `armt verify EXPORT --per-graph --graphs-only`") from None
     if model_dir:
         model = load_model_dir(model_dir)
-        source = f"model directory {model_dir}"
+        want = manifest.model_id
+        if model.cfg != manifest.model_config() or model.model_id() != want:
+            raise InputError(f"model directory {model_dir} is not the model this export was made from "
+                             f"(model id {model.model_id()}, export {want})")
     else:
-        model = _model_from_export(manifest)
-        source = f"the weights of export {manifest.root}"
-    want = str(manifest.model.get("model_id", ""))
-    if model.cfg != manifest.model_config() or model.model_id() != want:
-        raise InputError(f"{source} is not the model this export was made from "
-                         f"(model id {model.model_id()}, export {want or 'unknown'})")
-    return model.to(check_device(device)).eval()
-
-
-def _model_from_export(manifest) -> ArmtModel:
-    try:
-        from exporter.reference import reference_model as rebuild
-    except ImportError:
-        raise InputError("this export cannot rebuild its torch reference here: pass --model MODEL_DIR") from None
-    return rebuild(manifest)
+        model = model_from_export(manifest)
+    return model.to(check_torch_device(device)).eval()
 
 
 # ------------------------------------------------------------------------------------------ cases
 @dataclass
 class Case:
     name: str
-    ids: torch.Tensor  # (B, N) int64
-    mask: torch.Tensor | None  # (B, N) 0/1 right-padded, or None
+    ids: np.ndarray  # (B, N) int64
+    mask: np.ndarray | None  # (B, N) 0/1 right-padded, or None
     cut: int | None = None  # resume: run ids[:, :cut], then ids[:, cut:] from that state
 
 
 def generated_cases(cfg: ModelConfig, seed: int = 0) -> list[Case]:
     T, V = cfg.armt.segment_size, cfg.base.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda B, N: torch.randint(0, V, (B, N), generator=g)  # noqa: E731
+    rng = np.random.default_rng(seed)
+    ids = lambda B, N: rng.integers(0, V, size=(B, N), dtype=np.int64)  # noqa: E731
     n1 = 2 * T + T // 2
-    lengths = torch.tensor([3 * T + 1, T + 1, 1])
+    lengths = np.array([3 * T + 1, T + 1, 1])
     n_pad = int(lengths.max())
-    mask = (torch.arange(n_pad)[None] < lengths[:, None]).long()
+    mask = (np.arange(n_pad)[None] < lengths[:, None]).astype(np.int64)
     return [
         Case(f"1x{n1}", ids(1, n1), None),
         Case(f"2x{max(T // 2, 1)}", ids(2, max(T // 2, 1)), None),
@@ -89,8 +84,9 @@ def generated_cases(cfg: ModelConfig, seed: int = 0) -> list[Case]:
     ]
 
 
-def given_case(ids: torch.Tensor, mask: torch.Tensor | None) -> Case:
-    return Case(f"given {ids.shape[0]}x{ids.shape[1]}", ids, mask)
+def given_case(ids, mask) -> Case:
+    ids = to_numpy(ids).astype(np.int64)
+    return Case(f"given {ids.shape[0]}x{ids.shape[1]}", ids, None if mask is None else to_numpy(mask))
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -173,14 +169,17 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------ running
-def reference_run(model: ArmtModel, case: Case, fused: bool = False) -> RunResult:
-    """The PyTorch sequential reference (the model's own loop, not the runtime's), traced per segment.
-    `fused=True`: the same with PyTorch's fused attention kernel (the noise probe)."""
+def reference_run(model, case: Case, fused: bool = False) -> RunResult:
+    """The PyTorch sequential reference (the model's own loop, not the runtime's), traced per segment,
+    as host arrays. `fused=True`: the same with PyTorch's fused attention kernel (the noise probe)."""
+    import torch
+    dev = model.device
     with torch.no_grad():
-        out = model(case.ids.to(model.device), attention_mask=None if case.mask is None else case.mask.to(model.device),
+        out = model(torch.from_numpy(case.ids).to(dev),
+                    attention_mask=None if case.mask is None else torch.from_numpy(case.mask).to(dev),
                     schedule="sequential", trace=True, fused=fused)
-    return RunResult(out.logits.cpu(), out.hidden.cpu(), out.state.to("cpu"), None, 0.0,
-                     [s.to("cpu") for s in out.segment_states])
+    return RunResult(to_numpy(out.logits), to_numpy(out.hidden), out.state.numpy(), None, 0.0,
+                     [s.numpy() for s in out.segment_states])
 
 
 def backend_run(runner: Runner, case: Case) -> RunResult:
@@ -191,9 +190,8 @@ def backend_run(runner: Runner, case: Case) -> RunResult:
         raise InputError("a resumed case must cut at a segment boundary")
     mask = (None, None) if case.mask is None else (case.mask[:, :c], case.mask[:, c:])
     first = run_schedule(runner, case.ids[:, :c], mask[0], trace=True)
-    state = MemoryState(first.state.A.clone(), first.state.z.clone(), first.state.written.clone())  # via the host
-    second = run_schedule(runner, case.ids[:, c:], mask[1], state=state, trace=True)
-    return RunResult(torch.cat([first.logits, second.logits], 1), torch.cat([first.hidden, second.hidden], 1),
+    second = run_schedule(runner, case.ids[:, c:], mask[1], state=first.state.numpy(), trace=True)  # via the host
+    return RunResult(np.concatenate([first.logits, second.logits], 1), np.concatenate([first.hidden, second.hidden], 1),
                      second.state, second.schedule, first.seconds + second.seconds,
                      first.segment_states + second.segment_states)
 
@@ -217,7 +215,7 @@ def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: 
     spread there (`probe`: the reference run with fused attention). Logits and hidden are compared at
     the real (unpadded) tokens of each segment; A, z, written as the state right after the segment."""
     B, N = case.ids.shape
-    valid = torch.ones(B, N, dtype=torch.bool) if case.mask is None else case.mask.bool()
+    valid = np.ones((B, N), dtype=bool) if case.mask is None else case.mask.astype(bool)
     if len(got.segment_states) != len(ref.segment_states):
         raise ExportError(f"backend ran {len(got.segment_states)} segments, the reference "
                           f"{len(ref.segment_states)}")
@@ -244,17 +242,19 @@ def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: 
     return worst
 
 
-def verify(model: ArmtModel, export_dir, backends: list[str], schedules: list[str], cases: list[Case],
+def verify(model, export_dir, backends: list[str], schedules: list[str], cases: list[Case],
            device: str = "cpu", manifest=None) -> Report:
     """Run every backend x schedule x case against the reference and fill a report.
 
-    `model`: the fp32 torch model; the reference is that model cast to the export's precision (the
-    bounds table's reference), run by its own sequential loop."""
+    `model`: the torch model (fp32, or already at the export precision); the reference is that model
+    cast to the export's precision (the bounds table's reference), run by its own sequential loop."""
     from exporter.manifest import load_manifest
+    from graphs.dtypes import compute_dtype, torch_dtype
     manifest = manifest or load_manifest(export_dir, verify_checksums=True)
     prec = manifest.precision
     report = Report(str(export_dir), prec)
-    reference = model if prec == "fp32" else copy.deepcopy(model).cast(PRECISION_DTYPES[prec])
+    dtype = torch_dtype(compute_dtype(prec))
+    reference = model if model.dtype == dtype else copy.deepcopy(model).cast(dtype)
     refs = [reference_run(reference, case) for case in cases]
     probes = [reference_run(reference, case, fused=True) for case in cases]
     del reference

@@ -38,6 +38,7 @@ from graphs.atomic import atomic_write_bytes  # noqa: E402
 from graphs.config import ArmtConfig, ModelConfig, parse_base_config  # noqa: E402
 from graphs.model import ArmtModel  # noqa: E402
 from graphs.modeldir import save_model_dir  # noqa: E402
+from graphs.schedule import build_schedule  # noqa: E402
 from graphs.recall import RecallBatch, RecallTask, make_batch, score  # noqa: E402
 
 log = logging.getLogger("train_recall")
@@ -59,7 +60,7 @@ def build_config(task: RecallTask, d_model: int, layers: int, heads: int, kv_hea
 def query_logits(model: ArmtModel, ids: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Logits of the last segment only. ids (B, S*T) of full segments -> (B, T, V).
 
-    Diagonal schedule (see graphs/model.py): at step t layers lo..hi work on segments t-lo..t-hi in
+    Diagonal schedule (graphs/schedule.py): each step's active layers lo..hi work on their segments in
     one batched `cells` call; every slot is full, so one rotary table and mask serve all of them."""
     T, M, L = model.cfg.armt.segment_size, model.cfg.armt.num_mem_tokens, model.cfg.base.n_layers
     B, N = ids.shape
@@ -72,11 +73,12 @@ def query_logits(model: ArmtModel, ids: torch.Tensor, fused: bool = False) -> to
     A, z, wr = list(st.A.unbind(0)), list(st.z.unbind(0)), list(st.written.unbind(0))
     write = torch.ones(L, B, dtype=torch.bool, device=dev)
     outs: list[torch.Tensor | None] = [None] * L  # outs[l]: layer l's output at the previous step
-    for t in range(S + L - 1):
-        lo, hi = max(0, t - S + 1), min(L - 1, t)
+    for step in build_schedule("diagonal", L, S).steps:
+        lo, hi = step.lo, step.hi
         n = hi - lo + 1
         inputs = [outs[l - 1] if l > 0 else None for l in range(lo, hi + 1)]
-        if lo == 0:
+        if step.entering is not None:
+            t = step.entering
             inputs[0] = model.embed(ids[:, t * T:(t + 1) * T], pos)  # (B, P, d)
         y, a_n, z_n, w_n = model.cells(lo, hi + 1, torch.stack(inputs), (cos[:n], sin[:n]), allowed[:n],
                                        torch.stack(A[lo:hi + 1]), torch.stack(z[lo:hi + 1]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from graphs.config import ArmtConfig, ModelConfig, parse_base_config
@@ -27,9 +28,19 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw) -> ArmtModel:
     return ArmtModel(tiny_config(arch, **kw), init_std=0.15, mem_init_std=0.03, seed=seed).eval()
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (NaN anywhere gives inf)."""
-    a, b = a.double(), b.double()
+def as_torch(x) -> torch.Tensor:
+    """A torch tensor of a numpy array (runner results) or a tensor (the model's own results)."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def same(a, b) -> bool:
+    """Equal element for element (numpy arrays or tensors)."""
+    return torch.equal(as_torch(a).cpu(), as_torch(b).cpu())
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (NaN anywhere gives inf); numpy arrays or tensors."""
+    a, b = as_torch(a).double().cpu(), as_torch(b).double().cpu()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("inf")
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -10,7 +10,7 @@ import torch
 from graphs.blocks import attention_mask, llama_block, rms_norm, rope_tables
 from graphs.errors import ConfigError, InputError
 from runtimes.fast_torch import FastArmt
-from runtimes.main import main
+from armt.cli import main
 from tests.helpers import rel_err, tiny_model
 
 TINY = ["--synthetic", "tiny", "--segment-size", "16", "--memory-tokens", "4", "--d-mem", "8",

@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from graphs.cells import DiagonalStep, SegmentCell, diagonal_feeds
+from graphs.cells import DiagonalStep, SegmentCell
+from graphs.schedule import build_schedule, step_feeds
 from graphs.segments import make_slots, row_lengths
 from tests.helpers import rel_err, tiny_model
+
+
+def _t(feeds):
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
 
 
 def _run_cells(model, ids, mask, schedule):
@@ -27,19 +32,20 @@ def _run_cells(model, ids, mask, schedule):
     if schedule == "sequential":
         cell = SegmentCell(model)
         for slot in slots:
-            lg, _, A, z, wr = cell(slot.ids, slot.positions, slot.key_valid, slot.write, A, z, wr)
+            f = _t({"ids": slot.ids, "positions": slot.positions, "key_valid": slot.key_valid, "write": slot.write})
+            lg, _, A, z, wr = cell(f["ids"], f["positions"], f["key_valid"], f["write"], A, z, wr)
             emit(slot, lg)
     else:
         step = DiagonalStep(model)
         P = cfg.armt.segment_size + cfg.armt.num_mem_tokens
         hidden = torch.zeros(L, B, P, cfg.base.d_model)
-        S = len(slots)
-        for t in range(S + L - 1):
-            f = diagonal_feeds(model, slots, t)
+        sched = build_schedule("diagonal", L, len(slots))
+        for st, feeds in zip(sched.steps, step_feeds(sched, slots)):
+            f = _t(feeds)
             hidden, lg, _, A, z, wr = step(f["input_ids"], hidden, f["positions"], f["key_valid"],
                                            f["active"], f["write"], A, z, wr)
-            if t >= L - 1:
-                emit(slots[t - L + 1], lg)
+            if st.leaving is not None:
+                emit(slots[st.leaving], lg)
     return logits, A, z, wr
 
 
@@ -65,7 +71,8 @@ def test_idle_layers_cannot_leak_nan():
     L = model.cfg.base.n_layers
     st = model.zero_state(1)
     hidden = torch.full((L, 1, 9, model.cfg.base.d_model), float("nan"))
-    f = diagonal_feeds(model, slots, 0)  # step 0: only layer 0 active
+    sched = build_schedule("diagonal", L, len(slots))
+    f = _t(step_feeds(sched, slots)[0])  # step 0: only layer 0 active
     with torch.no_grad():
         out, lg, hid, A, z, wr = DiagonalStep(model)(f["input_ids"], hidden, f["positions"], f["key_valid"],
                                                      f["active"], f["write"], st.A, st.z, st.written)

@@ -179,7 +179,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, how):
 
 
 def test_cli_refuses_malicious_pickle_with_one_line(tmp_path, capsys):
-    from runtimes.main import main
+    from armt.cli import main
     marker = tmp_path / "marker"
     torch.save({"w": _CreatesMarker(marker)}, tmp_path / "evil.pt")
     code = main(["convert-official", str(tmp_path / "evil.pt"), "--base-config", str(LLAMA),

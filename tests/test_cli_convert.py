@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.main import main as armt
+from armt.cli import main as armt
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = ROOT / "tests" / "fixtures" / "official" / "llama"

@@ -8,7 +8,7 @@ import torch
 
 from graphs.modeldir import save_model_dir
 from graphs.state import MemoryState, load_state, save_state
-from runtimes.main import main
+from armt.cli import main
 from tests.helpers import rel_err, tiny_model
 
 
@@ -126,4 +126,4 @@ def test_state_written_is_bool_and_float32(model_dir, files):
     assert _run(model_dir, "--input-ids", tmp / "ids.npy", "--state-out", tmp / "s.npz",
                 "--precision", "bf16") == 0
     st = load_state(tmp / "s.npz", tiny_model("llama").model_id())
-    assert isinstance(st, MemoryState) and st.A.dtype == torch.float32 and st.written.dtype == torch.bool
+    assert isinstance(st, MemoryState) and st.A.dtype == np.float32 and st.written.dtype == np.bool_

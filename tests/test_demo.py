@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from graphs.recall import accuracy, make_batch, predictions
-from runtimes.demo import MODEL_DIR, TARGETS, eval_batches, load_demo_model, run_backend, zeroed_memory_accuracy
+from armt.demo import MODEL_DIR, TARGETS, eval_batches, load_demo_model, run_backend, zeroed_memory_accuracy
 from tests.helpers import rel_err
 
 ROWS = 32  # 6 queries each
@@ -34,7 +34,7 @@ def torch_fp32(sets):
 
 
 def _export(demo, tmp_path_factory, precision):
-    from exporter.export import export_model
+    from runtimes.validation import export_model
     model = demo[0]
     out = tmp_path_factory.mktemp(f"armt-recall-{precision}") / "export"
     return export_model(copy.deepcopy(model), out, precision=precision, validate=False).export_dir

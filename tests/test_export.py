@@ -16,21 +16,27 @@ import onnx
 import pytest
 import torch
 
+from armt.cli import main
 from exporter import bounds
 from exporter.bounds import compare
-from exporter.export import TORCH_DTYPES, export_model
-from exporter.manifest import GRAPH_FILES, ROLES, Manifest, load_manifest, record_files, write_manifest
+from exporter.manifest import Manifest, load_manifest, record_files, write_manifest
 from exporter.portability import ALLOWED_OPS
-from exporter.samples import load_samples, sample_config
-from exporter.specs import tensor_kind
+from exporter.samples import load_samples
 from exporter.trace import DEFAULT_OPSET
 from exporter.weights import WEIGHTS_FILE
-from graphs.cells import DiagonalStep, SegmentCell, diagonal_feeds
+from graphs.cells import DiagonalStep, SegmentCell
+from graphs.contracts import GRAPH_FILES, ROLES, contract
+from graphs.dtypes import compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
+from graphs.schedule import build_schedule, step_feeds
 from graphs.segments import make_slots, row_lengths
-from runtimes.main import main
+from runtimes.validation import export_model
 from tests.helpers import tiny_model
+
+
+def tensor_kind(name):
+    return contract(tiny_model().cfg, "diagonal_step").kind(name)
 
 ARCHS = {"llama": {}, "gpt2": {"wrap_pos": True}}
 EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", WEIGHTS_FILE, "sample_feeds.npz",
@@ -39,7 +45,7 @@ EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", WEIGHTS
 
 def reference_model(arch, precision):
     """The tiny model as exported: same seed, cast to the export precision."""
-    return tiny_model(arch, **ARCHS[arch]).cast(TORCH_DTYPES[precision]).eval()
+    return tiny_model(arch, **ARCHS[arch]).cast(torch_dtype(compute_dtype(precision))).eval()
 
 
 @pytest.fixture(scope="session")
@@ -152,9 +158,10 @@ def _state_after_one_segment(model, B, width, seed):
     lengths = torch.tensor([max(1, width - 1)] + [width] * (B - 1))
     slot = make_slots(cfg, ids, lengths, uniform=False)[0]
     st = model.zero_state(B)
+    t = torch.from_numpy
     with torch.no_grad():
-        _, _, A, z, wr = SegmentCell(model)(slot.ids, slot.positions, slot.key_valid, slot.write, st.A, st.z,
-                                            st.written)
+        _, _, A, z, wr = SegmentCell(model)(t(slot.ids), t(slot.positions), t(slot.key_valid), t(slot.write), st.A,
+                                            st.z, st.written)
     return A, z, wr
 
 
@@ -173,7 +180,8 @@ def test_graphs_match_torch_at_other_batches_and_widths(export_of, arch):
             lengths = torch.tensor([W + T] * B)
             slot = make_slots(cfg, ids, lengths, uniform=False)[1]  # second segment: positions continue
             feeds = {"input_ids": slot.ids, "positions": slot.positions, "key_valid": slot.key_valid,
-                     "write": slot.write, "A_in": A, "z_in": z, "written_in": wr}
+                     "write": slot.write}
+            feeds = {**{k: torch.from_numpy(v) for k, v in feeds.items()}, "A_in": A, "z_in": z, "written_in": wr}
             with torch.no_grad():
                 ref = SegmentCell(model)(**feeds)
             got = seg.run(None, {k: _np(v) for k, v in feeds.items()})
@@ -184,10 +192,11 @@ def test_graphs_match_torch_at_other_batches_and_widths(export_of, arch):
         for W in (T, 2):
             L = cfg.base.n_layers
             ids = torch.randint(0, cfg.base.vocab_size, (B, W * (L + 1)), generator=torch.Generator().manual_seed(B))
-            slots = make_slots(sample_config(cfg, W), ids, row_lengths(ids, None), uniform=True)
+            slots = make_slots(cfg, ids, row_lengths(ids, None), uniform=True, segment_size=W)
             A, z, wr = _state_after_one_segment(model, B, T, seed=B)
             hidden = torch.randn(L, B, W + cfg.armt.num_mem_tokens, cfg.base.d_model)
-            f = diagonal_feeds(model, slots, L - 1)
+            sched = build_schedule("diagonal", L, len(slots))
+            f = {k: torch.from_numpy(v) for k, v in step_feeds(sched, slots)[L - 1].items()}
             feeds = {"input_ids": f["input_ids"], "hidden_in": hidden, "positions": f["positions"],
                      "key_valid": f["key_valid"], "active": f["active"], "write": f["write"],
                      "A_in": A, "z_in": z, "written_in": wr}
@@ -234,11 +243,14 @@ def test_state_flows_through_graph_io(export_of, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_idle_layers_cannot_leak_nan_on_onnxruntime(export_of, arch):
     """Step 0 of a run: only layer 0 works; NaN in every hidden_in slot must not reach live outputs."""
-    from exporter.samples import diagonal_plan, to_numpy
+    from exporter.samples import sample_batch
+    from runtimes.execute import plan_run
+    from runtimes.torch_runner import TorchRunner
     d = export_of(arch, "fp32")
     model = reference_model(arch, "fp32")
-    plan = diagonal_plan(model, model.cfg.armt.segment_size)
-    feeds = {k: to_numpy(v) for k, v in {**plan.fresh[0], **plan.initial}.items()}
+    ids, mask = sample_batch(model.cfg, model.cfg.armt.segment_size)
+    plan = plan_run(TorchRunner(model, "diagonal_step"), ids, mask)
+    feeds = {**plan.feeds[0], **plan.initial}
     feeds["hidden_in"] = np.full_like(feeds["hidden_in"], np.nan)
     hidden_out, logits, hidden, A, z, written = _ort(d / "diagonal_step.onnx").run(None, feeds)
     assert np.isfinite(A).all() and np.isfinite(z).all() and np.isfinite(hidden_out[0]).all()

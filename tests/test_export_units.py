@@ -12,7 +12,7 @@ from exporter.bounds import BOUNDS, KINDS, bound_for, compare
 from exporter.manifest import (FORMAT_VERSION, GraphRecord, Manifest, TensorSpec, load_manifest, record_files,
                                write_manifest)
 from exporter.portability import ALLOWED_OPS, check_portable
-from exporter.specs import graph_io, tensor_kind
+from graphs.contracts import contract
 from exporter.synthetic_model import synthetic_model
 from graphs.errors import ExportError
 from tests.helpers import tiny_config
@@ -47,9 +47,8 @@ def test_compare_flags_nan_and_misses():
 def test_tensor_kinds_of_outputs():
     cfg = tiny_config("llama")
     for role in ("segment", "diagonal_step"):
-        _, outputs = graph_io(cfg, role, "fp16")
-        for o in outputs:
-            assert tensor_kind(o.name) in KINDS
+        for o in contract(cfg, role, "fp16").outputs:
+            assert o.kind in KINDS
 
 
 # ----------------------------------------------------------------------------------- manifest
@@ -57,8 +56,8 @@ def _fake_export(tmp_path):
     (tmp_path / "segment.onnx").write_bytes(b"graph bytes")
     (tmp_path / "weights.data").write_bytes(b"\0" * 64)
     cfg = tiny_config("llama")
-    inputs, outputs = graph_io(cfg, "segment", "fp32")
-    g = GraphRecord("segment", "segment.onnx", ("weights.data",), inputs, outputs, "fp32", 18)
+    c = contract(cfg, "segment", "fp32")
+    g = GraphRecord("segment", "segment.onnx", ("weights.data",), c.inputs, c.outputs, "fp32", 18)
     m = Manifest(precision="fp32", opset=18, model={"config": cfg.base.hf_config, "armt_config": cfg.armt.to_dict()},
                  dims={"layers": 3}, graphs={"segment": g}, files=record_files(tmp_path, ["segment.onnx", "weights.data"]),
                  versions={}, samples=None, polygraphy_script=None)
@@ -169,22 +168,26 @@ def test_synthetic_model_dtypes_and_determinism():
 
 # ----------------------------------------------------------------------------------- samples / masks
 def test_plans_and_output_masks():
-    from exporter.samples import diagonal_plan, segment_plan
-    from exporter.specs import output_mask
+    from exporter.samples import sample_batch
+    from runtimes.execute import plan_run
+    from runtimes.torch_runner import TorchRunner
     from tests.helpers import tiny_model
     model = tiny_model("llama")
-    seg = segment_plan(model, 6)
-    assert len(seg.fresh) == 3 and [f["input_ids"].shape[1] for f in seg.fresh] == [6, 6, 3]
-    f0 = {**seg.fresh[0], **seg.initial}
-    m = output_mask("segment", "logits", f0)
+    ids, mask = sample_batch(model.cfg, 6)
+    seg_c = contract(model.cfg, "segment")
+    seg = plan_run(TorchRunner(model, "segment"), ids, mask, segment_size=6)
+    assert len(seg.feeds) == 3 and [f["input_ids"].shape[1] for f in seg.feeds] == [6, 6, 3]
+    f0 = {**seg.feeds[0], **seg.initial}
+    m = seg_c.output_mask("logits", f0)
     assert m.shape == (2, 6, 1) and m[0].all() and m[1].sum() == 4  # row 1 holds 4 tokens, then padding
-    assert not output_mask("segment", "logits", {**seg.fresh[1], **seg.initial})[1].any()  # row 1 ended
-    assert output_mask("segment", "A_out", f0) is None
-    diag = diagonal_plan(model, 6)
+    assert not seg_c.output_mask("logits", {**seg.feeds[1], **seg.initial})[1].any()  # row 1 ended
+    assert seg_c.output_mask("A_out", f0) is None
+    diag_c = contract(model.cfg, "diagonal_step")
+    diag = plan_run(TorchRunner(model, "diagonal_step"), ids, mask, segment_size=6)
     L = model.cfg.base.n_layers
-    assert len(diag.fresh) == 3 + L - 1 and diag.sample_index == L
-    f = {**diag.fresh[diag.sample_index], **diag.initial}
-    hm = output_mask("diagonal_step", "hidden_out", f)
+    assert len(diag.feeds) == 3 + L - 1
+    f = {**diag.feeds[L], **diag.initial}
+    hm = diag_c.output_mask("hidden_out", f)
     assert hm.shape == (L, 2, 9, 1)
     assert not hm[0].any()  # layer 0 idle at step L (S = 3 segments)
     assert hm[L - 1, 0].all() and not hm[L - 1, 1].any()  # row 1 has no tokens in segment 1

@@ -5,16 +5,18 @@ import logging
 import pytest
 import torch
 
+import numpy as np
+
 from exporter.manifest import EngineRecord, TensorSpec
+from graphs.contracts import GraphContract
 from graphs.errors import ArmtError, BackendUnavailable, ExportError, InputError
 from graphs.state import MemoryState
-from runtimes.buffers import BufferSet
+from runtimes.buffers import BufferSet, HostStorage
 from runtimes.execute import run_schedule
 from runtimes.progress import Progress
-from runtimes.runner import Runner
 from runtimes.torch_runner import TorchRunner
 from runtimes.trt_runner import TrtRunner, pick_profile, select_engine
-from tests.helpers import rel_err, tiny_model
+from tests.helpers import rel_err, same, tiny_model
 
 ARCHS = [("llama", {}), ("gpt2", {"wrap_pos": True})]
 ROLES = ["segment", "diagonal_step"]
@@ -39,9 +41,9 @@ def test_loop_reproduces_reference_per_segment(arch, kw, role):
     assert rel_err(got.logits, ref.logits) < TOL and rel_err(got.hidden, ref.hidden) < TOL
     assert len(got.segment_states) == len(ref.segment_states) == 4
     for g, r in zip(got.segment_states, ref.segment_states):
-        assert rel_err(g.A, r.A) < TOL and rel_err(g.z, r.z) < TOL and torch.equal(g.written, r.written)
-    assert torch.equal(got.state.written, ref.state.written)
-    assert torch.all(got.logits[1, 6:] == 0)  # padding places stay zero
+        assert rel_err(g.A, r.A) < TOL and rel_err(g.z, r.z) < TOL and same(g.written, r.written)
+    assert same(got.state.written, ref.state.written)
+    assert np.all(got.logits[1, 6:] == 0)  # padding places stay zero
     assert len(got.schedule.steps) == (4 if role == "segment" else 4 + 3 - 1)
 
 
@@ -57,7 +59,7 @@ def test_resume_and_collect(role):
     assert first.logits is None and first.hidden is None and second.hidden is None
     assert rel_err(second.logits, whole.logits[:, 12:]) < TOL
     assert rel_err(second.state.A, whole.state.A) < TOL
-    assert empty.logits.shape == (2, 0, 61) and torch.equal(empty.state.A, first.state.A)
+    assert empty.logits.shape == (2, 0, 61) and same(empty.state.A, first.state.A)
     assert not empty.schedule.steps
 
 
@@ -109,7 +111,7 @@ def test_torch_runner_precision_leaves_the_model_alone():
     with TorchRunner(model, "segment", precision="bf16") as runner:
         got = run_schedule(runner, _ids(model, 1, 8))
     assert model.dtype == torch.float32  # the caller's model is not cast
-    assert got.state.A.dtype == torch.float32  # memory stays fp32 in every precision
+    assert got.state.A.dtype == np.float32  # memory stays fp32 in every precision
     with torch.no_grad():
         ref = model(_ids(model, 1, 8), schedule="sequential")
     assert 0 < rel_err(got.logits, ref.logits) < 0.1
@@ -120,32 +122,34 @@ def test_torch_runner_precision_leaves_the_model_alone():
 
 
 # ------------------------------------------------------------------------------------------ buffers
-def _specs():
+def _contract():
     ins = (TensorSpec("x", "float32", ("batch", 4)), TensorSpec("A_in", "float32", (2, "batch")))
     outs = (TensorSpec("y", "float32", ("batch", 4)), TensorSpec("A_out", "float32", (2, "batch")))
-    return ins, outs
+    return GraphContract("segment", "fp32", ins, outs, {"A_out": "A_in"}, {}, cfg=None)
 
 
 def test_buffers_ping_pong_without_copies():
-    ins, outs = _specs()
-    bufs = BufferSet(ins, outs, torch.device("cpu"))
-    x, a = torch.randn(3, 4), torch.randn(2, 3)
+    bufs = BufferSet(_contract(), HostStorage())
+    x, a = np.random.randn(3, 4).astype(np.float32), np.random.randn(2, 3).astype(np.float32)
     bound = bufs.bind_inputs({"x": x, "A_in": a})
-    assert bound["x"].data_ptr() != x.data_ptr() and torch.equal(bound["x"], x)  # foreign feed: staged
-    staged_x = bound["x"].data_ptr()
+    assert bound["x"].ptr != x.ctypes.data and np.array_equal(bufs.read(bound["x"]), x)  # host feed: staged
+    staged_x = bound["x"].ptr
     out = bufs.bind_outputs({"batch": 3}, bound)
-    addresses = [out["A_out"].data_ptr()]
+    addresses = [out["A_out"].ptr]
     for _ in range(4):  # feed A_out back: bound as it is, the next A_out goes to the other buffer
         bound = bufs.bind_inputs({"x": x, "A_in": out["A_out"]})
-        assert bound["A_in"].data_ptr() == out["A_out"].data_ptr()
-        assert bound["x"].data_ptr() == staged_x
+        assert bound["A_in"] is out["A_out"]
+        assert bound["x"].ptr == staged_x
         out = bufs.bind_outputs({"batch": 3}, bound)
-        assert out["A_out"].data_ptr() != bound["A_in"].data_ptr()
-        addresses.append(out["A_out"].data_ptr())
+        assert out["A_out"].ptr != bound["A_in"].ptr
+        addresses.append(out["A_out"].ptr)
     assert len(set(addresses)) == 2 and addresses[0] == addresses[2] == addresses[4]
-    # a smaller shape reuses the storage; y never aliases an input
-    small = bufs.bind_outputs({"batch": 1}, bufs.bind_inputs({"x": x[:1], "A_in": a[:, :1].contiguous()}))
-    assert small["y"].shape == (1, 4) and small["y"].data_ptr() == out["y"].data_ptr()
+    # another shape gets its own buffers; y never aliases an input and, never fed back, has one buffer
+    small = bufs.bind_outputs({"batch": 1}, bufs.bind_inputs({"x": x[:1], "A_in": a[:, :1]}))
+    assert small["y"].shape == (1, 4) and small["y"].ptr != out["y"].ptr
+    again = bufs.bind_outputs({"batch": 3}, bufs.bind_inputs({"x": x, "A_in": a}))
+    assert again["y"].ptr == out["y"].ptr  # the same shape reuses its buffer
+    assert not any(k[1] == "y" and k[2] == 1 for k in bufs._flat)
 
 
 # ------------------------------------------------------------------------------------------ TensorRT (no GPU needed)
@@ -188,7 +192,7 @@ def test_progress_logs_without_a_terminal(caplog):
 def test_state_round_trip_types():
     model = tiny_model()
     st = MemoryState.zeros(3, 1, model.cfg.armt.d_key, 32)
-    st.written = st.written.long()
+    st.written = st.written.astype(np.int64)
     with TorchRunner(model, "segment") as runner, pytest.raises(InputError, match="bool"):
         run_schedule(runner, _ids(model, 1, 4), state=st)
 
@@ -222,18 +226,22 @@ class _FakeTrtContext:
                     dims[want] = got
         return next(s for s in self.runner.output_specs if s.name == name).concrete_shape(dims)
 
-    def _tensor(self, name, shape):
-        for flat in self.runner._buffers._flat.values():
-            if flat.data_ptr() == self.addresses[name]:
-                n = int(torch.tensor(shape).prod()) if shape else 1
-                return flat[:n].view(shape)
+    def _buffer(self, name):
+        for buf in self.runner._buffers._flat.values():
+            if buf.ptr == self.addresses[name]:
+                assert buf.shape == self.shapes.get(name, buf.shape)
+                return buf
         raise AssertionError(f"{name} is not bound to a runner-owned buffer")
 
     def execute_async_v3(self, stream):
-        feeds = {s.name: self._tensor(s.name, self.shapes[s.name]).clone() for s in self.runner.input_specs}
+        bufs = self.runner._buffers
+        feeds = {s.name: bufs.read(self._buffer(s.name)) for s in self.runner.input_specs}
         out = self.reference.infer(feeds)
         for spec in self.runner.output_specs:
-            self._tensor(spec.name, tuple(out[spec.name].shape)).copy_(out[spec.name])
+            value = self.reference.to_numpy(out[spec.name])
+            buf = self._buffer(spec.name)
+            assert buf.shape == value.shape
+            bufs.storage.write(buf.block, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
         self.calls.append(dict(self.addresses))
         return True
 
@@ -243,16 +251,13 @@ def test_trt_runner_call_path_with_a_fake_engine(role):
     """TrtRunner's per-call orchestration on the CPU (the engine replaced by the torch cells): the
     schedule loop through it equals the torch runner, inputs are the previous call's output buffers,
     and outputs alternate between two buffers."""
-    from exporter.specs import graph_io
-    from runtimes.buffers import BufferSet
+    from graphs.contracts import contract
+    from runtimes.base import Runner
     model = tiny_model()
     runner = TrtRunner.__new__(TrtRunner)  # no engine file, no GPU: set up what _activate would
-    Runner.__init__(runner, role, "cpu")  # the plain runner set-up, without an export directory
-    inputs, outputs = graph_io(model.cfg, role, "fp32")
-    runner.graph = type("G", (), {"inputs": inputs, "outputs": outputs})()
-    runner.cfg, runner.model_id, runner.precision, runner.compute_dtype = model.cfg, model.model_id(), "fp32", torch.float32
+    Runner.__init__(runner, contract(model.cfg, role, "fp32"), "cpu", model.model_id())  # no export directory
     runner.cuda_graphs, runner._stream, runner._seen, runner._graphs = False, None, set(), {}
-    runner._buffers = BufferSet(inputs, outputs, torch.device("cpu"))
+    runner.use_host_storage()
     runner._profiles = [{"input_ids": ((1, 1), (1, 6), (1, 6))}, {"input_ids": ((1, 1), (4, 6), (4, 6))}]
     runner.engine_record = EngineRecord("fake.engine", "tensorrt_rtx", "0", "fp32")
     ref = TorchRunner(model, role).activate()
@@ -270,3 +275,35 @@ def test_trt_runner_call_path_with_a_fake_engine(role):
     assert len(set(a_out)) == 2 and all(a_out[i] != a_in[i] for i in range(len(a_in)))
     with pytest.raises(InputError, match="optimization profile"):
         run_schedule(runner, _ids(model, 5, 6))
+
+
+# ------------------------------------------------------------------------------------------ whole torch runs
+@pytest.mark.parametrize("schedule", ["sequential", "diagonal"])
+def test_run_torch_picks_the_fast_executor_where_it_applies(schedule, caplog):
+    """`armt run --backend torch`: equal-length LLaMA rows go through the fast executor, padded batches
+    and GPT-2 through the reference cells; both equal the reference to 1e-5 (CPU, fp32)."""
+    from runtimes.torch_runner import run_torch
+    caplog.set_level(logging.DEBUG, logger="armt.run")
+    model = tiny_model()
+    ids = _ids(model, 2, 20)
+    with torch.no_grad():
+        ref = model(ids, schedule="sequential")
+    got = run_torch(model, ids.numpy(), schedule=schedule)
+    assert "fast executor" in caplog.text
+    assert rel_err(got.logits, ref.logits) < TOL and rel_err(got.hidden, ref.hidden) < TOL
+    assert rel_err(got.state.A, ref.state.A) < TOL and rel_err(got.state.z, ref.state.z) < TOL
+    assert same(got.state.written, ref.state.written)
+    half = run_torch(model, ids.numpy()[:, :12], schedule=schedule)  # resumed from a fast run's state
+    rest = run_torch(model, ids.numpy()[:, 12:], state=half.state, schedule=schedule)
+    assert rel_err(rest.logits, ref.logits[:, 12:]) < TOL
+    caplog.clear()
+    mask = (torch.arange(20)[None] < torch.tensor([20, 9])[:, None]).long()
+    with torch.no_grad():
+        ref_padded = model(ids, attention_mask=mask, schedule="sequential")
+    padded = run_torch(model, ids.numpy(), mask.numpy(), schedule=schedule)
+    assert "reference cells" in caplog.text and "fast executor" not in caplog.text
+    assert rel_err(padded.logits, ref_padded.logits) < TOL
+    caplog.clear()
+    gpt2 = tiny_model("gpt2")
+    run_torch(gpt2, _ids(gpt2, 1, 8).numpy(), schedule=schedule)
+    assert "covers LLaMA only" in caplog.text

@@ -1,14 +1,12 @@
 """The schedules as data: step counts, each cell once, dependencies respected; the picture; the feeds."""
 
+import numpy as np
 import pytest
-import torch
 
-from graphs.cells import diagonal_feeds
+from armt.cli import main
 from graphs.errors import InputError
+from graphs.schedule import build_schedule, render, step_feeds
 from graphs.segments import make_slots, row_lengths
-from runtimes.execute import step_feeds
-from runtimes.main import main
-from runtimes.schedule import build_schedule, render
 from tests.helpers import tiny_model
 
 SIZES = [(1, 1), (3, 1), (1, 5), (3, 2), (3, 3), (4, 9), (16, 32)]
@@ -88,16 +86,19 @@ def test_schedule_command(capsys):
 
 
 @pytest.mark.parametrize("N", [6, 17, 40])
-def test_diagonal_feeds_match_the_cells_module(N):
-    """The feeds built from the schedule data are the ones graphs/cells.py defines."""
+def test_diagonal_feeds_follow_the_schedule(N):
+    """Each step's feeds give every layer the slot of the segment the schedule assigns it."""
     model = tiny_model()
-    ids = torch.randint(0, model.cfg.base.vocab_size, (2, N), generator=torch.Generator().manual_seed(0))
-    mask = (torch.arange(N)[None] < torch.tensor([N, max(N - 7, 1)])[:, None]).long()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.cfg.base.vocab_size, size=(2, N))
+    mask = (np.arange(N)[None] < np.array([N, max(N - 7, 1)])[:, None]).astype(np.int64)
     slots = make_slots(model.cfg, ids, row_lengths(ids, mask), uniform=True)
     sched = build_schedule("diagonal", model.cfg.base.n_layers, len(slots))
-    feeds = step_feeds(sched, slots)
-    for t, feed in enumerate(feeds):
-        want = diagonal_feeds(model, slots, t)
-        assert feed.keys() == want.keys()
-        for k in want:
-            assert torch.equal(feed[k], want[k]), (t, k)
+    for step, feed in zip(sched.steps, step_feeds(sched, slots)):
+        assert np.array_equal(feed["active"], step.active)
+        assert np.array_equal(feed["input_ids"], slots[step.entering if step.entering is not None else 0].ids)
+        for l, s in enumerate(step.layer_segments):
+            slot = slots[s if s is not None else 0]
+            assert np.array_equal(feed["positions"][l], slot.positions)
+            assert np.array_equal(feed["key_valid"][l], slot.key_valid)
+            assert np.array_equal(feed["write"][l], slot.write)

@@ -14,7 +14,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from exporter.manifest import Manifest, write_manifest
 from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
-from runtimes.main import main
+from armt.cli import main
 from runtimes.verify import generated_cases
 from tests.helpers import flip_bits, tiny_model
 from tests.test_runtime_ort import V, export_copy, exported, fresh_model, rechecksum
@@ -76,22 +76,21 @@ def test_altered_weight_with_recomputed_checksums_fails_parity(tmp_path, capsys)
     assert len(err) == 1 and err[0].startswith("armt verify: error:") and "missed" in err[0]
 
 
-def test_graph_of_another_model_swapped_in_fails_parity(tmp_path, capsys):
-    """diagonal_step.onnx replaced by the same graph of a different model (same interface, its own
-    weights file, manifest updated consistently): the diagonal schedule misses, the sequential passes."""
+def _swap_in_other_model(tmp_path):
+    """A copy of the LLaMA export whose diagonal_step.onnx is the same graph of a different model (same
+    interface, its own weights file, manifest updated consistently)."""
     from exporter.export import fix_io
-    from exporter.specs import graph_io
-    from exporter.trace import export_graph
+    from exporter.trace import trace_graph
     from exporter.weights import SharedWeights
-    _, model_dir = exported("llama")
+    from graphs.contracts import contract
     d = export_copy("llama", tmp_path / "swapped")
     other = fresh_model("llama")  # the same architecture with other weights (say, another fine-tune)
     with torch.no_grad():
         other.layers["qkv"].mul_(1.1)
-    inputs, outputs = graph_io(other.cfg, "diagonal_step", "fp32")
-    export_graph(other, "diagonal_step", "fp32", d / "other.onnx")
-    SharedWeights(d, name="swapped.data").adopt(
-        d / "other.onnx", lambda p: fix_io(p, "diagonal_step", inputs, outputs, other.cfg.armt.num_mem_tokens))
+    c = contract(other.cfg, "diagonal_step", "fp32")
+    SharedWeights(d, name="swapped.data").adopt_ir(
+        trace_graph(other, "diagonal_step", "fp32"), d / "other.onnx",
+        lambda p: fix_io(p, "diagonal_step", c.inputs, c.outputs, dict(c.derived_dims)))
     (d / "other.onnx").replace(d / "diagonal_step.onnx")
     m = Manifest.from_dict(json.loads((d / "manifest.json").read_text()), root=d)
     m.graphs["diagonal_step"] = dataclasses.replace(m.graphs["diagonal_step"],
@@ -99,6 +98,13 @@ def test_graph_of_another_model_swapped_in_fails_parity(tmp_path, capsys):
     m.files["swapped.data"] = m.files["weights.data"]  # placeholder, recomputed next
     write_manifest(d, m)
     rechecksum(d)
+    return d
+
+
+def test_graph_of_another_model_swapped_in_fails_parity(tmp_path, capsys):
+    """diagonal_step.onnx replaced by another model's: the diagonal schedule misses, the sequential passes."""
+    _, model_dir = exported("llama")
+    d = _swap_in_other_model(tmp_path)
     assert _verify(d, "--model", model_dir) == 1
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("ort ")]
@@ -147,7 +153,7 @@ def test_trt_not_run_is_not_a_pass(tmp_path, capsys):
     assert "not counted as passed" in captured.err
     # the TensorRT runner refuses clearly when asked directly
     np.save(tmp_path / "ids.npy", np.zeros((1, 4), np.int64))
-    assert main(["run", str(d), "--backend", "trt", "--input-ids", str(tmp_path / "ids.npy")]) == 2
+    assert main(["run", str(d), "--backend", "trt", "--input-ids", str(tmp_path / "ids.npy")]) == 3
     assert "TensorRT engines execute on a CUDA GPU" in capsys.readouterr().err
 
 
@@ -157,15 +163,17 @@ def test_trt_without_engines_is_bad_input(capsys):
     assert "run `armt build" in capsys.readouterr().err
 
 
-def test_reference_needs_model_dir_or_rebuild(capsys):
+def test_self_contained_verify_rebuilds_the_reference_from_the_export(tmp_path, capsys):
+    """Without --model the torch reference is the export's own weights (manifest parameter index):
+    a good export passes, one whose diagonal graph computes with other weights fails (exit 1)."""
     export_dir, _ = exported("llama")
-    code = _verify(export_dir)
-    try:
-        import exporter.reference  # noqa: F401
-    except ImportError:
-        assert code == 2 and "pass --model MODEL_DIR" in capsys.readouterr().err
-    else:
-        assert code == 0
+    assert _verify(export_dir) == 0
+    assert "FAIL" not in capsys.readouterr().out
+    d = _swap_in_other_model(tmp_path)
+    assert _verify(d) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("ort ")]
+    assert any(r[1] == "diagonal" and r[-1] == "FAIL" for r in rows)
+    assert all(r[-1] == "ok" for r in rows if r[1] == "sequential")
 
 
 def test_report_exit_codes():
@@ -181,7 +189,7 @@ def test_report_exit_codes():
         from graphs.state import MemoryState
         st = MemoryState.zeros(1, 1, 2, 2)
         compare_runs(RunResult(None, None, st, None, 0, [st]), RunResult(None, None, st, None, 0, []),
-                     Case("c", torch.zeros(1, 1, dtype=torch.long), None), 6, "fp32")
+                     Case("c", np.zeros((1, 1), dtype=np.int64), None), 6, "fp32")
 
 
 def test_noise_widening_is_capped_and_never_for_exact_or_nan():

@@ -1,6 +1,6 @@
 """Where an ONNX Runtime diagonal step spends its time: per-op-type totals from ORT's own profiler.
 
-    python -m runtimes.bench.ort_profile EXPORT_DIR [--device cuda] [--runs 3] [--out DIR]
+    python -m armt.bench.ort_profile EXPORT_DIR [--device cuda] [--runs 3] [--out DIR]
 
 Opens the export's diagonal_step graph in a profiling session (its own session: the runner's
 sessions do not profile), feeds one steady-state step (every layer active, every row writing,
@@ -92,7 +92,7 @@ def gpu_kernels(export_dir: str, runs: int = 3) -> list[tuple[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     from exporter.manifest import load_manifest
-    from runtimes.runner import make_runner
+    from runtimes.base import make_runner
     manifest = load_manifest(export_dir, verify_checksums=False)
     dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[manifest.precision]
     runner = make_runner("ort", export_dir, "diagonal_step", device="cuda").activate()

@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 
 from graphs.blocks import rms_norm
+from graphs.contracts import ROLE_OF_SCHEDULE
 from graphs.errors import InputError
-from graphs.model import ArmtModel
+from graphs.model import ArmtModel, torch_state
 from graphs.segments import make_slots
 from graphs.state import MemoryState
 
@@ -160,8 +161,8 @@ class Workloads:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) "
                              "or --export-to DIR (the bench exports its model there)")
         from runtimes.execute import run_schedule
-        from runtimes.runner import make_runner
-        role = "segment" if schedule == "sequential" else "diagonal_step"
+        from runtimes.base import make_runner
+        role = ROLE_OF_SCHEDULE[schedule]
         if role not in self._ort:
             runner = make_runner("ort", self.export_dir, role, device=str(self.device))
             runner.activate()
@@ -175,7 +176,7 @@ class Workloads:
 
         def ort_run():
             r = run_schedule(runner, ids.cpu(), collect=("hidden",))
-            return Outcome(r.hidden[:, N - c:].float(), r.state)
+            return Outcome(torch.from_numpy(r.hidden[:, N - c:]), torch_state(r.state, "cpu"))
         return ort_run
 
     def close(self) -> None:

@@ -12,13 +12,16 @@ import logging
 
 import torch
 
-from runtimes.bench.workloads import Workloads, on_device, reference_run
+from armt.bench.workloads import Workloads, on_device, reference_run
+from graphs.contracts import ROLE_OF_SCHEDULE
+from graphs.state import to_numpy
 
 log = logging.getLogger("armt.bench")
 
 
-def errors(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float | bool]:
-    g, r = got.double().cpu(), ref.double().cpu()
+def errors(got, ref) -> dict[str, float | bool]:
+    """got, ref: torch tensors or numpy arrays."""
+    g, r = (torch.as_tensor(to_numpy(x)).double() for x in (got, ref))
     finite = bool(torch.isfinite(g).all())
     if not finite:
         return {"finite": False, "max_rel": float("inf"), "norm_rel": float("inf")}
@@ -56,7 +59,7 @@ def run_parity(work: Workloads, backends: list[str], length: int, batch: int, se
         from runtimes.execute import run_schedule
         work._ort_callable("diagonal", dev_ids)  # opens the runner
         for schedule in ("sequential", "diagonal"):
-            role = "segment" if schedule == "sequential" else "diagonal_step"
+            role = ROLE_OF_SCHEDULE[schedule]
             if role not in work._ort:
                 work._ort_callable(schedule, dev_ids)
             r = run_schedule(work._ort[role], ids, collect=("hidden",))

@@ -7,7 +7,7 @@
       |-- runtimes.verify ------------> per-segment parity vs the PyTorch sequential reference
       '-- memory-zeroed control ------> the query segment alone, from an empty memory: ~chance
 
-    python -m runtimes.demo [--rows 64] [--out out/demo] [--no-engines] [--full]
+    python -m armt.demo [--rows 64] [--out out/demo] [--no-engines] [--full]
 
 Exit status: 0 when every check passed, 1 when one missed (parity, fp32 answers, or accuracy targets).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from graphs.contracts import DIAGONAL_STEP
 from graphs.errors import ArmtError, BackendUnavailable, ParityFailure
 
 log = logging.getLogger("armt.demo")
@@ -57,9 +58,9 @@ def eval_batches(task, segments: int, rows: int, seed: int = 1234) -> dict:
 def run_backend(backend: str, path, precision: str, batch, threads: int | None = None):
     """Diagonal schedule on one backend: (logits (B, N, V) fp32, seconds)."""
     from runtimes.execute import run_schedule
-    from runtimes.runner import make_runner
+    from runtimes.base import make_runner
     opts = {"threads": threads} if backend == "ort" and threads else {}
-    runner = make_runner(backend, path, "diagonal_step", device="cpu", precision=precision, **opts)
+    runner = make_runner(backend, path, DIAGONAL_STEP, device="cpu", precision=precision, **opts)
     with runner:
         res = run_schedule(runner, torch.from_numpy(batch.input_ids), collect=("logits",))
     return res.logits, res.seconds
@@ -89,7 +90,7 @@ def try_build_engines(export_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtimes.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m armt.demo", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(MODEL_DIR), help="trained recall model directory")
     p.add_argument("--out", default=str(ROOT / "out" / "demo"), help="where the exports go")
     p.add_argument("--rows", type=int, default=64, help="evaluation rows per length (6 queries each)")
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 def demo(args) -> int:
     import copy
 
-    from exporter.export import export_model
     from graphs.recall import accuracy, predictions
+    from runtimes.validation import export_model
     from runtimes.verify import given_case, verify
 
     t_all = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Schedules as plain data: which cells (segment s, layer l) each graph call runs.
+"""Schedules as plain data: which cells (segment s, layer l) each graph call runs, and its feeds.
 
 A cell (s, l) needs (s, l-1) (its input) and (s-1, l) (layer l's memory after segment s-1).
 
@@ -15,12 +15,20 @@ Diagonal, L = 3 layers, S = 4 segments (`armt schedule --layers 3 --segments 4`)
                0   1   2   3   4   5
 
 At each step segment t enters layer 0, every other segment moves up one layer (in the graph: layer
-l reads hidden_in[l-1]), and segment t - L + 1 leaves layer L-1 (its logits are emitted).
+l reads hidden_in[l-1]), and segment t - L + 1 leaves layer L-1 (its logits are emitted). The
+active layers of a step are always one contiguous range `lo .. hi` (Step.lo, Step.hi), so stacked
+per-layer weights are a plain slice.
+
+This module is the only place that knows the diagonal index arithmetic: the reference model
+(graphs.model), the fast executor, the training script, export samples and the runtimes' loop all
+iterate `build_schedule(...).steps` and take a step's graph inputs from `step_feeds`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from graphs.errors import InputError
 
@@ -45,6 +53,21 @@ class Step:
         """(segment, layer) pairs this call computes."""
         return tuple((s, l) for l, s in enumerate(self.layer_segments) if s is not None)
 
+    @property
+    def lo(self) -> int:
+        """First active layer."""
+        return next(l for l, s in enumerate(self.layer_segments) if s is not None)
+
+    @property
+    def hi(self) -> int:
+        """Last active layer (the active layers are lo..hi, contiguous)."""
+        return max(l for l, s in enumerate(self.layer_segments) if s is not None)
+
+    @property
+    def segments(self) -> tuple[int, ...]:
+        """The segment of each active layer lo..hi, in layer order."""
+        return tuple(s for s in self.layer_segments if s is not None)
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -52,11 +75,6 @@ class Schedule:
     n_layers: int
     n_segments: int
     steps: tuple[Step, ...]
-
-    @property
-    def graph(self) -> str:
-        """The graph role each step calls."""
-        return "segment" if self.kind == "sequential" else "diagonal_step"
 
 
 def build_schedule(kind: str, n_layers: int, n_segments: int) -> Schedule:
@@ -76,7 +94,30 @@ def build_schedule(kind: str, n_layers: int, n_segments: int) -> Schedule:
     return Schedule(kind, L, S, steps)
 
 
-def render(schedule: Schedule, max_steps: int = 40) -> str:
+def step_feeds(schedule: Schedule, slots: list) -> list[dict[str, np.ndarray]]:
+    """The per-step graph inputs other than the carried ones (state, hidden buffer), host arrays.
+
+    Sequential: the entering segment's slot. Diagonal: layer l gets the slot of the segment it works
+    on; an idle layer gets segment 0's geometry (any valid values do: its results are masked out in
+    the graph), and when no segment enters, layer 0 gets segment 0's ids likewise."""
+    if schedule.kind == "sequential":
+        return [{"input_ids": slots[st.entering].ids, "positions": slots[st.entering].positions,
+                 "key_valid": slots[st.entering].key_valid, "write": slots[st.entering].write}
+                for st in schedule.steps]
+    feeds = []
+    for st in schedule.steps:
+        seg = [s if s is not None else 0 for s in st.layer_segments]
+        feeds.append({
+            "input_ids": slots[st.entering if st.entering is not None else 0].ids,  # (B, T)
+            "positions": np.stack([slots[s].positions for s in seg]),  # (L, B, P)
+            "key_valid": np.stack([slots[s].key_valid for s in seg]),  # (L, B, P)
+            "active": np.array(st.active, dtype=bool),  # (L,)
+            "write": np.stack([slots[s].write for s in seg]),  # (L, B)
+        })
+    return feeds
+
+
+def render(schedule: Schedule, max_steps: int = 40, graph: str = "") -> str:
     """ASCII picture: one row per layer (top = last layer), one column per step."""
     L, steps = schedule.n_layers, schedule.steps
     shown = steps[:max_steps]
@@ -84,8 +125,7 @@ def render(schedule: Schedule, max_steps: int = 40) -> str:
     cell = lambda text: text.rjust(width)  # noqa: E731
     label = max(len(f"layer {L - 1}"), len("step"))
     lines = [f"{schedule.kind} schedule: {L} layers x {schedule.n_segments} segments = "
-             f"{L * schedule.n_segments} cells in {len(steps)} graph calls "
-             f"({schedule.graph} graph)"]
+             f"{L * schedule.n_segments} cells in {len(steps)} graph calls" + (f" ({graph} graph)" if graph else "")]
     for l in reversed(range(L)):
         row = [cell("." if st.layer_segments[l] is None else str(st.layer_segments[l])) for st in shown]
         lines.append(f"{f'layer {l}'.rjust(label)} | " + " ".join(row) + (" ..." if len(steps) > len(shown) else ""))

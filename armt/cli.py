@@ -1,23 +1,29 @@
-"""The `armt` console command: collects each package's subcommands, maps typed errors to exit codes.
+"""The `armt` console command: collects the subcommands, maps typed errors to exit codes.
 
-    graphs.cli        convert-official
-    exporter.cli      export, build, inspect
-    runtimes.cli      run, verify, schedule
-    runtimes.bench    bench
+    armt/commands/convert.py   convert-official
+    armt/commands/export.py    export, build, inspect
+    armt/commands/run.py       run, verify, schedule
+    armt/bench/cli.py          bench
+    armt/demo.py               demo
+
+Each command module imports only argparse at module level; the libraries (graphs, exporter,
+runtimes) are imported inside the command that needs them, so `armt run --backend ort` on a host
+without torch never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from armt.bench import cli as bench_cli
+from armt.commands import convert, export, run
 from graphs.errors import ArmtError
 
 log = logging.getLogger("armt")
 
-COMMAND_MODULES = ("graphs.cli", "exporter.cli", "runtimes.cli", "runtimes.bench.cli")
+COMMAND_MODULES = (convert, export, run, bench_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

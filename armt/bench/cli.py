@@ -81,18 +81,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from graphs.errors import ArmtError, InputError
-    from runtimes.bench import report
-    from runtimes.bench.parity import run_parity
-    from runtimes.bench.timing import measure
-    from runtimes.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
-    from runtimes.torch_runner import check_device
+    from armt.bench import report
+    from armt.bench.parity import run_parity
+    from armt.bench.timing import measure
+    from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
+    from runtimes.torch_runner import check_torch_device
 
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
     backends = _names(args.backends, BACKENDS, "--backends")
     schedules = _names(args.schedules, SCHEDULES, "--schedules")
     if args.warmup < 0 or args.repeats < 1:
         raise InputError("--warmup must be >= 0 and --repeats >= 1")
-    device = check_device(args.device)
+    device = check_torch_device(args.device)
     torch.manual_seed(args.seed)
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
     model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,

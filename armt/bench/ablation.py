@@ -1,6 +1,6 @@
 """Performance-log measurements for the fast executor: variants side by side, and a kernel profile.
 
-    python -m runtimes.bench.ablation --synthetic llama-1b --tokens 131072 --device cuda --out DIR
+    python -m armt.bench.ablation --synthetic llama-1b --tokens 131072 --device cuda --out DIR
 
 Times the diagonal schedule with each optimisation switched off in turn (CUDA graphs, the Triton
 SiLU*up kernel, TF32 memory matmuls), then profiles one steady-state step (top CUDA kernels), and
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from runtimes.bench.timing import measure
-from runtimes.bench.workloads import build_model, on_device
+from armt.bench.timing import measure
+from armt.bench.workloads import build_model, on_device
 
 
 def check_kernels(record: dict, dev: torch.device) -> None:

@@ -1,11 +1,12 @@
-"""`armt export`, `armt build`, `armt inspect`."""
+"""`armt export`, `armt build`, `armt inspect` (see docs/exporter.md)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import time
+
+from graphs.contracts import ROLES
 
 log = logging.getLogger("armt.export")
 
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-width", type=int, default=None, help="largest segment width (default: segment size)")
     b.add_argument("--opt-width", type=int, default=None, help="width the builder tunes for (default: max width)")
     b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt_rtx"])
-    b.add_argument("--graph", action="append", choices=["segment", "diagonal_step"],
+    b.add_argument("--graph", action="append", choices=list(ROLES),
                    help="build only this graph (repeatable; default all)")
     b.set_defaults(func=cmd_build)
 
@@ -63,16 +64,21 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss_gb() -> float | None:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from graphs.errors import InputError
-    from exporter.export import TORCH_DTYPES, export_model
     from exporter.trace import DEFAULT_OPSET
+    from graphs.dtypes import compute_dtype, torch_dtype
+    from graphs.errors import InputError
+    from runtimes.validation import export_model
 
     if bool(args.model_dir) == bool(args.synthetic):
         raise InputError("give either MODEL_DIR or --synthetic PRESET")
@@ -81,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.synthetic:
         from exporter.synthetic_model import synthetic_model
-        model = synthetic_model(args.synthetic, TORCH_DTYPES[args.precision], seed=args.seed)
+        model = synthetic_model(args.synthetic, torch_dtype(compute_dtype(args.precision)), seed=args.seed)
         source = f"synthetic:{args.synthetic} seed {args.seed}"
     else:
         from graphs.modeldir import load_model_dir
@@ -96,9 +102,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     status = m.validation.get("status")
     print(f"exported {source} -> {result.export_dir} ({m.precision}, opset {m.opset}): "
           f"{sum(f.bytes for f in m.files.values()) / 1e6:.1f} MB in {len(m.files) + 1} files, "
-          f"{result.seconds:.1f} s, peak RSS {_peak_rss_gb():.2f} GB; validation {status}"
+          f"{result.seconds:.1f} s{_rss_text()}; validation {status}"
           + (f" ({m.validation.get('reason') or _reasons(m)})" if status == "not run" else ""))
     return 0
+
+
+def _rss_text() -> str:
+    rss = _peak_rss_gb()
+    return "" if rss is None else f", peak RSS {rss:.2f} GB"
 
 
 def _reasons(m) -> str:

@@ -1,4 +1,4 @@
-"""`armt run`, `armt verify`, `armt schedule`: the runtime's commands (see docs/runtimes.md)."""
+"""`armt run`, `armt verify`, `armt schedule` (see docs/runtimes.md)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "Exit 0: all within bounds; 1: a miss; 2: bad input; 3: nothing missed but a requested "
                        "backend could not run here (not counted as passed).")
     v.add_argument("export_dir")
-    v.add_argument("--model", help="model directory of the torch reference (default: rebuilt from the export)")
+    v.add_argument("--model", help="model directory of the torch reference (default: the export's own weights)")
     v.add_argument("--backend", default="ort", help="comma-separated: ort, trt (default ort)")
     v.add_argument("--schedule", default="sequential,diagonal", help="comma-separated (default both)")
     v.add_argument("--precision", choices=PRECISIONS, help="expected precision of the export (checked)")
@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="device of the reference and of ort (trt always runs on cuda)")
     v.add_argument("--per-graph", action="store_true",
                    help="also compare each graph across backends with Polygraphy's comparator on the "
-                   "export's sample feeds")
+                   "export's sample feeds, against the torch outputs recorded for them at export")
+    v.add_argument("--graphs-only", action="store_true",
+                   help="with --per-graph: only that check (needs no torch: for deployment hosts)")
     v.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("schedule", help="draw the sequential or diagonal schedule as an ASCII grid")
@@ -84,33 +86,42 @@ def _check_path_kind(path: str, backend: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from graphs.arrays import save_npy
+    from graphs.contracts import ROLE_OF_SCHEDULE
     from graphs.state import save_state
-    from runtimes.execute import ROLE_OF_SCHEDULE, run_schedule
     from runtimes.inputs import load_ids, load_mask, load_state_for
-    from runtimes.runner import make_runner
 
     _check_path_kind(args.path, args.backend)
     ids = load_ids(args.input_ids)
     mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
-    runner = make_runner(args.backend, args.path, ROLE_OF_SCHEDULE[args.schedule], device=device,
-                         precision=args.precision)
-    state = load_state_for(args.state_in, runner.model_id) if args.state_in else None
     collect = tuple(k for k, path in (("logits", args.output), ("hidden", args.hidden_output)) if path)
-    with runner, torch.no_grad():
-        result = run_schedule(runner, ids, mask, state=state, collect=collect,
-                              progress=not args.no_progress)
+    if args.backend == "torch":
+        from graphs.modeldir import load_model_dir
+        from runtimes.torch_runner import run_torch
+        model = load_model_dir(args.path)
+        model_id, name = model.model_id(), f"torch@{device}"
+        state = load_state_for(args.state_in, model_id) if args.state_in else None
+        result = run_torch(model, ids, mask, state=state, schedule=args.schedule, device=device,
+                           precision=args.precision or "fp32", collect=collect, progress=not args.no_progress)
+    else:
+        from runtimes.base import make_runner
+        from runtimes.execute import run_schedule
+        runner = make_runner(args.backend, args.path, ROLE_OF_SCHEDULE[args.schedule], device=device,
+                             precision=args.precision)
+        model_id, name = runner.model_id, runner.name
+        state = load_state_for(args.state_in, model_id) if args.state_in else None
+        with runner:
+            result = run_schedule(runner, ids, mask, state=state, collect=collect, progress=not args.no_progress)
     if args.output:
-        save_npy(args.output, result.logits.numpy().astype(np.float32))
+        save_npy(args.output, result.logits.astype(np.float32))
     if args.hidden_output:
-        save_npy(args.hidden_output, result.hidden.numpy().astype(np.float32))
+        save_npy(args.hidden_output, result.hidden.astype(np.float32))
     if args.state_out:
-        save_state(args.state_out, result.state, runner.model_id)
+        save_state(args.state_out, result.state, model_id)
     B, N = ids.shape
-    log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", runner.name, B, N, args.schedule,
+    log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, args.schedule,
              len(result.schedule.steps), result.seconds,
              f"; logits -> {args.output}" if args.output else "")
     return 0
@@ -121,26 +132,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from exporter.manifest import load_manifest
     from graphs.errors import InputError, ParityFailure
     from runtimes.inputs import load_ids, load_mask
-    from runtimes.verify import generated_cases, given_case, reference_model, verify
+    from runtimes.verify import Report
 
     backends = _split(args.backend, ("ort", "trt"), "--backend")
     schedules = _split(args.schedule, ("sequential", "diagonal"), "--schedule")
     manifest = load_manifest(args.export_dir, verify_checksums=True)  # an altered file stops here (exit 2)
     if args.precision and args.precision != manifest.precision:
         raise InputError(f"export {args.export_dir} holds {manifest.precision} graphs, not {args.precision}")
-    model = reference_model(manifest, args.model, args.device)
-    if args.input_ids:
-        ids = load_ids(args.input_ids)
-        cases = [given_case(ids, load_mask(args.attention_mask, ids) if args.attention_mask else None)]
-    elif args.attention_mask:
+    if args.graphs_only and not args.per_graph:
+        raise InputError("--graphs-only needs --per-graph")
+    if args.attention_mask and not args.input_ids:
         raise InputError("--attention-mask needs --input-ids")
-    else:
-        cases = generated_cases(manifest.model_config())
-    report = verify(model, args.export_dir, backends, schedules, cases, device=args.device, manifest=manifest)
-    print(report.table())
+    report = Report(str(args.export_dir), manifest.precision)
+    if not args.graphs_only:
+        from runtimes.verify import generated_cases, given_case, reference_model, verify
+        model = reference_model(manifest, args.model, args.device)
+        if args.input_ids:
+            ids = load_ids(args.input_ids)
+            cases = [given_case(ids, load_mask(args.attention_mask, ids) if args.attention_mask else None)]
+        else:
+            cases = generated_cases(manifest.model_config())
+        report = verify(model, args.export_dir, backends, schedules, cases, device=args.device, manifest=manifest)
+        print(report.table())
     if args.per_graph:
         from runtimes.per_graph import compare_graphs
-        graph_report = compare_graphs(manifest, model, backends, device=args.device)
+        graph_report = compare_graphs(manifest, backends, device=args.device)
         print()
         print(graph_report.table())
         report.rows.extend(graph_report.rows)
@@ -155,6 +171,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ schedule
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from runtimes.schedule import build_schedule, render
-    print(render(build_schedule(args.schedule, args.layers, args.segments), max_steps=max(args.max_steps, 1)))
+    from graphs.contracts import ROLE_OF_SCHEDULE
+    from graphs.schedule import build_schedule, render
+    print(render(build_schedule(args.schedule, args.layers, args.segments), max_steps=max(args.max_steps, 1),
+                 graph=ROLE_OF_SCHEDULE[args.schedule]))
     return 0

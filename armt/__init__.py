@@ -1,0 +1,3 @@
+"""armt-deploy's applications: the `armt` command, the demo, the bench (above graphs/, exporter/, runtimes/)."""
+
+from graphs import __version__  # noqa: F401

@@ -1,0 +1,7 @@
+"""`python -m armt ...` is `armt ...`."""
+
+import sys
+
+from armt.cli import main
+
+sys.exit(main())

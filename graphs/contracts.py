@@ -1,0 +1,268 @@
+"""The graph contract: one object per graph role, the single source of every graph's I/O.
+
+A contract says what a graph role takes and returns (names in call order, dtypes, shapes with named
+dims), which outputs feed which inputs at the next call (`recurrent`), which entries of an output
+carry meaning for a given call (`output_mask`), the bounds-table kind of each output, the schedule
+that drives the role and the file name it is exported to. It is built from the model config and
+the export precision, and it lives next to the cells that implement it (graphs/cells.py):
+
+    tracing (exporter/trace.py)     example feeds, dynamic dims      <- GraphContract
+    manifest, contract check        TensorSpecs, file name           <- GraphContract
+    export samples, validation      initial carried inputs, masks    <- GraphContract
+    runners (torch, ORT, TensorRT)  feed checks, output buffers      <- GraphContract
+
+Adding a graph role = one contract builder here (registered in BUILDERS) + one cell in
+graphs/cells.py (registered in graphs.cells.CELLS).
+
+Named dims: "batch" (rows), "width" (token places of a slot), "slot" = width + M. Everything else
+(L, K, d, V) is fixed by the model config. The compute dtype is the precision's; the memory state is
+float32 in every precision; logits and the final hidden are float32 outputs.
+
+The two roles (see docs/architecture.md for the tables):
+
+    segment         one slot through all L layers          (sequential schedule)
+    diagonal_step   one anti-diagonal: L slots, one each    (diagonal schedule)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from graphs.config import ModelConfig
+from graphs.dtypes import compute_dtype, dtype_name, numpy_dtype
+from graphs.errors import ExportError, InputError
+
+SEGMENT = "segment"
+DIAGONAL_STEP = "diagonal_step"
+ROLES = (SEGMENT, DIAGONAL_STEP)
+SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal"}
+ROLE_OF_SCHEDULE = {v: k for k, v in SCHEDULE_OF_ROLE.items()}
+GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
+
+
+# ------------------------------------------------------------------------------------------ tensors
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. `kind` names an output's row of the bounds table."""
+
+    name: str
+    dtype: str  # one of graphs.dtypes.DTYPES
+    shape: tuple[int | str, ...]  # ints are fixed sizes, strings are named dynamic dims
+    kind: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.kind:
+            d["kind"] = self.kind
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(d["shape"]), kind=str(d.get("kind", "")))
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape with named dims replaced from `dims` (e.g. {"batch": 2, "width": 6, "slot": 9})."""
+        try:
+            return tuple(dims[s] if isinstance(s, str) else int(s) for s in self.shape)
+        except KeyError as exc:
+            raise ExportError(f"tensor {self.name} needs a size for dim {exc.args[0]!r}") from None
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+# ------------------------------------------------------------------------------------------ contract
+@dataclass(frozen=True)
+class GraphContract:
+    role: str
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    recurrent: Mapping[str, str]  # output -> the input it feeds at the next call
+    derived_dims: Mapping[str, tuple[str, int]]  # e.g. {"slot": ("width", M)}: slot = width + M
+    cfg: ModelConfig = field(compare=False, repr=False)
+    _mask: Callable[["GraphContract", str, Mapping[str, Any]], Any] = field(compare=False, repr=False, default=None)
+
+    @property
+    def schedule(self) -> str:
+        return SCHEDULE_OF_ROLE[self.role]
+
+    @property
+    def file(self) -> str:
+        return GRAPH_FILES[self.role]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
+
+    def input(self, name: str) -> TensorSpec:
+        return spec_by_name(self.inputs, name, self.role, "input")
+
+    def output(self, name: str) -> TensorSpec:
+        return spec_by_name(self.outputs, name, self.role, "output")
+
+    def kind(self, output: str) -> str:
+        return self.output(output).kind
+
+    def check_io(self, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], where: str) -> None:
+        """Refuse a graph whose I/O names differ from the contract (a swapped or foreign graph)."""
+        got_in, got_out = tuple(s.name for s in inputs), tuple(s.name for s in outputs)
+        if set(got_in) != set(self.input_names) or set(got_out) != set(self.output_names):
+            raise ExportError(f"{where}: graph {self.role} has inputs {list(got_in)} and outputs {list(got_out)}, "
+                              f"the {self.role} contract needs {list(self.input_names)} -> {list(self.output_names)}")
+
+    def resolve_dims(self, feeds: Mapping[str, Any], specs: tuple[TensorSpec, ...] | None = None) -> dict[str, int]:
+        """Check feeds (numpy arrays, torch tensors: anything with .shape and .dtype) against the input
+        specs (names, dtypes, ranks, fixed sizes, consistent named dims); return the named dims' sizes,
+        e.g. {"batch": 2, "width": 6, "slot": 9}. `specs`: check only these inputs (the others are the
+        runner's own buffers, fed back)."""
+        names = set(self.input_names)
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = sorted(set(feeds) - names)
+        if missing or extra:
+            raise InputError(f"graph {self.role}: missing inputs {missing}, unexpected inputs {extra}")
+        dims: dict[str, int] = {}
+        for spec in specs if specs is not None else self.inputs:
+            t = feeds[spec.name]
+            got = dtype_name(t.dtype)
+            if got != spec.dtype:
+                raise InputError(f"graph {self.role} input {spec.name} must be {spec.dtype}, got {got}")
+            shape = tuple(int(s) for s in t.shape)
+            if len(shape) != len(spec.shape):
+                raise InputError(f"graph {self.role} input {spec.name} must have shape {_fmt(spec.shape)}, "
+                                 f"got {shape}")
+            for want, size in zip(spec.shape, shape):
+                if isinstance(want, str):
+                    if dims.setdefault(want, size) != size:
+                        raise InputError(f"graph {self.role} input {spec.name} has {want}={size}, other inputs "
+                                         f"have {want}={dims[want]}")
+                elif int(want) != size:
+                    raise InputError(f"graph {self.role} input {spec.name} must have shape {_fmt(spec.shape)}, "
+                                     f"got {shape}")
+        for name, (base, offset) in self.derived_dims.items():
+            if base in dims and name in dims and dims[name] != dims[base] + offset:
+                raise InputError(f"graph {self.role}: {name} must be {base} + {offset} = {dims[base] + offset}, "
+                                 f"got {dims[name]}")
+        return dims
+
+    def dims_for(self, batch: int, width: int) -> dict[str, int]:
+        dims = {"batch": batch, "width": width}
+        for name, (base, offset) in self.derived_dims.items():
+            dims[name] = dims[base] + offset
+        return dims
+
+    def initial_carry(self, batch: int, width: int) -> dict[str, np.ndarray]:
+        """The recurrent inputs of a first call from an empty memory (numpy zeros)."""
+        dims = self.dims_for(batch, width)
+        return {inp: np.zeros(self.input(inp).concrete_shape(dims), dtype=numpy_dtype(self.input(inp).dtype))
+                for inp in self.recurrent.values()}
+
+    def output_mask(self, name: str, feeds: Mapping[str, Any]):
+        """Which entries of output `name` carry meaning for the call fed `feeds` (numpy bool,
+        broadcastable to the output), or None for "all of them"."""
+        return self._mask(self, name, feeds) if self._mask else None
+
+
+def spec_by_name(specs: tuple[TensorSpec, ...], name: str, role: str, what: str) -> TensorSpec:
+    for s in specs:
+        if s.name == name:
+            return s
+    raise ExportError(f"graph {role} has no {what} named {name!r}")
+
+
+def _host(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ------------------------------------------------------------------------------------------ the roles
+def _state(cfg: ModelConfig, suffix: str) -> tuple[TensorSpec, ...]:
+    L, d, K = cfg.base.n_layers, cfg.base.d_model, cfg.armt.d_key
+    kinds = ("A", "z", "written") if suffix == "out" else ("", "", "")
+    return (TensorSpec(f"A_{suffix}", "float32", (L, "batch", K, d), kinds[0]),
+            TensorSpec(f"z_{suffix}", "float32", (L, "batch", K), kinds[1]),
+            TensorSpec(f"written_{suffix}", "bool", (L, "batch"), kinds[2]))
+
+
+def _head(cfg: ModelConfig) -> tuple[TensorSpec, ...]:
+    return (TensorSpec("logits", "float32", ("batch", "width", cfg.base.vocab_size), "logits"),
+            TensorSpec("hidden", "float32", ("batch", "width", cfg.base.d_model), "hidden"))
+
+
+STATE_FEEDBACK = {"A_out": "A_in", "z_out": "z_in", "written_out": "written_in"}
+
+
+def _segment_mask(c: GraphContract, name: str, feeds) -> Any:
+    """logits, hidden: real token places only (padding places and rows with no tokens are junk).
+    A, z, written: everything (rows that do not write keep their state bit for bit)."""
+    if name in ("logits", "hidden"):
+        kv = _host(feeds["key_valid"]).astype(bool)
+        W = _host(feeds["input_ids"]).shape[-1]
+        return kv[:, :W, None]  # (B, W, 1)
+    return None
+
+
+def _diagonal_mask(c: GraphContract, name: str, feeds) -> Any:
+    """logits, hidden: the last layer's real token places (nothing when it is idle); hidden_out:
+    active layers, rows that hold tokens in that layer's segment, real places and memory tokens (an
+    ended row's slot is never read again); A, z, written: everything."""
+    kv = _host(feeds["key_valid"]).astype(bool)
+    active = _host(feeds["active"]).astype(bool)
+    write = _host(feeds["write"]).astype(bool)
+    W = _host(feeds["input_ids"]).shape[-1]
+    if name in ("logits", "hidden"):
+        return (kv[-1, :, :W] & write[-1][:, None] & active[-1])[:, :, None]  # (B, W, 1)
+    if name == "hidden_out":
+        return (kv & write[:, :, None] & active[:, None, None])[..., None]  # (L, B, P, 1)
+    return None
+
+
+def segment_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("positions", "int64", ("batch", "slot")),
+              TensorSpec("key_valid", "bool", ("batch", "slot")),
+              TensorSpec("write", "bool", ("batch",)), *_state(cfg, "in"))
+    return GraphContract(SEGMENT, precision, inputs, (*_head(cfg), *_state(cfg, "out")), dict(STATE_FEEDBACK),
+                         {"slot": ("width", cfg.armt.num_mem_tokens)}, cfg, _segment_mask)
+
+
+def diagonal_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    L, d = cfg.base.n_layers, cfg.base.d_model
+    cd = compute_dtype(precision)
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("hidden_in", cd, (L, "batch", "slot", d)),
+              TensorSpec("positions", "int64", (L, "batch", "slot")),
+              TensorSpec("key_valid", "bool", (L, "batch", "slot")),
+              TensorSpec("active", "bool", (L,)),
+              TensorSpec("write", "bool", (L, "batch")), *_state(cfg, "in"))
+    outputs = (TensorSpec("hidden_out", cd, (L, "batch", "slot", d), "hidden_out"), *_head(cfg), *_state(cfg, "out"))
+    return GraphContract(DIAGONAL_STEP, precision, inputs, outputs, {"hidden_out": "hidden_in", **STATE_FEEDBACK},
+                         {"slot": ("width", cfg.armt.num_mem_tokens)}, cfg, _diagonal_mask)
+
+
+BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
+    SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract}
+
+
+def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContract:
+    """The contract of graph `role` for a model config at an export precision."""
+    if role not in BUILDERS:
+        raise InputError(f"graph role must be one of {', '.join(BUILDERS)}, got {role!r}")
+    return BUILDERS[role](cfg, precision)
+
+
+def model_dims(cfg: ModelConfig) -> dict[str, int]:
+    """The fixed sizes the runtimes need (recorded in manifest.json as `dims`)."""
+    b, a = cfg.base, cfg.armt
+    return {"layers": b.n_layers, "d_model": b.d_model, "d_key": a.d_key, "vocab_size": b.vocab_size,
+            "mem_tokens": a.num_mem_tokens, "segment_size": a.segment_size, "d_mem": a.d_mem}
+

@@ -1,0 +1,116 @@
+"""Loaders: what a runner loads, apart from the runner (Polygraphy's `SessionFromOnnx` /
+`EngineFromBytes` are the model). A loader is a callable that makes the backend object; runners call
+it in `activate()`. The only place that creates ONNX Runtime sessions and reads their errors.
+
+    open_export(dir)                  -> Manifest (checked; checksums unless told otherwise)
+    OrtSessionLoader(path, device)()  -> onnxruntime.InferenceSession
+    EngineBytesLoader(path)()         -> serialized TensorRT engine (bytes)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.manifest import Manifest, load_manifest
+from graphs.errors import BackendUnavailable, ExportError, InputError
+from runtimes.base import Device, parse_device
+
+log = logging.getLogger("armt.run")
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install 'armt-deploy[ort]' "
+                                 "(or 'armt-deploy[ort-gpu]' for the CUDA execution provider)") from None
+    return onnxruntime
+
+
+def open_export(export: str | Path | Manifest, precision: str | None = None,
+                verify_checksums: bool = True) -> Manifest:
+    """The export's manifest (checksums verified unless told otherwise); refuse a precision mismatch."""
+    manifest = export if isinstance(export, Manifest) else load_manifest(export, verify_checksums=verify_checksums)
+    if precision is not None and precision != manifest.precision:
+        raise InputError(f"export {manifest.root} holds {manifest.precision} graphs, not {precision} "
+                         f"(export again with --precision {precision})")
+    return manifest
+
+
+class NotRunnable(BackendUnavailable):
+    """ONNX Runtime has no kernel for some node of the graph on this provider (e.g. bf16 on the CPU)."""
+
+
+def raise_if_not_runnable(exc: Exception, what: str) -> None:
+    """Turn ONNX Runtime's "no kernel" errors into NotRunnable (a limit of the provider, not a broken graph)."""
+    text = str(exc)
+    if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+        first = text.splitlines()[0] if text else exc.__class__.__name__
+        start = first.find("Could not")
+        raise NotRunnable(f"ONNX Runtime cannot run {what}: {first[start:] if start >= 0 else first}"[:300]) from None
+
+
+@dataclass
+class OrtSessionLoader:
+    """An ONNX Runtime session of one .onnx file on the CPU or CUDA execution provider.
+
+    CPU: weight prepacking off (it would copy every weight once more). CUDA: TF32 off (fp32 products at
+    full precision: the fp32 parity promise, and the memory state's fp32 arithmetic in fp16/bf16
+    graphs); `cuda_graph=True` asks the CUDA provider to capture CUDA graphs (run options then pick
+    the graph by `gpu_graph_id`)."""
+
+    path: Path
+    device: Device = field(default_factory=lambda: Device("cpu"))
+    threads: int | None = None
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.device = parse_device(self.device)
+
+    def providers(self, ort) -> list:
+        if self.device.type != "cuda":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
+                                     f"matching the CUDA version; available: {ort.get_available_providers()})")
+        options = {"device_id": str(self.device.id), "use_tf32": "0"}
+        if self.cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+    def __call__(self):
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.device.type == "cpu":
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers(ort))
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise_if_not_runnable(exc, f"{self.path.name} on {self.device.type}")
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise ExportError(f"onnxruntime cannot load {self.path}: {first}") from None
+        if self.device.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendUnavailable(f"onnxruntime did not enable CUDA for {self.path.name} "
+                                     f"(providers: {session.get_providers()})")
+        return session
+
+
+@dataclass
+class EngineBytesLoader:
+    """A serialized TensorRT engine from a file."""
+
+    path: Path
+
+    def __call__(self) -> bytes:
+        try:
+            return Path(self.path).read_bytes()
+        except OSError as exc:
+            raise ExportError(f"cannot read engine {self.path}: {exc.strerror}") from None

@@ -1,0 +1,178 @@
+"""Export-then-validate (Optimum's pattern): the export's finalize step, run on the staged graphs.
+
+    export_model(model, dir)  =  exporter.export.export_model(model, dir, finalize=...)
+      finalize: the sample batch (exporter/samples.py) through the one schedule loop
+                (runtimes/execute.py) on every graph, side by side on
+                    ref   the torch cell at the export precision           (TorchRunner)
+                    twin  the same with PyTorch's fused attention          (its rounding spread)
+                    got   the staged graph on ONNX Runtime CPU             (OrtRunner)
+                each feeding back its own outputs, so errors that build up in the memory over
+                segments are measured; one call's tensors are held at a time;
+                every output of every call compared over the entries that carry meaning
+                (contract.output_mask) under exporter.bounds, the bound widened where ref and
+                twin themselves differ; the worst call per output is reported;
+                one call per graph stored in sample_feeds.npz with the reference's outputs.
+
+Without validation (`validate=False`) the same loop runs the torch cell alone for the samples.
+A graph ONNX Runtime CPU has no kernels for (bf16) is reported "not run", never "passed".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exporter.bounds import Comparison, compare, format_table, widen
+from exporter.export import Draft, ExportResult, export_model as export_graphs
+from exporter.manifest import SAMPLE_FEEDS
+from exporter.samples import sample_batch, sample_width, save_samples
+from exporter.trace import DEFAULT_OPSET
+from graphs.contracts import ROLES, contract
+from graphs.errors import BackendUnavailable, ParityFailure
+from graphs.model import ArmtModel
+from runtimes.execute import iter_steps, plan_run
+from runtimes.loaders import NotRunnable, OrtSessionLoader
+from runtimes.torch_runner import TorchRunner
+
+log = logging.getLogger("armt.export")
+
+
+@dataclass
+class GraphValidation:
+    role: str
+    status: str  # "passed", "failed", "not run"
+    rows: list[Comparison] = field(default_factory=list)
+    reason: str = ""
+    calls: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "calls": self.calls,
+                "outputs": [{"name": c.name, "kind": c.kind, "max_abs": c.max_abs, "rel": c.rel, "q_rel": c.q_rel,
+                             "bound_rel": c.bound.rel, "bound_q_rel": c.bound.q_rel, "ok": c.ok} for c in self.rows]}
+
+    def table(self) -> str:
+        title = f"{self.role}: {self.status}" + (f" ({self.reason})" if self.reason else "") + \
+            (f", {self.calls} calls on ONNX Runtime CPU vs torch" if self.rows else "")
+        return format_table(self.rows, title) if self.rows else title
+
+
+def _miss(c: Comparison) -> str:
+    if c.rel > c.bound.rel:
+        return f"rel {c.rel:.2e} > {c.bound.rel:.2g}"
+    if c.q_rel > c.bound.q_rel:
+        return f"q99.9 {c.q_rel:.2e} > {c.bound.q_rel:.2g}"
+    return c.note
+
+
+class _Sampler:
+    """The finalize step: sample feeds (+ validation) on the staged graphs."""
+
+    def __init__(self, validate: bool, width: int | None, report: Callable[[str], None] | None):
+        self.validate, self.width, self.report = validate, width, report
+        self.results: dict[str, GraphValidation] = {}
+
+    def __call__(self, draft: Draft) -> None:
+        model = draft.model
+        width = self.width or sample_width(model.cfg)
+        ids, mask = sample_batch(model.cfg, width)
+        feeds, reference = {}, {}
+        for role in ROLES:
+            c = contract(model.cfg, role, draft.precision)
+            ref = TorchRunner(model, role, precision=draft.precision).activate()
+            plan = plan_run(ref, ids, mask, segment_size=width)
+            # the sample call: the last layer works on segment 1 (its memory holds segment 0, so the
+            # logits depend on memory), every layer's state is non-zero, early layers idle (ramp-down)
+            sample = min(model.cfg.base.n_layers, len(plan.schedule.steps) - 1) if c.schedule == "diagonal" else 1
+            if self.validate:
+                log.info("validating %s on ONNX Runtime CPU against the torch cell (%d calls) ...", role,
+                         len(plan.schedule.steps))
+                result, call = self._validate(draft, c, ref, model, plan, sample)
+                self.results[role] = result
+                if self.report:
+                    self.report(result.table())
+            else:
+                call = next(x for i, x in enumerate(iter_steps(ref, plan)) if i == sample)
+            feeds[role] = {k: ref.to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in call.feeds.items()}
+            reference[role] = {k: ref.to_numpy(v) for k, v in call.outputs.items()}
+            ref.deactivate()
+        save_samples(draft.stage / SAMPLE_FEEDS, feeds, reference)
+        draft.samples = SAMPLE_FEEDS
+        draft.validation = self._summary()
+        if self.results:
+            import onnxruntime
+            draft.versions["onnxruntime"] = onnxruntime.__version__
+        failed = [f"{r.role}.{c.name}: {_miss(c)}" for r in self.results.values() for c in r.rows if not c.ok]
+        if failed:
+            raise ParityFailure(f"export validation failed ({'; '.join(failed)}); nothing was written")
+
+    def _validate(self, draft: Draft, c, ref: TorchRunner, model: ArmtModel, plan, sample: int):
+        from runtimes.ort_runner import OrtRunner
+        t0 = time.perf_counter()
+        got = OrtRunner(OrtSessionLoader(draft.stage / c.file), contract=c, model_id=draft.model_id)
+        twin = TorchRunner(model, c.role, precision=draft.precision, fused=True)
+        try:
+            got.activate()
+        except NotRunnable as exc:
+            return GraphValidation(c.role, "not run", reason=str(exc)), self._sample_call(ref, plan, sample)
+        worst: dict[str, Comparison] = {}
+        call = None
+        with twin:
+            try:
+                for i, (r, t, g) in enumerate(zip(iter_steps(ref, plan), iter_steps(twin, plan), iter_steps(got, plan))):
+                    for name in c.output_names:
+                        mask = c.output_mask(name, r.feeds)
+                        kind = c.kind(name)
+                        want = ref.to_numpy(r.outputs[name])
+                        noise = compare(name, kind, draft.precision, twin.to_numpy(t.outputs[name]), want, mask)
+                        cmp = widen(compare(name, kind, draft.precision, got.to_numpy(g.outputs[name]), want, mask), noise)
+                        prev = worst.get(name)
+                        if prev is None or (prev.ok and not cmp.ok) or (prev.ok == cmp.ok and cmp.rel > prev.rel):
+                            worst[name] = cmp
+                    if i == sample:
+                        call = r  # the torch runner's outputs are fresh tensors: nothing to copy
+            except NotRunnable as exc:
+                return GraphValidation(c.role, "not run", reason=str(exc)), self._sample_call(ref, plan, sample)
+            finally:
+                got.deactivate()
+        rows = list(worst.values())
+        status = "passed" if rows and all(x.ok for x in rows) else "failed"
+        return GraphValidation(c.role, status, rows, calls=len(plan.schedule.steps),
+                               seconds=time.perf_counter() - t0), call
+
+    @staticmethod
+    def _sample_call(ref: TorchRunner, plan, sample: int):
+        return next(x for i, x in enumerate(iter_steps(ref, plan)) if i == sample)
+
+    def _summary(self) -> dict:
+        if not self.validate:
+            return {"status": "not run", "reason": "--no-validate", "graphs": {}}
+        statuses = {r.status for r in self.results.values()}
+        status = "failed" if "failed" in statuses else "not run" if "not run" in statuses else "passed"
+        return {"status": status, "backend": "onnxruntime CPU", "reference": "torch cells at the export precision",
+                "graphs": {role: r.to_dict() for role, r in self.results.items()}}
+
+
+def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                 validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
+                 source: str = "", report: Callable[[str], None] | None = None,
+                 free_model: bool = False) -> ExportResult:
+    """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
+    run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
+    validation tables. Raises ParityFailure when an output misses its bound (nothing is written then)."""
+    if validate:
+        try:
+            from runtimes.loaders import import_onnxruntime
+            import_onnxruntime()
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(f"{exc} (or export with --no-validate)") from None
+    sampler = _Sampler(validate, sample_width, report)
+    result = export_graphs(model, export_dir, precision=precision, opset=opset, overwrite=overwrite, source=source,
+                           finalize=sampler, free_model=free_model)
+    result.validation = sampler.results
+    return result
