@@ -9,6 +9,10 @@
 Each command module imports only argparse at module level; the libraries (graphs, exporter,
 runtimes) are imported inside the command that needs them, so `armt run --backend ort` on a host
 without torch never imports torch.
+
+Exit codes (graphs/errors.py): 0 ok; 1 a parity miss, or non-finite values under --strict; 2 bad
+input (one line on stderr); 3 a backend or resource that cannot run here (also: out of memory);
+4 an internal error (a bug; `-v` shows the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 
 from armt.bench import cli as bench_cli
 from armt.commands import convert, export, run
-from graphs.errors import ArmtError
+from graphs.errors import EXIT_INTERNAL, EXIT_UNAVAILABLE, ArmtError
 
 log = logging.getLogger("armt")
 
@@ -55,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print(f"armt {args.command}: error: out of memory", file=sys.stderr)
-        return 1
+        return EXIT_UNAVAILABLE
     except Exception as exc:  # a bug, not bad input: still one line unless -v
         if args.verbose:
             raise
+        if exc.__class__.__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch not imported here)
+            print(f"armt {args.command}: error: out of device memory", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         print(f"armt {args.command}: internal error: {exc.__class__.__name__}: {exc} "
               "(run with -v for the traceback)", file=sys.stderr)
-        return 1
-
+        return EXIT_INTERNAL
 
 if __name__ == "__main__":
     sys.exit(main())

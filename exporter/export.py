@@ -2,7 +2,8 @@
 
     model (cast to the precision)
       |-- trace.trace_graph (per graph role of graphs/contracts.py) -> contract I/O names and dims,
-      |                    portability check, weights -> weights.data (shared), onnx.checker
+      |                    portability check, provenance metadata (model id, config hashes, dims,
+      |                    roles: exporter/provenance.py), weights -> weights.data (shared), onnx.checker
       |-- every model parameter indexed in weights.data (manifest "parameters": the torch reference
       |                    can be rebuilt from the export alone, exporter/reference.py)
       |-- finalize(stage, draft)      the caller's step before the manifest is written: runtimes/
@@ -17,7 +18,6 @@ runs no graph: running and comparing is the runtimes' job, handed in as `finaliz
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import exporter
 from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSpec, record_files, write_manifest
 from exporter.polygraphy_loader import write_script
 from exporter.portability import check_portable, op_counts
+from exporter.provenance import graph_metadata
 from exporter.trace import DEFAULT_OPSET, check_opset, trace_graph
 from exporter.weights import SharedWeights
 
@@ -124,8 +125,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     model.cast(torch_dtype(compute_dtype(precision))).eval()
     export_dir = Path(export_dir)
 
-    with atomic_directory(export_dir, overwrite=overwrite) as stage:
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; an export is a normal directory
+    dims = model_dims(cfg)
+    with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
         for role in ROLES:
@@ -136,6 +137,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
             def edit(proto: onnx.ModelProto, c=c) -> None:
                 fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
                 check_portable(proto, c.role)
+                onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
+                    model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, ROLES))
 
             proto = shared.adopt_ir(traced, path, edit)
             del traced
@@ -165,7 +168,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
         manifest = Manifest(precision=precision, opset=opset,
                             model={"config": cfg.base.hf_config, "armt_config": cfg.armt.to_dict(),
                                    "model_id": model_id, "fingerprint": cfg.fingerprint(), "source": source},
-                            dims=model_dims(cfg), graphs=graphs, files=record_files(stage, names),
+                            dims=dims, graphs=graphs, files=record_files(stage, names),
                             versions=draft.versions, validation=draft.validation, parameters=parameters,
                             samples=draft.samples, polygraphy_script=POLYGRAPHY_SCRIPT if draft.samples else None)
         write_manifest(stage, manifest)
@@ -179,10 +182,3 @@ def _free(model: ArmtModel) -> None:
     """Drop the weights' memory (the graphs hold their own copy now)."""
     for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.manifest import Manifest, load_manifest
+from exporter.manifest import Manifest, check_export, load_manifest
 
 
 def _mb(n: int) -> str:
@@ -62,5 +62,25 @@ def describe(manifest: Manifest, top_ops: int = 8) -> str:
     return "\n".join(lines)
 
 
-def inspect_export(export_dir: str | Path, verify_checksums: bool = False) -> str:
-    return describe(load_manifest(export_dir, verify_checksums=verify_checksums))
+def stale_lines(export_dir: str | Path) -> list[str]:
+    """Staging entries an interrupted write left beside the export (graphs.atomic.stale_entries)."""
+    from graphs.atomic import stale_entries
+    return [f"stale: {p} (left by an interrupted write; the next export to {Path(export_dir).name} removes it)"
+            for p in stale_entries(export_dir)]
+
+
+def inspect_export(export_dir: str | Path, verify_checksums: bool = False) -> tuple[str, list[str]]:
+    """(the description, problems). Without `verify_checksums` a problem raises (one line, as every
+    loader does); with it every file's sha256 and every manifest field against its graphs is checked
+    and each problem is listed (exporter.manifest.check_export)."""
+    if not verify_checksums:
+        text = describe(load_manifest(export_dir, verify_checksums=False))
+        return "\n".join([text, *stale_lines(export_dir)]), []
+    manifest, problems = check_export(export_dir)
+    lines = [describe(manifest), *stale_lines(export_dir), ""]
+    if problems:
+        lines += [f"check: {len(problems)} problem(s):"] + [f"  {what}: {line}" for what, line in problems]
+    else:
+        lines.append(f"check: every file's sha256 and every manifest field (config, armt config, dims, model id, "
+                     f"precision, graphs) agree with what the {len(manifest.graphs)} graphs record")
+    return "\n".join(lines), [line for _, line in problems]

@@ -13,7 +13,10 @@ Layout of an export directory (file names are fixed by this module; the manifest
 
 Every file except manifest.json has an entry in `files` (sha256 and size). `load_manifest` refuses a
 directory whose manifest is missing, malformed, of another format version, or whose files are
-missing, altered, or referenced without a checksum entry: one line, `ExportError`.
+missing, altered, or referenced without a checksum entry, and a manifest whose config, armt config,
+dims, model id, precision or graph entries disagree with what its graphs record (each .onnx carries
+them in its metadata: exporter/provenance.py): one line, `ExportError`, naming the field.
+`check_export` lists every such problem (`armt inspect --verify`).
 
 Tensor dtypes are ONNX/numpy names ("float32", "float16", "bfloat16", "int64", "bool"); shapes are
 lists whose entries are ints (fixed) or strings (named dynamic dims "batch", "width", "slot").
@@ -33,9 +36,11 @@ from graphs.contracts import ROLES, TensorSpec, spec_by_name
 from graphs.dtypes import DTYPES, PRECISIONS
 from graphs.errors import ExportError
 
+from exporter.provenance import provenance_problems
+
 log = logging.getLogger("armt.export")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model ids over every weight, graphs carry provenance metadata
 MANIFEST = "manifest.json"
 SAMPLE_FEEDS = "sample_feeds.npz"
 POLYGRAPHY_SCRIPT = "polygraphy_data_loader.py"
@@ -244,9 +249,33 @@ def load_manifest(export_dir: str | Path, verify_checksums: bool = True) -> Mani
     """Read and check an export directory's manifest.
 
     Raises ExportError (one line) when the directory or manifest is missing or malformed, the format
-    version is not this one, a referenced file has no checksum entry, or a listed file is missing,
-    of another size or (with `verify_checksums`) of another sha256.
+    version is not this one, a referenced file has no checksum entry, a listed file is missing, of
+    another size or (with `verify_checksums`) of another sha256, or a manifest field disagrees with
+    what its graphs record (exporter/provenance.py: config, armt config, dims, model id, precision,
+    graph entries).
     """
+    manifest = _parse(export_dir)
+    for _, problem in _file_problems(manifest, verify_checksums):
+        raise ExportError(problem)
+    for field, problem in provenance_problems(manifest):
+        raise ExportError(_field_line(manifest.root, field, problem))
+    return manifest
+
+
+def check_export(export_dir: str | Path) -> tuple[Manifest, list[tuple[str, str]]]:
+    """Every problem of an export, not just the first (`armt inspect --verify`): (what, line) for each
+    altered or missing file (sha256 verified) and each manifest field its graphs contradict."""
+    manifest = _parse(export_dir)
+    problems = list(_file_problems(manifest, True))
+    problems += [(field, _field_line(manifest.root, field, p)) for field, p in provenance_problems(manifest)]
+    return manifest, problems
+
+
+def _field_line(root: Path, field: str, problem: str) -> str:
+    return f"export {root}: manifest.json field {field!r} disagrees with its graphs: {problem} (edited after export?)"
+
+
+def _parse(export_dir: str | Path) -> Manifest:
     root = Path(export_dir)
     if not root.is_dir():
         raise ExportError(f"export directory {root} does not exist")
@@ -267,17 +296,22 @@ def load_manifest(export_dir: str | Path, verify_checksums: bool = True) -> Mani
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ExportError(f"{path} is malformed ({exc.__class__.__name__}: {exc})") from None
     _check_consistent(manifest, path)
+    return manifest
+
+
+def _file_problems(manifest: Manifest, verify_checksums: bool):
+    """(file, line) for each listed file that is missing, of another size or (verified) sha256."""
+    root = manifest.root
     for name, rec in manifest.files.items():
         f = root / name
         if not f.is_file():
-            raise ExportError(f"export {root} is incomplete: {name} is missing")
+            yield name, f"export {root} is incomplete: {name} is missing"
+            continue
         size = f.stat().st_size
         if size != rec.bytes:
-            raise ExportError(f"export {root}: {name} was altered ({size} bytes, manifest says {rec.bytes})")
-        if verify_checksums:
-            if sha256_file(f) != rec.sha256:
-                raise ExportError(f"export {root}: {name} was altered (sha256 does not match the manifest)")
-    return manifest
+            yield name, f"export {root}: {name} was altered ({size} bytes, manifest says {rec.bytes})"
+        elif verify_checksums and sha256_file(f) != rec.sha256:
+            yield name, f"export {root}: {name} was altered (sha256 does not match the manifest)"
 
 
 def _check_consistent(m: Manifest, path: Path) -> None:

@@ -21,7 +21,12 @@ def load_npy(path: str | Path, what: str) -> np.ndarray:
         raise InputError(f"{what}: {path} is not a readable .npy array ({exc})") from None
 
 
-def save_npy(path: str | Path, array: np.ndarray) -> None:
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy bytes of an array (for writing several outputs together: graphs.atomic)."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, npy_bytes(array))

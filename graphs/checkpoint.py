@@ -322,7 +322,11 @@ def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: s
                      correction: bool = True, nu: int = 3, overwrite: bool = False) -> Path:
     """Official checkpoint -> model directory (written atomically). Returns the directory."""
     from graphs.modeldir import save_model_dir
-    check_output_dir(out_dir, overwrite)  # fail before the (possibly long) load, not after
+    from graphs.paths import OutputPath, check_paths
+    # before the (possibly long) load: never write over, into or around the inputs
+    check_paths({"CKPT": checkpoint, "--base-config": base_config},
+                [OutputPath("-o", out_dir, directory=True, overwrite=overwrite)])
+    check_output_dir(out_dir, overwrite)
     model = load_official(checkpoint, base_config, segment_size, num_mem_tokens, d_mem, wrap_pos,
                           correction, nu)
     card = (f"Converted from the official ARMT checkpoint {Path(checkpoint).name} by "

@@ -1,4 +1,13 @@
-"""Typed errors shared by every package. The CLI maps them to one-line messages and exit codes."""
+"""Typed errors shared by every package. The CLI maps them to one-line messages and exit codes:
+
+    0  ok
+    1  a parity miss (ParityFailure), or non-finite values under --strict (NonFiniteError)
+    2  bad input: files, paths, ids, masks, states, configs, exports (every other ArmtError)
+    3  a backend or resource that cannot run here (BackendUnavailable; out of memory)
+    4  an internal error (a bug: an exception that is not an ArmtError)
+"""
+
+EXIT_OK, EXIT_MISS, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 class ArmtError(Exception):
@@ -31,5 +40,16 @@ class BackendUnavailable(ArmtError):
 
 class ParityFailure(ArmtError):
     """A backend's outputs miss the precision's bounds against the PyTorch reference."""
+
+    exit_code = 1
+
+
+class OutputError(ArmtError):
+    """An output location that cannot be written (missing folder, a directory, no permission), or
+    one that would overwrite an input of the same call."""
+
+
+class NonFiniteError(ArmtError):
+    """NaN or Inf in a run's outputs or memory state (`--strict`)."""
 
     exit_code = 1

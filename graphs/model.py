@@ -128,10 +128,17 @@ class ArmtModel(nn.Module):
         return self
 
     def model_id(self) -> str:
-        """Architecture fingerprint plus a hash of the memory tokens: state files carry it."""
-        import hashlib
-        digest = hashlib.sha256(self.globals["memory"].detach().float().cpu().numpy().tobytes()).hexdigest()
-        return f"{self.cfg.fingerprint()}-{digest[:12]}"
+        """The id over the config and every weight as they are now (graphs/identity.py); hashes
+        every parameter (about 2 GB/s). `recorded_model_id` is the id a model directory recorded
+        for the weights it was loaded from (graphs/modeldir.py), None otherwise."""
+        from graphs.identity import config_json, weights_id
+        cfg = self.cfg
+        return weights_id(cfg.fingerprint(), config_json(cfg.base.hf_config, cfg.armt.to_dict()),
+                          self.named_parameters())
+
+    def known_model_id(self) -> str:
+        """The recorded id when the model came from a model directory that records one, else model_id()."""
+        return getattr(self, "recorded_model_id", None) or self.model_id()
 
     def zero_state(self, batch: int) -> MemoryState:
         """An empty memory for `batch` rows (torch tensors on the model's device)."""
@@ -191,6 +198,9 @@ class ArmtModel(nn.Module):
         B, N = input_ids.shape
         if state is None:
             state = self.zero_state(B)
+        if state.pending is not None:
+            raise InputError("this state holds unfinished segments: continue it with runtimes.execute.run_schedule "
+                             "or runtimes.torch_runner.run_torch (the reference forward starts at a segment boundary)")
         state.check_fits(b.n_layers, B, self.cfg.armt.d_key, b.d_model)
         state = torch_state(state, self.device)
         slots = make_slots(self.cfg, input_ids, lengths, uniform=(schedule == "diagonal"))

@@ -1,8 +1,16 @@
-"""Model directories: ``config.json`` (base HF config), ``armt_config.json``, ``model.safetensors``."""
+"""Model directories: ``config.json`` (base HF config), ``armt_config.json``, ``model.safetensors``.
+
+The model id (graphs/identity.py: config and every weight) is computed when the directory is
+written and recorded in the safetensors header (metadata key ``armt_model_id``); loading reads it
+from the header and sets ``ArmtModel.recorded_model_id`` (no hashing). A weights file without it
+(written by another tool) gets its id computed from the tensors when one is needed.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -16,6 +24,7 @@ from graphs.model import ArmtModel
 CONFIG = "config.json"
 ARMT_CONFIG = "armt_config.json"
 WEIGHTS = "model.safetensors"
+MODEL_ID_KEY = "armt_model_id"
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -59,10 +68,33 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sourc
     return model.eval()
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (8-byte length, then JSON), {} when it has none."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return {}
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def recorded_model_id(model_dir: str | Path) -> str | None:
+    """The model id recorded when the directory was written (None for weights written elsewhere)."""
+    return safetensors_metadata(Path(model_dir) / WEIGHTS).get(MODEL_ID_KEY) or None
+
+
 def load_model_dir(model_dir: str | Path) -> ArmtModel:
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
-    return model_from_tensors(cfg, load_safetensors(model_dir / WEIGHTS), str(model_dir / WEIGHTS))
+    model = model_from_tensors(cfg, load_safetensors(model_dir / WEIGHTS), str(model_dir / WEIGHTS))
+    recorded = recorded_model_id(model_dir)
+    # the id covers the config too: a config edited after writing makes the recorded id stale
+    model.recorded_model_id = recorded if recorded and recorded.split("-")[0] == cfg.fingerprint() else None
+    return model
 
 
 def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = False,
@@ -70,10 +102,13 @@ def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = Fa
     """Write a model directory atomically. `extra_files`: name -> text (a model card, say)."""
     from safetensors.torch import save_file
     cfg = model.cfg
+    # the id of the weights as they will load (fp32)
+    model_id = (model if model.dtype == torch.float32 else copy.deepcopy(model).cast(torch.float32)).model_id()
     with atomic_directory(model_dir, overwrite=overwrite) as stage:
         (stage / CONFIG).write_text(json.dumps(cfg.base.hf_config, indent=2, sort_keys=True) + "\n")
         (stage / ARMT_CONFIG).write_text(json.dumps(cfg.armt.to_dict(), indent=2) + "\n")
-        save_file(hf_from_params(model), str(stage / WEIGHTS), metadata={"format": "pt"})
+        save_file(hf_from_params(model), str(stage / WEIGHTS),
+                  metadata={"format": "pt", MODEL_ID_KEY: model_id})
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
     return Path(model_dir)

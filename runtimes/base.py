@@ -29,7 +29,7 @@ import importlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -69,16 +69,24 @@ def parse_device(device: str | Device) -> Device:
 class Runner(abc.ABC):
     backend: str = ""
 
-    def __init__(self, contract: GraphContract, device: str | Device, model_id: str):
+    def __init__(self, contract: GraphContract, device: str | Device, model_id: str | Callable[[], str]):
+        """`model_id`: the id of the model (graphs/identity.py), or a function computing it on first use."""
         self.contract = contract
         self.role = contract.role
         self.cfg = contract.cfg
         self.precision = contract.precision
-        self.model_id = model_id
+        self._model_id = model_id
         self.device = parse_device(device)
         self.is_active = False
         self.inference_time = 0.0  # seconds spent in `infer`, summed (host-side; async on CUDA)
         self.calls = 0
+
+    @property
+    def model_id(self) -> str:
+        """The model's id: state files written by this runner carry it, state files of another are refused."""
+        if callable(self._model_id):
+            self._model_id = self._model_id()
+        return self._model_id
 
     # ---------------------------------------------------------------- what subclasses provide
     @abc.abstractmethod

@@ -1,17 +1,29 @@
 """The one schedule loop: drives any runner through the schedule its graph role belongs to.
 
-    ids, mask --make_slots--> slots --build_schedule--> steps --step_feeds--> per-step host feeds
+    ids, mask, state --continue_input--> the call's effective input (a state's pending tokens first)
+      --make_slots--> slots --build_schedule--> steps --step_feeds--> per-step host feeds
     carried inputs start from the state (and, for the diagonal step, a zero hidden buffer)
     for step in steps:                                   (iter_steps: one graph call per step)
         out = runner.infer(step feeds + carried)
         carried <- out's buffers                         (contract.recurrent: output -> next input)
         step.leaving is not None -> copy the finished segment's logits/hidden to the host result
-    the final state (host)
+        a cell (s, l) that ends a row's last complete segment -> keep layer l's state of that row
+    the final state (host), with each row's unfinished segment (graphs.state.Pending)
 
 `plan_run` makes the host side once (slots, schedule, feeds); `iter_steps` runs it on one runner and
 yields every call (validation walks several runners through the same plan side by side);
 `run_schedule` is the whole run. The runner's role picks the schedule (graphs.contracts). Nothing
 here needs torch: inputs may be numpy arrays or torch tensors, results are numpy.
+
+Exact resume (the mechanism, for every backend): a row of a call that ends inside a segment leaves
+its tokens of that segment and the state before it in `state.pending`. The next call from that
+state prepends those tokens to the row's new ones and starts from the state before them
+(`continue_input`), so the unfinished segment runs again whole; the results hold only the new
+positions (`Continuation.take_new`), and the final state records the new unfinished segments
+(`Continuation.resume_state`). The state before a row's unfinished segment is the state after its
+last complete segment, per layer: taken at the step where that layer finishes that segment (the
+Schedule's cells, no index arithmetic here). runtimes.torch_runner.run_torch uses the same
+Continuation around the fast executor.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import numpy as np
 from graphs.errors import InputError
 from graphs.schedule import Schedule, Step, build_schedule, step_feeds
 from graphs.segments import Slot, check_ids, make_slots
-from graphs.state import MemoryState, to_numpy
+from graphs.state import MemoryState, Pending, to_numpy
 from runtimes.base import Runner
 from runtimes.progress import Progress
 
@@ -37,16 +49,121 @@ PROGRESS_MIN_STEPS = 16  # shorter runs draw no progress bar
 
 
 @dataclass
+class Continuation:
+    """One call's input as the model sees it: each row's pending tokens (from the state), then the
+    call's own tokens, starting from the state before the pending segment.
+
+        row b:  | pending (skip[b]) | the call's tokens (new_lengths[b]) | padding |"""
+
+    ids: np.ndarray  # (B, N') int64, the effective input, right-padded with 0
+    lengths: np.ndarray  # (B,) effective lengths: skip + new_lengths
+    skip: np.ndarray  # (B,) pending tokens run again at the start of each row (not returned)
+    new_lengths: np.ndarray  # (B,) the call's own tokens per row
+    new_width: int  # N of the call's (B, N) input
+    start: MemoryState | None  # the state the effective input starts from (None: empty memory)
+    segment_size: int
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.skip.any())
+
+    @property
+    def complete(self) -> np.ndarray:
+        """(B,) complete segments of each row's effective input."""
+        return self.lengths // self.segment_size
+
+    @property
+    def unfinished(self) -> np.ndarray:
+        """(B,) tokens of each row's unfinished last segment (0: it ends on a segment boundary)."""
+        return self.lengths % self.segment_size
+
+    def mask(self) -> np.ndarray | None:
+        """(B, N') right-padded 0/1 mask of the effective input, None when every row is full."""
+        N = self.ids.shape[1]
+        if bool(np.all(self.lengths == N)):
+            return None
+        return (np.arange(N)[None, :] < self.lengths[:, None]).astype(np.int64)
+
+    def take_new(self, full: np.ndarray | None) -> np.ndarray | None:
+        """(B, N', ...) results of the effective input -> (B, N, ...) of the call's own positions."""
+        if full is None or not self.resumed:
+            return full
+        out = np.zeros((full.shape[0], self.new_width, *full.shape[2:]), dtype=full.dtype)
+        for b, (k, n) in enumerate(zip(self.skip.tolist(), self.new_lengths.tolist())):
+            out[b, :n] = full[b, k:k + n]
+        return out
+
+    def rows_to_record(self) -> dict[int, np.ndarray]:
+        """segment -> rows whose last complete segment it is and that end inside a later one (their
+        state before the unfinished segment is the state right after this one)."""
+        want = (self.unfinished > 0) & (self.complete > 0)
+        rows: dict[int, list[int]] = {}
+        for b in np.flatnonzero(want).tolist():
+            rows.setdefault(int(self.complete[b]) - 1, []).append(b)
+        return {s: np.array(r, dtype=np.int64) for s, r in rows.items()}
+
+    def resume_state(self, final: MemoryState, recorded: MemoryState | None) -> MemoryState:
+        """The call's final state (host) with the rows' unfinished segments. `recorded`: a state whose
+        rows of `rows_to_record` hold the state after their last complete segment (other rows unused)."""
+        final = final.numpy() if final.pending is None else final.without_pending().numpy()
+        u, k, T = self.unfinished, self.complete, self.segment_size
+        if not u.any():
+            return final
+        B = len(u)
+        start = self.start.numpy() if self.start is not None else MemoryState(
+            *(np.zeros_like(t) for t in final.tensors().values()))
+        from_start, from_recorded = (u > 0) & (k == 0), (u > 0) & (k > 0)
+        before = {}
+        for name, t in final.tensors().items():  # (L, B, ...): the batch axis is 1
+            b_t = t.copy()  # rows without an unfinished segment continue from the final state
+            b_t[:, from_start] = getattr(start, name)[:, from_start]
+            if from_recorded.any():
+                b_t[:, from_recorded] = getattr(recorded, name)[:, from_recorded]
+            before[name] = b_t
+        width = int(u.max())
+        ids = np.zeros((B, width), dtype=np.int64)
+        for b in range(B):
+            ids[b, :u[b]] = self.ids[b, k[b] * T:k[b] * T + u[b]]
+        final.pending = Pending(ids, u.astype(np.int64), MemoryState(**before))
+        return final
+
+
+def continue_input(cfg, input_ids, attention_mask=None, state: MemoryState | None = None,
+                   segment_size: int | None = None) -> Continuation:
+    """Check the call's ids/mask (and the state's pending segment) and make the effective input."""
+    if not hasattr(input_ids, "shape") or not hasattr(input_ids, "dtype"):
+        raise InputError("input ids must be an array (numpy or torch)")
+    lengths = check_ids(input_ids, cfg.base.vocab_size, attention_mask)  # (B,)
+    ids = to_numpy(input_ids).astype(np.int64)
+    B, N = ids.shape
+    T = segment_size or cfg.armt.segment_size
+    pending = state.pending if state is not None else None
+    start = state.without_pending() if state is not None else None
+    if pending is None:
+        return Continuation(ids, lengths, np.zeros(B, np.int64), lengths, N, start, T)
+    pending.check_fits(B, T, cfg.base.vocab_size)
+    skip = to_numpy(pending.lengths).astype(np.int64)
+    p_ids = to_numpy(pending.ids).astype(np.int64)
+    eff_lengths = skip + lengths
+    eff = np.zeros((B, int(eff_lengths.max(initial=0))), dtype=np.int64)
+    for b in range(B):
+        eff[b, :skip[b]] = p_ids[b, :skip[b]]
+        eff[b, skip[b]:eff_lengths[b]] = ids[b, :lengths[b]]
+    return Continuation(eff, eff_lengths, skip, lengths, N, pending.before, T)
+
+
+@dataclass
 class RunPlan:
     """The host side of one run: what every call is fed apart from the carried inputs."""
 
-    ids: np.ndarray  # (B, N) int64
+    ids: np.ndarray  # (B, N') int64, the effective input (continuation.ids)
     lengths: np.ndarray  # (B,)
     slots: list[Slot]
     schedule: Schedule
     feeds: list[dict[str, np.ndarray]]  # per step
     initial: dict[str, Any]  # the carried inputs of the first call (host arrays)
     final: dict[str, Any] = field(default_factory=dict)  # the carried values after the run (iter_steps)
+    continuation: Continuation | None = None
 
 
 @dataclass
@@ -60,34 +177,34 @@ class StepCall:
 class RunResult:
     logits: np.ndarray | None  # (B, N, V) fp32, zero at padding places (None if not collected)
     hidden: np.ndarray | None  # (B, N, d) fp32, after the final norm
-    state: MemoryState  # final memory state (numpy)
+    state: MemoryState  # final memory state (numpy), with the rows' unfinished segments
     schedule: Schedule
     seconds: float  # wall time of the loop, synchronized
-    # segment_states[s]: every layer's state right after it processed segment s (trace=True)
+    # segment_states[s]: every layer's state right after it processed segment s (trace=True); segments
+    # of the effective input (a resumed call's segment 0 is the one its state left unfinished)
     segment_states: list[MemoryState] = field(default_factory=list)
+    skip: np.ndarray | None = None  # (B,) pending tokens each row ran again before the call's own
 
 
 def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState | None = None,
              segment_size: int | None = None) -> RunPlan:
-    """Check the inputs and lay out the run of `runner`'s graph over a right-padded batch (B, N).
-    `segment_size` overrides the model's (the graphs do not depend on it; export samples use less)."""
+    """Check the inputs and lay out the run of `runner`'s graph over a right-padded batch (B, N),
+    continuing the state's unfinished segments. `segment_size` overrides the model's (the graphs do
+    not depend on it; export samples use less)."""
     cfg = runner.cfg
-    if not hasattr(input_ids, "shape") or not hasattr(input_ids, "dtype"):
-        raise InputError("input ids must be an array (numpy or torch)")
-    lengths = check_ids(input_ids, cfg.base.vocab_size, attention_mask)  # (B,)
-    ids = to_numpy(input_ids).astype(np.int64)
+    cont = continue_input(cfg, input_ids, attention_mask, state, segment_size)
+    ids, lengths = cont.ids, cont.lengths
     B = ids.shape[0]
     b, a = cfg.base, cfg.armt
-    if state is None:
-        state = MemoryState.zeros(b.n_layers, B, a.d_key, b.d_model)
-    state.check_fits(b.n_layers, B, a.d_key, b.d_model)
+    start = cont.start if cont.start is not None else MemoryState.zeros(b.n_layers, B, a.d_key, b.d_model)
+    start.check_fits(b.n_layers, B, a.d_key, b.d_model)
     contract = runner.contract
-    T = segment_size or a.segment_size
+    T = cont.segment_size
     slots = make_slots(cfg, ids, lengths, uniform=(contract.schedule == "diagonal"), segment_size=T)
     schedule = build_schedule(contract.schedule, b.n_layers, len(slots))
     initial: dict[str, Any] = contract.initial_carry(B, T)
-    initial.update({"A_in": to_numpy(state.A), "z_in": to_numpy(state.z), "written_in": to_numpy(state.written)})
-    return RunPlan(ids, lengths, slots, schedule, step_feeds(schedule, slots), initial)
+    initial.update({f"{name}_in": to_numpy(t) for name, t in start.tensors().items()})
+    return RunPlan(ids, lengths, slots, schedule, step_feeds(schedule, slots), initial, continuation=cont)
 
 
 def iter_steps(runner: Runner, plan: RunPlan) -> Iterator[StepCall]:
@@ -105,36 +222,49 @@ def iter_steps(runner: Runner, plan: RunPlan) -> Iterator[StepCall]:
 def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemoryState | None = None,
                  collect: tuple[str, ...] = COLLECTABLE, trace: bool = False, progress: bool = False,
                  segment_size: int | None = None) -> RunResult:
-    """Run `runner` (active) over a right-padded batch of token ids (B, N), from `state` (default: empty).
+    """Run `runner` (active) over a right-padded batch of token ids (B, N), from `state` (default:
+    empty), continuing its unfinished segments: two calls equal one call at any split point.
 
-    `collect`: which of logits/hidden to gather (host arrays (B, N, ...)); `trace`: also keep the
-    state after every segment (for per-segment comparisons)."""
+    `collect`: which of logits/hidden to gather (host arrays (B, N, ...) of this call's positions);
+    `trace`: also keep the state after every segment (for per-segment comparisons)."""
     bad = sorted(set(collect) - set(COLLECTABLE))
     if bad:
         raise InputError(f"cannot collect {bad}; choose from {COLLECTABLE}")
     plan = plan_run(runner, input_ids, attention_mask, state, segment_size)
+    cont = plan.continuation
     cfg = runner.cfg
-    B, N = plan.ids.shape
+    B, N = plan.ids.shape[0], cont.new_width
     L = cfg.base.n_layers
     result = {"logits": np.zeros((B, N, cfg.base.vocab_size), np.float32) if "logits" in collect else None,
               "hidden": np.zeros((B, N, cfg.base.d_model), np.float32) if "hidden" in collect else None}
     traced: list[list[tuple[np.ndarray, ...] | None]] = [[None] * L for _ in plan.slots] if trace else []
+    wanted = cont.rows_to_record()  # segment -> rows whose state before their unfinished segment it ends
+    recorded = {name: np.zeros(spec_shape, dtype) for name, (spec_shape, dtype) in
+                _state_shapes(plan).items()} if wanted else {}
     start = time.perf_counter()
     show = progress and len(plan.schedule.steps) >= PROGRESS_MIN_STEPS
     with Progress(len(plan.schedule.steps), f"{plan.schedule.kind} steps", enabled=show) as bar:
         for call in iter_steps(runner, plan):
             if call.step.leaving is not None:
-                _emit(runner, plan.slots[call.step.leaving], call.outputs, result)
+                _emit(runner, plan.slots[call.step.leaving], call.outputs, result, cont.skip)
             if trace:
                 _record(runner, call, traced)
+            if wanted:
+                _record_before(runner, call, wanted, recorded)
             bar.update()
     runner.synchronize()
     final = plan.final
-    state_out = MemoryState(*(_host(runner, final[k]) for k in ("A_in", "z_in", "written_in")))
+    state_out = MemoryState(**{name: _host(runner, final[f"{name}_in"]) for name in MemoryState.TENSORS})
+    state_out = cont.resume_state(state_out, MemoryState(**recorded) if wanted else None)
     seg_states = [MemoryState(*(np.stack([cell[k] for cell in row]) for k in range(3))) for row in traced]
     seconds = time.perf_counter() - start
     log.debug("%s: %d %s steps in %.3f s", runner.name, len(plan.schedule.steps), plan.schedule.kind, seconds)
-    return RunResult(result["logits"], result["hidden"], state_out, plan.schedule, seconds, seg_states)
+    return RunResult(result["logits"], result["hidden"], state_out, plan.schedule, seconds, seg_states, cont.skip)
+
+
+def _state_shapes(plan: RunPlan) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of each recurrent state tensor of the run (from its initial carried inputs)."""
+    return {name: (plan.initial[f"{name}_in"].shape, plan.initial[f"{name}_in"].dtype) for name in MemoryState.TENSORS}
 
 
 def _host(runner: Runner, value: Any) -> np.ndarray:
@@ -144,8 +274,10 @@ def _host(runner: Runner, value: Any) -> np.ndarray:
     return np.array(runner.to_numpy(value))
 
 
-def _emit(runner: Runner, slot: Slot, out: dict[str, Any], result: dict[str, np.ndarray | None]) -> None:
-    """Copy a finished segment's real tokens into the (B, N, ...) host results."""
+def _emit(runner: Runner, slot: Slot, out: dict[str, Any], result: dict[str, np.ndarray | None],
+          skip: np.ndarray) -> None:
+    """Copy a finished segment's real tokens into the (B, N, ...) host results: effective position
+    p of row b is the call's position p - skip[b] (pending tokens, p < skip[b], are not returned)."""
     counts = slot.counts.tolist()
     for name in COLLECTABLE:
         dst = result[name]
@@ -153,8 +285,10 @@ def _emit(runner: Runner, slot: Slot, out: dict[str, Any], result: dict[str, np.
             continue
         src = runner.to_numpy(out[name])  # (B, W, ...)
         for row, c in enumerate(counts):
-            if c:
-                dst[row, slot.start:slot.start + c] = src[row, :c]
+            k = int(skip[row])
+            lo = max(slot.start, k)  # first effective position to return
+            if slot.start + c > lo:
+                dst[row, lo - k:slot.start + c - k] = src[row, lo - slot.start:c]
 
 
 def _record(runner: Runner, call: StepCall, traced: list[list]) -> None:
@@ -162,3 +296,16 @@ def _record(runner: Runner, call: StepCall, traced: list[list]) -> None:
     host = {k: runner.to_numpy(call.outputs[k]) for k in ("A_out", "z_out", "written_out")}
     for s, l in call.step.cells:
         traced[s][l] = (host["A_out"][l].copy(), host["z_out"][l].copy(), host["written_out"][l].copy())
+
+
+def _record_before(runner: Runner, call: StepCall, wanted: dict[int, np.ndarray], recorded: dict[str, np.ndarray]) -> None:
+    """For every cell (s, l) of this step that ends the last complete segment s of some rows, keep
+    layer l's state of those rows: recorded[name][l, rows] (the state before their unfinished segment)."""
+    cells = [(s, l) for s, l in call.step.cells if s in wanted]
+    if not cells:
+        return
+    host = {name: runner.to_numpy(call.outputs[f"{name}_out"]) for name in recorded}  # (L, B, ...) each
+    for s, l in cells:
+        rows = wanted[s]
+        for name, dst in recorded.items():
+            dst[l, rows] = host[name][l, rows]

@@ -52,7 +52,7 @@ class TorchRunner(Runner):
         on activation, as a copy. `fused`: PyTorch's fused attention (the reference's rounding twin)."""
         dev = check_torch_device(device)
         check_precision(precision)
-        super().__init__(contract(model.cfg, role, precision), str(dev), model.model_id())
+        super().__init__(contract(model.cfg, role, precision), str(dev), model.model_id)  # hashed when first asked
         self.torch_device = dev
         self.fused = fused
         self._model = model
@@ -109,34 +109,48 @@ def run_torch(model: ArmtModel, input_ids, attention_mask=None, state: MemorySta
               schedule: str = "diagonal", device: str = "cpu", precision: str = "fp32",
               collect: tuple[str, ...] = ("logits", "hidden"), progress: bool = False):
     """A whole run on torch: the fast executor where it applies, the schedule loop on a TorchRunner
-    elsewhere (logged at debug level). Returns a runtimes.execute.RunResult (numpy)."""
+    elsewhere (logged at debug level). Returns a runtimes.execute.RunResult (numpy). Both continue
+    the state's unfinished segments (runtimes.execute.Continuation): the fast executor runs the rows'
+    complete segments and their unfinished one as two pieces, the state between them being the one
+    the next call continues from."""
     import time
 
-    from graphs.contracts import ROLE_OF_SCHEDULE
     from graphs.schedule import build_schedule
-    from graphs.segments import check_ids
-    from runtimes.execute import run_schedule
-    why = fast_executor_applies(model, input_ids, attention_mask)
+    from runtimes.execute import RunResult, continue_input
+    cont = continue_input(model.cfg, input_ids, attention_mask, state)
+    why = fast_executor_applies(model, cont.ids, cont.mask())
     if why is None:
-        from runtimes.execute import RunResult
         from runtimes.fast_torch import FastArmt
         dev = check_torch_device(device)
         check_precision(precision)
-        check_ids(input_ids, model.cfg.base.vocab_size, attention_mask)
         log.debug("torch backend: fast executor (%s schedule)", schedule)
         work = copy.deepcopy(model).to(dev)
         work.cast(torch_dtype(compute_dtype(precision)))
         fast = FastArmt(work, exact_memory=True)
         start = time.perf_counter()
-        ids = to_torch(input_ids, dev).to(torch.int64)
-        res = fast.run(ids, schedule, state=None if state is None else _torch_state(state, dev),
-                       collect=bool(collect), head="logits" in collect)
+        ids = to_torch(cont.ids, dev).to(torch.int64)  # (B, N'): every row the same length
+        T, N = model.cfg.armt.segment_size, ids.shape[1]
+        k, u = int(cont.complete[0]), int(cont.unfinished[0])
+        cuts = [0, k * T, N] if k and u else [0, N]  # complete segments, then the unfinished one
+        st, recorded, logits, hidden = cont.start, None, [], []
+        for lo, hi in zip(cuts, cuts[1:]):
+            res = fast.run(ids[:, lo:hi], schedule, state=None if st is None else _torch_state(st, dev),
+                           collect=bool(collect), head="logits" in collect)
+            st = res.state.numpy()
+            if hi == k * T and u:
+                recorded = st  # the state before every row's unfinished segment
+            logits.append(res.logits)
+            hidden.append(res.hidden)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        S = -(-ids.shape[1] // model.cfg.armt.segment_size)
-        return RunResult(to_numpy(res.logits) if "logits" in collect else None,
-                         to_numpy(res.hidden) if "hidden" in collect else None, res.state.numpy(),
-                         build_schedule(schedule, model.cfg.base.n_layers, S), time.perf_counter() - start)
+        cat = lambda parts: to_numpy(torch.cat(parts, 1)) if parts[0] is not None else None  # noqa: E731
+        S = -(-N // T)
+        return RunResult(cont.take_new(cat(logits)) if "logits" in collect else None,
+                         cont.take_new(cat(hidden)) if "hidden" in collect else None, cont.resume_state(st, recorded),
+                         build_schedule(schedule, model.cfg.base.n_layers, S), time.perf_counter() - start,
+                         skip=cont.skip)
+    from graphs.contracts import ROLE_OF_SCHEDULE
+    from runtimes.execute import run_schedule
     log.debug("torch backend: reference cells through the schedule loop (%s)", why)
     with TorchRunner(model, ROLE_OF_SCHEDULE[schedule], device=device, precision=precision) as runner:
         return run_schedule(runner, input_ids, attention_mask, state=state, collect=collect, progress=progress)

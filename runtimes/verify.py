@@ -5,10 +5,12 @@
     for backend in ort, trt:  for schedule in sequential, diagonal:  for case in cases:
         run the schedule loop, compare every segment's logits, hidden, A, z, written
     table -> exit 0 all passed | 1 a miss (ParityFailure) | 3 nothing missed but a backend could not run
+    always strict: NaN/Inf never passes a comparison, and each non-finite tensor is named with the
+    first segment where it appears (runtimes/finite.py)
 
 Generated cases (unless --input-ids): one row of 2.5 segments, a batch with one short segment,
-a right-padded batch of three lengths, and a run resumed at a segment boundary from the state of
-its first part (the state travels through the host, as a state file would).
+a right-padded batch of three lengths, and a run resumed inside a segment from the state of its first
+part (the state, with its unfinished segment, travels through the host, as a state file would).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from graphs.errors import BackendUnavailable, ExportError, InputError
 from graphs.state import to_numpy
 from runtimes.base import Runner, make_runner
 from runtimes.execute import RunResult, run_schedule
+from runtimes.finite import find_nonfinite
 
 log = logging.getLogger("armt.verify")
 
@@ -51,9 +54,10 @@ def reference_model(manifest, model_dir: str | None, device: str = "cpu"):
     if model_dir:
         model = load_model_dir(model_dir)
         want = manifest.model_id
-        if model.cfg != manifest.model_config() or model.model_id() != want:
-            raise InputError(f"model directory {model_dir} is not the model this export was made from "
-                             f"(model id {model.model_id()}, export {want})")
+        got = model.model_id()  # recomputed from the loaded tensors, not the id the directory records
+        if model.cfg != manifest.model_config() or got != want:
+            raise InputError(f"model directory {model_dir} is another model than the one this export was made "
+                             f"from (model id {got}; the export's is {want})")
     else:
         model = model_from_export(manifest)
     return model.to(check_torch_device(device)).eval()
@@ -80,7 +84,7 @@ def generated_cases(cfg: ModelConfig, seed: int = 0) -> list[Case]:
         Case(f"1x{n1}", ids(1, n1), None),
         Case(f"2x{max(T // 2, 1)}", ids(2, max(T // 2, 1)), None),
         Case(f"padded 3x{n_pad} ({','.join(map(str, lengths.tolist()))})", ids(3, n_pad), mask),
-        Case(f"resumed 2x{2 * T + 2} at {T}", ids(2, 2 * T + 2), None, cut=T),
+        Case(f"resumed 2x{2 * T + 2} at {T + T // 2}", ids(2, 2 * T + 2), None, cut=T + T // 2),
     ]
 
 
@@ -186,14 +190,13 @@ def backend_run(runner: Runner, case: Case) -> RunResult:
     if case.cut is None:
         return run_schedule(runner, case.ids, case.mask, trace=True)
     c = case.cut
-    if c % runner.cfg.armt.segment_size:
-        raise InputError("a resumed case must cut at a segment boundary")
     mask = (None, None) if case.mask is None else (case.mask[:, :c], case.mask[:, c:])
     first = run_schedule(runner, case.ids[:, :c], mask[0], trace=True)
     second = run_schedule(runner, case.ids[:, c:], mask[1], state=first.state.numpy(), trace=True)  # via the host
+    # the second call ran the first's unfinished segment again: its segments continue the first's complete ones
+    kept = first.segment_states[:c // runner.cfg.armt.segment_size]
     return RunResult(np.concatenate([first.logits, second.logits], 1), np.concatenate([first.hidden, second.hidden], 1),
-                     second.state, second.schedule, first.seconds + second.seconds,
-                     first.segment_states + second.segment_states)
+                     second.state, second.schedule, first.seconds + second.seconds, kept + second.segment_states)
 
 
 def _worse(a: Comparison, b: Comparison) -> bool:
@@ -259,6 +262,9 @@ def verify(model, export_dir, backends: list[str], schedules: list[str], cases: 
     probes = [reference_run(reference, case, fused=True) for case in cases]
     del reference
     T = model.cfg.armt.segment_size
+    for case, ref in zip(cases, refs):
+        for bad in find_nonfinite(ref, T):
+            log.warning("%s", bad.line(f"torch reference, case {case.name}"))
     for backend in backends:
         for schedule in schedules:
             role = ROLE_OF_SCHEDULE[schedule]
@@ -273,6 +279,8 @@ def verify(model, export_dir, backends: list[str], schedules: list[str], cases: 
             try:
                 for case, ref, probe in zip(cases, refs, probes):
                     got = backend_run(runner, case)
+                    for bad in find_nonfinite(got, T):  # the comparisons fail on them too (NaN never passes)
+                        log.warning("%s", bad.line(f"{backend} {schedule}, case {case.name}"))
                     for kind, (c, seg, noise) in compare_runs(got, ref, case, T, prec, probe).items():
                         report.rows.append(Row(backend, schedule, case.name, kind, c, seg,
                                                "ok" if c.ok else "FAIL", noise=noise))

@@ -13,7 +13,7 @@ import torch
 
 from graphs.checkpoint import (convert_official, load_official, model_from_official, official_config,
                                read_checkpoint)
-from graphs.errors import CheckpointError
+from graphs.errors import ArmtError, CheckpointError
 from graphs.modeldir import ARMT_CONFIG, CONFIG, WEIGHTS, load_model_dir, save_model_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -262,7 +262,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="--overwrite"):
+    with pytest.raises(ArmtError, match="--overwrite"):
         convert_official(LLAMA / "checkpoint.pt", LLAMA, out, **s)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     convert_official(LLAMA / "checkpoint.pt", LLAMA, out, overwrite=True, **s)

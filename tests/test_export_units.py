@@ -12,7 +12,8 @@ from exporter.bounds import BOUNDS, KINDS, bound_for, compare
 from exporter.manifest import (FORMAT_VERSION, GraphRecord, Manifest, TensorSpec, load_manifest, record_files,
                                write_manifest)
 from exporter.portability import ALLOWED_OPS, check_portable
-from graphs.contracts import contract
+from exporter.provenance import graph_metadata
+from graphs.contracts import contract, model_dims
 from exporter.synthetic_model import synthetic_model
 from graphs.errors import ExportError
 from tests.helpers import tiny_config
@@ -53,13 +54,18 @@ def test_tensor_kinds_of_outputs():
 
 # ----------------------------------------------------------------------------------- manifest
 def _fake_export(tmp_path):
-    (tmp_path / "segment.onnx").write_bytes(b"graph bytes")
-    (tmp_path / "weights.data").write_bytes(b"\0" * 64)
+    """A one-graph export whose graph is an empty ONNX model carrying the provenance metadata."""
     cfg = tiny_config("llama")
+    proto = helper.make_model(helper.make_graph([], "g", [], []))
+    helper.set_model_props(proto, graph_metadata("id-1", cfg.base.hf_config, cfg.armt.to_dict(), model_dims(cfg),
+                                                 "fp32", "segment", ("segment",)))
+    (tmp_path / "segment.onnx").write_bytes(proto.SerializeToString())
+    (tmp_path / "weights.data").write_bytes(b"\0" * 64)
     c = contract(cfg, "segment", "fp32")
     g = GraphRecord("segment", "segment.onnx", ("weights.data",), c.inputs, c.outputs, "fp32", 18)
-    m = Manifest(precision="fp32", opset=18, model={"config": cfg.base.hf_config, "armt_config": cfg.armt.to_dict()},
-                 dims={"layers": 3}, graphs={"segment": g}, files=record_files(tmp_path, ["segment.onnx", "weights.data"]),
+    m = Manifest(precision="fp32", opset=18, model={"config": cfg.base.hf_config, "armt_config": cfg.armt.to_dict(),
+                                                    "model_id": "id-1"},
+                 dims=model_dims(cfg), graphs={"segment": g}, files=record_files(tmp_path, ["segment.onnx", "weights.data"]),
                  versions={}, samples=None, polygraphy_script=None)
     write_manifest(tmp_path, m)
     return m

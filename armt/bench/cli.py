@@ -73,20 +73,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-length", type=int, default=0, help="also compare every backend's schedules with "
                    "the fp32 reference at this many tokens (0: off)")
     p.add_argument("--output", help="write the results as JSON here")
-    p.add_argument("--plot", help="write a PNG of time and memory against length here (needs matplotlib)")
+    p.add_argument("--plot", help="write a PNG of time and memory against length here (needs matplotlib, "
+                   "checked before the bench starts)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a run's outputs or memory state hold "
+                   "NaN/Inf (default: a warning, and the row's notes say which tensor)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from graphs.errors import ArmtError, InputError
+    from graphs.atomic import write_files_together
+    from graphs.errors import ArmtError, InputError, NonFiniteError
     from armt.bench import report
     from armt.bench.parity import run_parity
     from armt.bench.timing import measure
     from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
     from runtimes.torch_runner import check_torch_device
 
+    from pathlib import Path
+
+    from graphs.paths import OutputPath, check_paths
+    export_to_is_export = bool(args.export_to) and (Path(args.export_to) / "manifest.json").is_file()
+    check_paths({"MODEL_DIR": args.model, "--export-dir": args.export_dir},  # before building or timing anything
+                [OutputPath("--output", args.output), OutputPath("--plot", args.plot),
+                 OutputPath("--export-to", args.export_to, directory=True, overwrite=export_to_is_export)])
+    if args.plot:
+        report.require_matplotlib()  # an optional need, checked up front (not after the whole bench)
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
     backends = _names(args.backends, BACKENDS, "--backends")
     schedules = _names(args.schedules, SCHEDULES, "--schedules")
@@ -113,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     rows: list[dict] = []
-    record = {"meta": meta, "results": rows, "parity": []}
+    # --output is rewritten after every row with "complete": false (a bench cut short keeps its rows)
+    record = {"meta": meta, "results": rows, "parity": [], "complete": False}
     gen = torch.Generator().manual_seed(args.seed)
     limits = {"full": args.max_full, "sequential": args.max_sequential}
     try:
@@ -141,9 +155,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             row.update(times_ms=t.times_ms, median_ms=t.median_ms,
                                        tokens_per_s=B * N / (t.median_ms / 1e3), peak_bytes=t.peak_bytes,
                                        nonfinite=t.result.nonfinite())
-                            if row["nonfinite"]:
-                                log.warning("%s %s at %d tokens: non-finite %s (random weights)", backend,
-                                            schedule, N, ",".join(row["nonfinite"]))
+                            for what in row["nonfinite"]:
+                                log.warning("%s %s at %d tokens: non-finite values (NaN/Inf) in %s", backend,
+                                            schedule, N, what)
                         rows.append(row)
                         log.info("%s", report.table([row]).splitlines()[-1])
                         if args.output:
@@ -156,8 +170,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if record["parity"]:
         print()
         print(report.parity_table(record["parity"]))
+    record["complete"] = True
+    files = {}
     if args.output:
-        report.write_json(args.output, record)
+        files[args.output] = report.json_bytes(record)
     if args.plot:
-        report.plot(args.plot, record)
+        files[args.plot] = report.plot_bytes(record)
+    write_files_together(files)  # the final record and its plot together
+    bad = [r for r in rows if r.get("nonfinite")]
+    if bad and args.strict:
+        r = bad[0]
+        raise NonFiniteError(f"{r['backend']} {r['schedule']} at {r['tokens']} tokens: non-finite values in "
+                             f"{r['nonfinite'][0]} (--strict; {len(bad)} row(s) affected)")
     return 0

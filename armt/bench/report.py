@@ -12,8 +12,12 @@ from graphs.errors import BackendUnavailable
 MiB = 2 ** 20
 
 
+def json_bytes(record: dict) -> bytes:
+    return (json.dumps(record, indent=1, allow_nan=True) + "\n").encode()
+
+
 def write_json(path: str | Path, record: dict) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(record, indent=1, allow_nan=True) + "\n").encode())
+    atomic_write_bytes(Path(path), json_bytes(record))
 
 
 def table(rows: list[dict]) -> str:
@@ -41,14 +45,24 @@ def parity_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str | Path, record: dict) -> None:
-    """Time and peak memory against length, one line per (backend, schedule, batch); log-log."""
+def require_matplotlib():
+    """matplotlib.pyplot on the Agg backend, or BackendUnavailable (exit 3)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise BackendUnavailable("--plot needs matplotlib (pip install 'armt-deploy[plot]')") from None
+    return plt
+
+
+def plot(path: str | Path, record: dict) -> None:
+    atomic_write_bytes(Path(path), plot_bytes(record))
+
+
+def plot_bytes(record: dict) -> bytes:
+    """PNG: time and peak memory against length, one line per (backend, schedule, batch); log-log."""
+    plt = require_matplotlib()
     rows = [r for r in record["results"] if not r.get("error")]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     keys = sorted({(r["backend"], r["schedule"], r["batch"]) for r in rows})
@@ -74,4 +88,4 @@ def plot(path: str | Path, record: dict) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return buf.getvalue()

@@ -41,10 +41,11 @@ class Outcome:
     state: MemoryState | None  # final memory state (None for full attention)
 
     def nonfinite(self) -> list[str]:
-        """Names of the outputs that hold NaN or Inf."""
-        bad = [] if torch.isfinite(self.last_hidden).all() else ["hidden"]
+        """The outputs that hold NaN or Inf, with where (a bench keeps only the last segment's hidden
+        states and the final memory state: that is as far as it can localize)."""
+        bad = [] if torch.isfinite(self.last_hidden).all() else ["hidden (last segment)"]
         if self.state is not None:
-            bad += [n for n in ("A", "z") if not torch.isfinite(getattr(self.state, n)).all()]
+            bad += [f"{n} (final memory state)" for n in ("A", "z") if not torch.isfinite(getattr(self.state, n)).all()]
         return bad
 
 
@@ -152,7 +153,7 @@ class Workloads:
                              "or --export-to DIR (the bench exports its model there)")
         from exporter.export import export_model
         log.info("exporting the model (%s) to %s for the ort backend ...", self.precision, where)
-        export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision, validate=False,
+        export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision,  # no validation step
                      overwrite=True, source="armt bench")
         self.export_dir = where
 

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs torch check")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 17..22)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
+                   "a directory inside it or one holding it)")
     p.add_argument("--synthetic", metavar="PRESET",
                    help="export a random-weight model of a preset shape instead (tiny, tiny-gpt2, llama-1b, ...)")
     p.add_argument("--seed", type=int, default=0, help="weights seed for --synthetic")
@@ -51,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = sub.add_parser("inspect", help="show an export directory's graphs, tensors, sizes and engines")
     i.add_argument("export_dir")
-    i.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    i.add_argument("--verify", action="store_true", help="also check every file's sha256 and list every manifest "
+                   "field that disagrees with what the graphs record (exit 2 when any)")
     i.set_defaults(func=cmd_inspect)
 
 
@@ -78,10 +80,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exporter.trace import DEFAULT_OPSET
     from graphs.dtypes import compute_dtype, torch_dtype
     from graphs.errors import InputError
+    from graphs.paths import OutputPath, check_paths
     from runtimes.validation import export_model
 
     if bool(args.model_dir) == bool(args.synthetic):
         raise InputError("give either MODEL_DIR or --synthetic PRESET")
+    check_paths({"MODEL_DIR": args.model_dir},  # before loading or tracing anything
+                [OutputPath("-o", args.output, directory=True, overwrite=args.overwrite)])
     if args.sample_width is not None and args.sample_width < 2:
         raise InputError("--sample-width must be at least 2")
     t0 = time.perf_counter()
@@ -135,6 +140,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from exporter.inspect_export import inspect_export
+    from graphs.errors import ExportError
 
-    print(inspect_export(args.export_dir, verify_checksums=args.verify))
+    text, problems = inspect_export(args.export_dir, verify_checksums=args.verify)
+    print(text)
+    if problems:
+        raise ExportError(problems[0] + (f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""))
     return 0

@@ -25,11 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="diagonal", choices=["sequential", "diagonal"])
     p.add_argument("--attention-mask", help="(B, N) .npy of 0/1, right-padded (ones, then zeros)")
     p.add_argument("--state-in", help="memory state .npz to start from (default: empty memory)")
-    p.add_argument("--state-out", help="write the final memory state .npz here")
+    p.add_argument("--state-out", help="write the final memory state .npz here (with the rows' unfinished "
+                   "segments: a run continued from it equals one uncut run)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu (torch, ort), cuda (trt)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="torch: compute precision (default fp32); ort/trt: must match the export")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="NaN/Inf in the logits, hidden states or memory state: exit 1 and write nothing "
+                   "(default: a warning naming the tensor and segment; the outputs are written)")
     p.set_defaults(func=cmd_run)
 
     v = sub.add_parser("verify", help="check an export's backends against the PyTorch reference",
@@ -87,11 +91,19 @@ def _check_path_kind(path: str, backend: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from graphs.arrays import save_npy
+    from graphs.arrays import npy_bytes
+    from graphs.atomic import write_files_together
     from graphs.contracts import ROLE_OF_SCHEDULE
-    from graphs.state import save_state
+    from graphs.errors import NonFiniteError
+    from graphs.paths import OutputPath, check_paths
+    from graphs.state import state_bytes
+    from runtimes.finite import find_nonfinite, locate_state
     from runtimes.inputs import load_ids, load_mask, load_state_for
 
+    outputs = [OutputPath("--output", args.output), OutputPath("--hidden-output", args.hidden_output),
+               OutputPath("--state-out", args.state_out)]
+    check_paths({"PATH": args.path, "--input-ids": args.input_ids, "--attention-mask": args.attention_mask,
+                 "--state-in": args.state_in}, outputs)  # before reading or computing anything
     _check_path_kind(args.path, args.backend)
     ids = load_ids(args.input_ids)
     mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
@@ -99,27 +111,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     collect = tuple(k for k, path in (("logits", args.output), ("hidden", args.hidden_output)) if path)
     if args.backend == "torch":
         from graphs.modeldir import load_model_dir
-        from runtimes.torch_runner import run_torch
+        from runtimes.torch_runner import TorchRunner, run_torch
         model = load_model_dir(args.path)
-        model_id, name = model.model_id(), f"torch@{device}"
-        state = load_state_for(args.state_in, model_id) if args.state_in else None
+        cfg = model.cfg
+        model_id, name = model.known_model_id, f"torch@{device}"  # the id is needed only for state files
+        state = load_state_for(args.state_in, model_id()) if args.state_in else None
         result = run_torch(model, ids, mask, state=state, schedule=args.schedule, device=device,
                            precision=args.precision or "fp32", collect=collect, progress=not args.no_progress)
+        locator = lambda: TorchRunner(model, ROLE_OF_SCHEDULE[args.schedule], device=device,  # noqa: E731
+                                      precision=args.precision or "fp32")
     else:
         from runtimes.base import make_runner
         from runtimes.execute import run_schedule
         runner = make_runner(args.backend, args.path, ROLE_OF_SCHEDULE[args.schedule], device=device,
                              precision=args.precision)
-        model_id, name = runner.model_id, runner.name
-        state = load_state_for(args.state_in, model_id) if args.state_in else None
+        cfg = runner.cfg
+        model_id, name = (lambda: runner.model_id), runner.name
+        state = load_state_for(args.state_in, model_id()) if args.state_in else None
         with runner:
             result = run_schedule(runner, ids, mask, state=state, collect=collect, progress=not args.no_progress)
+        locator = lambda: runner  # noqa: E731
+    bad = find_nonfinite(result, cfg.armt.segment_size)
+    if bad:
+        with locator() as again:  # name the segment where the state first went non-finite (a second run)
+            bad = locate_state(again, ids, mask, state, bad)
+        for f in bad:
+            log.warning("%s", f.line(name))
+        if args.strict:
+            raise NonFiniteError(f"{bad[0].line(name)}; --strict: nothing written")
+    files = {}
     if args.output:
-        save_npy(args.output, result.logits.astype(np.float32))
+        files[args.output] = npy_bytes(result.logits.astype(np.float32))
     if args.hidden_output:
-        save_npy(args.hidden_output, result.hidden.astype(np.float32))
+        files[args.hidden_output] = npy_bytes(result.hidden.astype(np.float32))
     if args.state_out:
-        save_state(args.state_out, result.state, model_id)
+        files[args.state_out] = state_bytes(result.state, model_id())
+    write_files_together(files)  # all of them or none
     B, N = ids.shape
     log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, args.schedule,
              len(result.schedule.steps), result.seconds,
