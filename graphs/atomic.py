@@ -183,13 +183,16 @@ def write_files_together(files: Mapping[str | Path, bytes]) -> None:
             remove_stale(path)
             staged[path] = _stage_file(path, data)
         moved: list[tuple[Path, Path | None]] = []  # (target, its previous version)
-        current = None
+        current = old = None
         try:
             for current, tmp in staged.items():
                 old = _keep_previous(current) if len(staged) > 1 else None
                 os.replace(tmp, current)
                 moved.append((current, old))
+                old = None
         except OSError as exc:
+            if old is not None:  # the failed target kept its version: drop the copy
+                old.unlink(missing_ok=True)
             for path, old in reversed(moved):  # put the previous versions back
                 if old is not None:
                     os.replace(old, path)

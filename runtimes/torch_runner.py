@@ -134,6 +134,10 @@ def run_torch(model: ArmtModel, input_ids, attention_mask=None, state: MemorySta
         cuts = [0, k * T, N] if k and u else [0, N]  # complete segments, then the unfinished one
         st, recorded, logits, hidden = cont.start, None, [], []
         for lo, hi in zip(cuts, cuts[1:]):
+            if st is not None and lo and not _finite_state(st):  # FastArmt refuses such a state as input
+                log.debug("torch backend: non-finite state between the pieces; reference cells instead")
+                return _reference_run(model, input_ids, attention_mask, state, schedule, device, precision,
+                                      collect, progress, "a non-finite intermediate state")
             res = fast.run(ids[:, lo:hi], schedule, state=None if st is None else _torch_state(st, dev),
                            collect=bool(collect), head="logits" in collect)
             st = res.state.numpy()
@@ -149,11 +153,19 @@ def run_torch(model: ArmtModel, input_ids, attention_mask=None, state: MemorySta
                          cont.take_new(cat(hidden)) if "hidden" in collect else None, cont.resume_state(st, recorded),
                          build_schedule(schedule, model.cfg.base.n_layers, S), time.perf_counter() - start,
                          skip=cont.skip)
+    return _reference_run(model, input_ids, attention_mask, state, schedule, device, precision, collect, progress, why)
+
+
+def _reference_run(model, input_ids, attention_mask, state, schedule, device, precision, collect, progress, why):
     from graphs.contracts import ROLE_OF_SCHEDULE
     from runtimes.execute import run_schedule
     log.debug("torch backend: reference cells through the schedule loop (%s)", why)
     with TorchRunner(model, ROLE_OF_SCHEDULE[schedule], device=device, precision=precision) as runner:
         return run_schedule(runner, input_ids, attention_mask, state=state, collect=collect, progress=progress)
+
+
+def _finite_state(state: MemoryState) -> bool:
+    return bool(np.isfinite(state.A).all() and np.isfinite(state.z).all())
 
 
 def _torch_state(state: MemoryState, dev: torch.device) -> MemoryState:
