@@ -257,8 +257,8 @@ def load_manifest(export_dir: str | Path, verify_checksums: bool = True) -> Mani
     manifest = _parse(export_dir)
     for _, problem in _file_problems(manifest, verify_checksums):
         raise ExportError(problem)
-    for field, problem in provenance_problems(manifest):
-        raise ExportError(_field_line(manifest.root, field, problem))
+    for what, problem in provenance_problems(manifest):
+        raise ExportError(_field_line(manifest.root, what, problem))
     return manifest
 
 
@@ -272,7 +272,7 @@ def check_export(export_dir: str | Path) -> tuple[Manifest, list[tuple[str, str]
 
 
 def _field_line(root: Path, field: str, problem: str) -> str:
-    return f"export {root}: manifest.json field {field!r} disagrees with its graphs: {problem} (edited after export?)"
+    return f"export {root}: manifest.json field {field!r} disagrees with its graphs: {problem} (edited, or files exchanged, after export?)"
 
 
 def _parse(export_dir: str | Path) -> Manifest:

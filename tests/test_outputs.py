@@ -11,7 +11,7 @@ import pytest
 
 import graphs.atomic as atomic
 from graphs.errors import OutputError
-from graphs.modeldir import WEIGHTS, save_model_dir
+from graphs.modeldir import save_model_dir
 from graphs.paths import OutputPath, check_paths
 from graphs.state import load_state
 from armt.cli import main

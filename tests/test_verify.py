@@ -76,7 +76,7 @@ def test_altered_weight_with_recomputed_checksums_fails_parity(tmp_path, capsys)
     assert len(err) == 1 and err[0].startswith("armt verify: error:") and "missed" in err[0]
 
 
-def _swap_in_other_model(tmp_path):
+def _swap_in_other_model(tmp_path, stamp=True):
     """A copy of the LLaMA export whose diagonal_step.onnx is the same graph of a different model (same
     interface, its own weights file, manifest updated consistently)."""
     from exporter.export import fix_io
@@ -88,9 +88,14 @@ def _swap_in_other_model(tmp_path):
     with torch.no_grad():
         other.layers["qkv"].mul_(1.1)
     c = contract(other.cfg, "diagonal_step", "fp32")
-    SharedWeights(d, name="swapped.data").adopt_ir(
-        trace_graph(other, "diagonal_step", "fp32"), d / "other.onnx",
-        lambda p: fix_io(p, "diagonal_step", c.inputs, c.outputs, dict(c.derived_dims)))
+    from exporter.provenance import read_metadata_props
+    original = read_metadata_props(d / "diagonal_step.onnx") if stamp else {}
+
+    def edit(p):
+        fix_io(p, "diagonal_step", c.inputs, c.outputs, dict(c.derived_dims))
+        if stamp:  # a hostile swap copies the original graph's provenance: only parity can catch it
+            onnx.helper.set_model_props(p, original)
+    SharedWeights(d, name="swapped.data").adopt_ir(trace_graph(other, "diagonal_step", "fp32"), d / "other.onnx", edit)
     (d / "other.onnx").replace(d / "diagonal_step.onnx")
     m = Manifest.from_dict(json.loads((d / "manifest.json").read_text()), root=d)
     m.graphs["diagonal_step"] = dataclasses.replace(m.graphs["diagonal_step"],
@@ -112,6 +117,13 @@ def test_graph_of_another_model_swapped_in_fails_parity(tmp_path, capsys):
     assert all(r[-1] == "ok" for r in rows if r[1] == "sequential")
 
 
+def test_graph_swapped_in_without_its_exports_provenance_is_refused(tmp_path, capsys):
+    _, model_dir = exported("llama")
+    d = _swap_in_other_model(tmp_path, stamp=False)
+    assert _verify(d, "--model", model_dir) == 2
+    assert "diagonal_step.onnx records no export provenance" in capsys.readouterr().err
+
+
 def test_checksum_mismatch_is_bad_input(tmp_path, capsys):
     _, model_dir = exported("llama")
     d = export_copy("llama", tmp_path / "tampered")
@@ -125,7 +137,8 @@ def test_wrong_reference_and_bad_arguments(tmp_path, capsys):
     export_dir, model_dir = exported("llama")
     other_dir = save_model_dir(tiny_model("llama", seed=7), tmp_path / "other")
     assert _verify(export_dir, "--model", other_dir) == 2
-    assert "is not the model this export was made from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is another model than the one this export was made from" in err and tiny_model("llama", seed=7).model_id() in err
     assert _verify(export_dir, "--model", model_dir, "--backend", "onnx") == 2
     assert "--backend must be" in capsys.readouterr().err
     assert _verify(export_dir, "--model", model_dir, "--precision", "bf16") == 2
