@@ -150,7 +150,7 @@ class Workloads:
         if not where:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) "
                              "or --export-to DIR (the bench exports its model there)")
-        from exporter.export import export_model
+        from runtimes.validation import export_model
         log.info("exporting the model (%s) to %s for the ort backend ...", self.precision, where)
         export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision, validate=False,
                      overwrite=True, source="armt bench")
