@@ -153,13 +153,13 @@ class RmtModel(nn.Module):
         return x @ (g["embed"].t() if self.cfg.base.tie_word_embeddings else g["lm_head"])
 
     def segment(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, write: torch.Tensor,
-                memory: torch.Tensor, written: torch.Tensor, fused: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                memory: torch.Tensor, written: torch.Tensor, fused: bool = False, head: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One segment slot through the base model.
 
         ids (B, W); positions, key_valid (B, W + 2M); write (B,); memory (B, M, d); written (B,)
-        -> logits (B, W, V), hidden (B, W, d) (the model's dtype, after the final norm),
-           memory_out (B, M, d) (rows with write False: `memory` bit for bit), written_out (B,)."""
+        -> logits (B, W, V) (None with head=False), hidden (B, W, d) (the model's dtype, after the
+           final norm), memory_out (B, M, d) (rows with write False: `memory` bit for bit), written_out (B,)."""
         M, W = self.cfg.armt.num_mem_tokens, ids.shape[1]
         h = self.embed(ids, positions, self.read_memory(memory, written))[None]  # (1, B, P, d)
         rope, allowed = self.geometry(positions[None], key_valid[None])
@@ -168,7 +168,7 @@ class RmtModel(nn.Module):
         x = self.final_norm(h[0])  # (B, P, d)
         hidden = x[:, M:M + W]  # (B, W, d)
         new = torch.where(write[:, None, None], x[:, -M:], memory)  # (B, M, d)
-        return self.head(hidden), hidden, new, written | write
+        return self.head(hidden) if head else None, hidden, new, written | write
 
     # ---------------------------------------------------------------- the schedule
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
