@@ -18,6 +18,9 @@ How the numbers were set (docs/exporter.md, "Bounds"), reference = torch at the 
   fp16  measured ONNX Runtime CPU vs torch CPU over whole 3-segment chains (memory fed back) on tiny
         and small (d 256, 4 layers) LLaMA and GPT-2(wrap_pos) models (tiny: 3 weight seeds, small: 1) x 3 input seeds:
         worst rel 9.8e-3 (A), 7.9e-3 (z), 6.8e-3 (logits); worst q99.9 7.1e-3. Bounds = ~3x / ~2x that.
+        RMT `memory` (same row): `armt verify`'s generated cases x 3 input seeds on tiny LLaMA / GPT-2
+        wrap_pos RMTs (3 weight seeds), the 3 official RMT fixtures and small (d 256) RMTs: worst rel
+        5.9e-3 (memory), 6.0e-3 (logits); q99.9 < 6e-3 (docs/exporter.md, "Bounds").
   bf16  8x the fp16 bounds: bf16's unit roundoff is 8x fp16's, and torch bf16-vs-fp32 errors measured
         5-13x the fp16-vs-fp32 ones on the same models. Not measured backend-vs-torch: ONNX Runtime
         CPU has no bf16 kernels, so bf16 export validation reports "not run".
