@@ -30,7 +30,7 @@ from graphs.errors import InputError
 from graphs.memory import memory_read, memory_write
 from graphs.schedule import build_schedule
 from graphs.segments import Slot, check_ids, make_slots
-from graphs.state import MemoryState
+from graphs.state import MemoryState, check_state
 
 SCHEDULES = ("sequential", "diagonal")
 
@@ -191,7 +191,7 @@ class ArmtModel(nn.Module):
         B, N = input_ids.shape
         if state is None:
             state = self.zero_state(B)
-        state.check_fits(b.n_layers, B, self.cfg.armt.d_key, b.d_model)
+        check_state(self.cfg, state, B)  # refuses an RMT state too
         state = torch_state(state, self.device)
         slots = make_slots(self.cfg, input_ids, lengths, uniform=(schedule == "diagonal"))
         logits = torch.zeros(B, N, b.vocab_size, device=self.device)

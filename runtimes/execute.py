@@ -26,7 +26,8 @@ import numpy as np
 from graphs.errors import InputError
 from graphs.schedule import Schedule, Step, build_schedule, step_feeds
 from graphs.segments import Slot, check_ids, make_slots
-from graphs.state import MemoryState, to_numpy
+from graphs.dtypes import numpy_dtype
+from graphs.state import STATE_CLASSES, MemoryState, RmtState, check_state, empty_state, to_numpy
 from runtimes.base import Runner
 from runtimes.progress import Progress
 
@@ -60,14 +61,14 @@ class StepCall:
 class RunResult:
     logits: np.ndarray | None  # (B, N, V) fp32, zero at padding places (None if not collected)
     hidden: np.ndarray | None  # (B, N, d) fp32, after the final norm
-    state: MemoryState  # final memory state (numpy)
+    state: MemoryState | RmtState  # final memory state (numpy), of the model's kind
     schedule: Schedule
     seconds: float  # wall time of the loop, synchronized
     # segment_states[s]: every layer's state right after it processed segment s (trace=True)
-    segment_states: list[MemoryState] = field(default_factory=list)
+    segment_states: list[MemoryState | RmtState] = field(default_factory=list)
 
 
-def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState | None = None,
+def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
              segment_size: int | None = None) -> RunPlan:
     """Check the inputs and lay out the run of `runner`'s graph over a right-padded batch (B, N).
     `segment_size` overrides the model's (the graphs do not depend on it; export samples use less)."""
@@ -79,14 +80,15 @@ def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState 
     B = ids.shape[0]
     b, a = cfg.base, cfg.armt
     if state is None:
-        state = MemoryState.zeros(b.n_layers, B, a.d_key, b.d_model)
-    state.check_fits(b.n_layers, B, a.d_key, b.d_model)
+        state = empty_state(cfg, B)
+    check_state(cfg, state, B)
     contract = runner.contract
     T = segment_size or a.segment_size
     slots = make_slots(cfg, ids, lengths, uniform=(contract.schedule == "diagonal"), segment_size=T)
     schedule = build_schedule(contract.schedule, b.n_layers, len(slots))
     initial: dict[str, Any] = contract.initial_carry(B, T)
-    initial.update({"A_in": to_numpy(state.A), "z_in": to_numpy(state.z), "written_in": to_numpy(state.written)})
+    initial.update({inp: to_numpy(getattr(state, name)).astype(numpy_dtype(contract.input(inp).dtype), copy=False)
+                    for name, inp in type(state).INPUTS.items()})  # an RMT's memory: to the compute dtype
     return RunPlan(ids, lengths, slots, schedule, step_feeds(schedule, slots), initial)
 
 
@@ -102,7 +104,7 @@ def iter_steps(runner: Runner, plan: RunPlan) -> Iterator[StepCall]:
     plan.final = carried  # the last call's carried outputs (or the initial ones for an empty run)
 
 
-def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemoryState | None = None,
+def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
                  collect: tuple[str, ...] = COLLECTABLE, trace: bool = False, progress: bool = False,
                  segment_size: int | None = None) -> RunResult:
     """Run `runner` (active) over a right-padded batch of token ids (B, N), from `state` (default: empty).
@@ -118,7 +120,8 @@ def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemorySt
     L = cfg.base.n_layers
     result = {"logits": np.zeros((B, N, cfg.base.vocab_size), np.float32) if "logits" in collect else None,
               "hidden": np.zeros((B, N, cfg.base.d_model), np.float32) if "hidden" in collect else None}
-    traced: list[list[tuple[np.ndarray, ...] | None]] = [[None] * L for _ in plan.slots] if trace else []
+    per_layer = cfg.kind == "armt"  # an RMT's state is not per layer: one state per segment (= per call)
+    traced: list = [[None] * L if per_layer else None for _ in plan.slots] if trace else []
     start = time.perf_counter()
     show = progress and len(plan.schedule.steps) >= PROGRESS_MIN_STEPS
     with Progress(len(plan.schedule.steps), f"{plan.schedule.kind} steps", enabled=show) as bar:
@@ -130,8 +133,10 @@ def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemorySt
             bar.update()
     runner.synchronize()
     final = plan.final
-    state_out = MemoryState(*(_host(runner, final[k]) for k in ("A_in", "z_in", "written_in")))
-    seg_states = [MemoryState(*(np.stack([cell[k] for cell in row]) for k in range(3))) for row in traced]
+    cls = STATE_CLASSES[cfg.kind]
+    state_out = cls(**{name: _host(runner, final[inp]) for name, inp in cls.INPUTS.items()})
+    seg_states = ([MemoryState(*(np.stack([cell[k] for cell in row]) for k in range(3))) for row in traced]
+                  if per_layer else traced)
     seconds = time.perf_counter() - start
     log.debug("%s: %d %s steps in %.3f s", runner.name, len(plan.schedule.steps), plan.schedule.kind, seconds)
     return RunResult(result["logits"], result["hidden"], state_out, plan.schedule, seconds, seg_states)
@@ -157,8 +162,13 @@ def _emit(runner: Runner, slot: Slot, out: dict[str, Any], result: dict[str, np.
                 dst[row, slot.start:slot.start + c] = src[row, :c]
 
 
-def _record(runner: Runner, call: StepCall, traced: list[list]) -> None:
-    """Keep (A, z, written) of every cell this step finished: traced[segment][layer]."""
+def _record(runner: Runner, call: StepCall, traced: list) -> None:
+    """Keep (A, z, written) of every cell this step finished: traced[segment][layer]; an RMT's
+    state after the step's segment: traced[segment]."""
+    if runner.cfg.kind == "rmt":
+        traced[call.step.entering] = RmtState(**{name: np.array(runner.to_numpy(call.outputs[out]))
+                                                 for name, out in RmtState.OUTPUTS.items()})
+        return
     host = {k: runner.to_numpy(call.outputs[k]) for k in ("A_out", "z_out", "written_out")}
     for s, l in call.step.cells:
         traced[s][l] = (host["A_out"][l].copy(), host["z_out"][l].copy(), host["written_out"][l].copy())

@@ -33,7 +33,7 @@ from exporter.export import Draft, ExportResult, export_model as export_graphs
 from exporter.manifest import SAMPLE_FEEDS
 from exporter.samples import sample_batch, sample_width, save_samples
 from exporter.trace import DEFAULT_OPSET
-from graphs.contracts import ROLES, contract
+from graphs.contracts import contract, roles_of
 from graphs.errors import BackendUnavailable, ParityFailure
 from graphs.model import ArmtModel
 from runtimes.execute import iter_steps, plan_run
@@ -83,7 +83,7 @@ class _Sampler:
         width = self.width or sample_width(model.cfg)
         ids, mask = sample_batch(model.cfg, width)
         feeds, reference = {}, {}
-        for role in ROLES:
+        for role in roles_of(model.cfg):
             c = contract(model.cfg, role, draft.precision)
             ref = TorchRunner(model, role, precision=draft.precision).activate()
             plan = plan_run(ref, ids, mask, segment_size=width)

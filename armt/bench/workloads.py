@@ -26,7 +26,7 @@ from graphs.contracts import ROLE_OF_SCHEDULE
 from graphs.errors import InputError
 from graphs.model import ArmtModel, torch_state
 from graphs.segments import make_slots
-from graphs.state import MemoryState
+from graphs.state import MemoryState, RmtState
 
 log = logging.getLogger("armt.bench")
 
@@ -38,13 +38,14 @@ BACKENDS = ("torch", "torch-ref", "ort")
 @dataclass
 class Outcome:
     last_hidden: torch.Tensor  # (B, c, d) fp32: the last segment's hidden states after the final norm
-    state: MemoryState | None  # final memory state (None for full attention)
+    state: MemoryState | RmtState | None  # final memory state (None for full attention)
 
     def nonfinite(self) -> list[str]:
         """Names of the outputs that hold NaN or Inf."""
         bad = [] if torch.isfinite(self.last_hidden).all() else ["hidden"]
         if self.state is not None:
-            bad += [n for n in ("A", "z") if not torch.isfinite(getattr(self.state, n)).all()]
+            floats = [n for n in type(self.state).INPUTS if n != "written"]  # A, z (ARMT); memory (RMT)
+            bad += [n for n in floats if not torch.isfinite(getattr(self.state, n)).all()]
         return bad
 
 
