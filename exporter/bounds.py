@@ -10,13 +10,17 @@ that dtype, memory weights and state fp32), run by the same cell calls. Metrics 
 Only entries that carry meaning are compared (GraphContract.output_mask, graphs/contracts.py: no padding places, no
 ended rows, no idle layers). NaN or Inf in `got` (where `ref` is finite) never passes. Bool tensors (`written`) must be equal.
 Kinds: logits, hidden (final-norm output), hidden_out (the diagonal step's carried hidden, compute
-dtype), A and z (memory state, fp32 in every precision), written.
+dtype), A and z (memory state, fp32 in every precision), memory (an RMT's carried memory: a final-norm
+hidden state in the compute dtype, fed back as the next segment's embeddings), written.
 
 How the numbers were set (docs/exporter.md, "Bounds"), reference = torch at the same precision:
   fp32  the project's 1e-5 promise; measured export errors are ~1e-7..1e-6.
   fp16  measured ONNX Runtime CPU vs torch CPU over whole 3-segment chains (memory fed back) on tiny
         and small (d 256, 4 layers) LLaMA and GPT-2(wrap_pos) models (tiny: 3 weight seeds, small: 1) x 3 input seeds:
         worst rel 9.8e-3 (A), 7.9e-3 (z), 6.8e-3 (logits); worst q99.9 7.1e-3. Bounds = ~3x / ~2x that.
+        RMT `memory` (same row): `armt verify`'s generated cases x 3 input seeds on tiny LLaMA / GPT-2
+        wrap_pos RMTs (3 weight seeds), the 3 official RMT fixtures and small (d 256) RMTs: worst rel
+        5.9e-3 (memory), 6.0e-3 (logits); q99.9 < 6e-3 (docs/exporter.md, "Bounds").
   bf16  8x the fp16 bounds: bf16's unit roundoff is 8x fp16's, and torch bf16-vs-fp32 errors measured
         5-13x the fp16-vs-fp32 ones on the same models. Not measured backend-vs-torch: ONNX Runtime
         CPU has no bf16 kernels, so bf16 export validation reports "not run".
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KINDS = ("logits", "hidden", "hidden_out", "A", "z", "written")
+KINDS = ("logits", "hidden", "hidden_out", "A", "z", "memory", "written")
 QUANTILE = 0.999
 
 
@@ -41,7 +45,7 @@ class Bound:
 
 
 _FP32 = Bound(rel=1e-5, q_rel=1e-5)
-_FP16 = {k: Bound(rel=3e-2, q_rel=1.5e-2) for k in ("logits", "hidden", "hidden_out", "A", "z")}
+_FP16 = {k: Bound(rel=3e-2, q_rel=1.5e-2) for k in ("logits", "hidden", "hidden_out", "A", "z", "memory")}
 _BF16 = {k: Bound(b.rel * 8, b.q_rel * 8) for k, b in _FP16.items()}
 _EXACT = Bound(0.0, 0.0)
 

@@ -7,7 +7,8 @@ and its arithmetic stay fp32 in fp16/bf16 engines, and `--precision` can only co
 
 One optimization profile per engine; per input, shapes from the manifest's named dims:
 
-    batch: 1 .. max_batch (opt: opt_batch)     width: 1 .. max_width (opt: opt_width)     slot = width + M
+    batch: 1 .. max_batch (opt: opt_batch)     width: 1 .. max_width (opt: opt_width)
+    slot = width + M (ARMT graphs) or width + 2M (the RMT segment graph), from the graph contract
 
 Files: `<role>.<builder>-<sha8>.engine` (content-addressed). New engines are written first, then the
 manifest is replaced atomically, then engines it no longer lists are deleted: a crash at any point
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphs.atomic import atomic_write_bytes
+from graphs.contracts import contract
 from graphs.errors import BackendUnavailable, ExportError
 
 from exporter.manifest import EngineRecord, FileRecord, GraphRecord, Manifest, ProfileRange, load_manifest, write_manifest
@@ -56,9 +58,12 @@ def import_builder(prefer: str = "auto"):
                              "(TensorRT-RTX) or NVIDIA's tensorrt")
 
 
-def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits) -> dict[str, ProfileRange]:
-    """Min/opt/max shapes of every input from its named dims."""
+def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
+                slot_extra: int | None = None) -> dict[str, ProfileRange]:
+    """Min/opt/max shapes of every input from its named dims; slot = width + `slot_extra` (the
+    contract's: M for an ARMT graph, 2M for an RMT's; default M)."""
     M, T = dims["mem_tokens"], dims["segment_size"]
+    M = M if slot_extra is None else slot_extra
     max_w = limits.max_width or T
     opt_w = min(limits.opt_width or max_w, max_w)
     if not 1 <= limits.opt_batch <= limits.max_batch:
@@ -155,7 +160,8 @@ def build_engines(export_dir: str | Path, precision: str | None = None, compute_
     try:
         for role in roles:
             graph = manifest.graph(role)
-            profile = profile_for(graph, manifest.dims, limits)
+            slot_extra = contract(manifest.model_config(), role, manifest.precision).derived_dims["slot"][1]
+            profile = profile_for(graph, manifest.dims, limits, slot_extra)
             log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
                      limits.max_batch, profile["input_ids"].max[1])
             t0 = time.perf_counter()

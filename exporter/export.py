@@ -1,4 +1,4 @@
-"""`export_model`: an ArmtModel -> an export directory (graphs, shared weights, manifest).
+"""`export_model`: an ArmtModel or RmtModel -> an export directory (graphs, shared weights, manifest).
 
     model (cast to the precision)
       |-- trace.trace_graph (per graph role of graphs/contracts.py) -> contract I/O names and dims,
@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import ROLES, contract, model_dims
+from graphs.contracts import contract, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -129,7 +129,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
-        for role in ROLES:
+        for role in roles_of(cfg):  # ARMT: segment, diagonal_step; RMT: rmt_segment
             c = contract(cfg, role, precision)
             path = stage / c.file
             traced = trace_graph(model, role, precision, opset)
@@ -138,7 +138,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                 fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
                 check_portable(proto, c.role)
                 onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
-                    model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, ROLES))
+                    model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles_of(cfg)))
 
             proto = shared.adopt_ir(traced, path, edit)
             del traced

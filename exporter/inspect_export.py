@@ -26,10 +26,13 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def describe(manifest: Manifest, top_ops: int = 8) -> str:
     m = manifest
     cfg = m.model_config()
+    a = cfg.armt
+    wrapper = (f"RMT segment {a.segment_size}, {a.num_mem_tokens} memory tokens (memory ({a.num_mem_tokens}, "
+               f"{cfg.base.d_model}) per row; sequential schedule only)" if cfg.kind == "rmt" else
+               f"ARMT segment {a.segment_size}, {a.num_mem_tokens} memory tokens, d_mem {a.d_mem} (K = {a.d_key})")
     lines = [f"export {m.root}  (format {m.format_version}, {m.precision}, opset {m.opset})",
              f"model: {cfg.base.architecture}, {cfg.base.n_layers} layers, d_model {cfg.base.d_model}, vocab "
-             f"{cfg.base.vocab_size}; ARMT segment {cfg.armt.segment_size}, {cfg.armt.num_mem_tokens} memory tokens, "
-             f"d_mem {cfg.armt.d_mem} (K = {cfg.armt.d_key}){', wrap_pos' if cfg.armt.wrap_pos else ''}",
+             f"{cfg.base.vocab_size}; {wrapper}{', wrap_pos' if a.wrap_pos else ''}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
              f"validation: {m.validation.get('status', 'unknown')}"
              + (f" ({m.validation['reason']})" if m.validation.get("reason") else ""), ""]

@@ -4,8 +4,9 @@ Layout of an export directory (file names are fixed by this module; the manifest
 
     EXPORT_DIR/
       manifest.json                this file's contents (format_version, model, graphs, files, ...)
-      segment.onnx                 sequential-schedule graph   (role "segment")
-      diagonal_step.onnx           diagonal-schedule graph     (role "diagonal_step")
+      segment.onnx                 sequential-schedule graph   (role "segment")          ARMT
+      diagonal_step.onnx           diagonal-schedule graph     (role "diagonal_step")    ARMT
+      rmt_segment.onnx             sequential-schedule graph   (role "rmt_segment")      RMT (instead of both)
       weights.data                 ONNX external data (the graphs' weights, shared)
       sample_feeds.npz             realistic inputs for every graph (prefix "<role>/")
       polygraphy_data_loader.py    `polygraphy run ... --data-loader-script` helper
@@ -159,10 +160,10 @@ class Manifest:
     # ---------------------------------------------------------------- conveniences for the runtimes
     def model_config(self):
         """The ModelConfig the graphs were exported from."""
-        from graphs.config import ArmtConfig, ModelConfig, parse_base_config
+        from graphs.config import ModelConfig, parse_base_config, wrapper_config_from_dict
         try:
             return ModelConfig(parse_base_config(self.model["config"]),
-                               ArmtConfig.from_dict(self.model["armt_config"]))
+                               wrapper_config_from_dict(self.model["armt_config"]))
         except KeyError as exc:
             raise ExportError(f"manifest.json model section lacks {exc.args[0]!r}") from None
 

@@ -88,5 +88,6 @@ def write_script(path: Path, input_dtypes: dict[str, dict[str, str]]) -> None:
     """`input_dtypes`: role -> input name -> dtype (from the manifest's specs)."""
     cast = {role: {n: d for n, d in dts.items() if d == "bfloat16"} for role, dts in input_dtypes.items()}
     cast = {r: c for r, c in cast.items() if c}
-    text = _TEMPLATE.format(samples=SAMPLE_FEEDS, graph_files=dict(GRAPH_FILES), cast=cast)
+    graph_files = {role: GRAPH_FILES[role] for role in input_dtypes}  # the export's own graphs
+    text = _TEMPLATE.format(samples=SAMPLE_FEEDS, graph_files=graph_files, cast=cast)
     atomic_write_bytes(path, text.encode())

@@ -8,8 +8,8 @@ Every .onnx file of an export carries, in its ONNX `metadata_props` (written by 
     armt.armt_config_sha256                     ... of its model.armt_config
     armt.dims            the manifest's `dims` (canonical JSON)
     armt.precision       the export precision
-    armt.role            this graph's role
-    armt.roles           every graph role of the export, comma-separated
+    armt.role            this graph's role (ARMT: segment, diagonal_step; RMT: rmt_segment)
+    armt.roles           every graph role of the export, comma-separated (graphs.contracts.roles_of)
 
 The graph files are covered by the manifest's checksums, so a manifest whose config, dims, model id,
 precision or graph entries were edited (or a graph entry deleted) disagrees with its graphs;
@@ -109,7 +109,7 @@ def read_metadata_props(path: str | Path) -> dict[str, str]:
 def provenance_problems(manifest) -> list[tuple[str, str]]:
     """(manifest field, what disagrees) for every field of `manifest` that its graphs (or its own
     config's contracts) contradict; [] for an intact export."""
-    from graphs.contracts import ROLES, contract, model_dims
+    from graphs.contracts import ROLES, contract, model_dims, roles_of
     from graphs.errors import ArmtError
     problems: list[tuple[str, str]] = []
     model = manifest.model
@@ -160,6 +160,10 @@ def provenance_problems(manifest) -> list[tuple[str, str]]:
     for role, g in manifest.graphs.items():
         if role not in ROLES:
             continue  # refused by the manifest's own consistency check
+        if role not in roles_of(cfg):
+            problems.append((f"graphs.{role}", f"the manifest lists a {role} graph; an {cfg.kind.upper()} has "
+                                               f"{', '.join(roles_of(cfg))}"))
+            continue
         c = contract(cfg, role, manifest.precision)
         if (tuple(g.inputs), tuple(g.outputs)) != (c.inputs, c.outputs):
             problems.append((f"graphs.{role}", f"the {role} entry's inputs/outputs are not what the model "

@@ -15,16 +15,17 @@ from exporter.manifest import Manifest
 from graphs.dtypes import numpy_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
+from graphs.modeldir import model_class
 
 
 def model_from_export(manifest: Manifest) -> ArmtModel:
-    """An ArmtModel (eval mode, CPU) holding the export's own weights at the export precision."""
+    """An ArmtModel or RmtModel (eval mode, CPU) holding the export's own weights at the export precision."""
     if not manifest.parameters:
         raise ExportError(f"export {manifest.root} does not index its model parameters (made by an older "
                           "armt): pass --model MODEL_DIR, or export again")
     cfg = manifest.model_config()
     with torch.device("meta"):
-        model = ArmtModel(cfg)
+        model = model_class(cfg)(cfg)
     names = {name for name, _ in model.named_parameters()}
     if set(manifest.parameters) != names:
         missing, extra = sorted(names - set(manifest.parameters)), sorted(set(manifest.parameters) - names)

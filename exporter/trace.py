@@ -42,10 +42,11 @@ MAX_BATCH, MAX_WIDTH = 1 << 16, 1 << 20
 def trace_width(model: ArmtModel) -> int:
     """A sample width that equals no fixed size of the graph (and whose slot length equals none)."""
     b, a = model.cfg.base, model.cfg.armt
-    fixed = {b.n_layers, b.d_model, a.d_key, b.vocab_size, a.num_mem_tokens, b.n_heads, b.n_kv_heads,
-             b.head_dim, TRACE_BATCH, 1}
+    extra = a.num_mem_tokens * (2 if model.cfg.kind == "rmt" else 1)  # slot = width + extra
+    fixed = {b.n_layers, b.d_model, a.d_key if model.cfg.kind == "armt" else 1, b.vocab_size, a.num_mem_tokens, b.n_heads,
+             b.n_kv_heads, b.head_dim, TRACE_BATCH, 1}
     for w in range(5, 1000):
-        if w not in fixed and w + a.num_mem_tokens not in fixed and w != TRACE_BATCH + a.num_mem_tokens:
+        if w not in fixed and w + extra not in fixed and w != TRACE_BATCH + extra:
             return w
     raise ExportError("could not pick a trace width")  # unreachable for any real config
 

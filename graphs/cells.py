@@ -5,8 +5,9 @@ takes the contract's inputs in order and returns its outputs in order. The memor
 explicit input and output. They hold no state between calls and do no host-side arithmetic, so the same
 call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
 
-    SegmentCell   one slot through all L layers (sequential schedule)
-    DiagonalStep  one anti-diagonal: L slots, one per layer, idle layers masked by `active`
+    SegmentCell     one slot through all L layers (sequential schedule)
+    DiagonalStep    one anti-diagonal: L slots, one per layer, idle layers masked by `active`
+    RmtSegmentCell  an RMT's [memory | tokens | memory] slot through all L layers (graphs/rmt.py)
 
 DiagonalStep data flow (one call = one step t):
 
@@ -21,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphs.contracts import DIAGONAL_STEP, SEGMENT
+from graphs.contracts import DIAGONAL_STEP, RMT_SEGMENT, SEGMENT
 from graphs.model import ArmtModel
+from graphs.rmt import RmtModel
 
 
 class SegmentCell(nn.Module):
@@ -79,9 +81,27 @@ class DiagonalStep(nn.Module):
         return hidden_out, logits.float(), hidden.float(), A, z, wr
 
 
-CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep}
+class RmtSegmentCell(nn.Module):
+    """RMT segment graph: one [read memory | tokens | write memory] slot through the base model."""
+
+    def __init__(self, model: RmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model
+        self.fused = fused  # fused SDPA attention (torch only; the exporter traces fused=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                write: torch.Tensor, memory_in: torch.Tensor, written_in: torch.Tensor):
+        """input_ids (B, W); positions, key_valid (B, W + 2M); write (B,); memory_in (B, M, d) compute
+        dtype; written_in (B,) -> logits (B, W, V) f32, hidden (B, W, d) f32, memory_out (B, M, d),
+        written_out (B,)."""
+        logits, hidden, memory, written = self.model.segment(input_ids, positions, key_valid, write, memory_in,
+                                                             written_in, self.fused)
+        return logits.float(), hidden.float(), memory, written
 
 
-def cell_for(model: ArmtModel, role: str, fused: bool = False) -> nn.Module:
+CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep, RMT_SEGMENT: RmtSegmentCell}
+
+
+def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False) -> nn.Module:
     """The cell module of graph `role` over `model` (eval mode)."""
     return CELLS[role](model, fused).eval()

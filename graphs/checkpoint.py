@@ -16,6 +16,16 @@ model's decoder-layer list (``model.layers`` for LLaMA, ``transformer.h`` for GP
 GPT-2 trained with ``wrap_pos`` has a position table of n_positions + M rows; the model directory keeps
 it as is (``ModelConfig.pos_table_rows``). The running memory (A, z) is not part of a checkpoint.
 
+An official RMT checkpoint (``--kind rmt``) is the ``state_dict`` of
+``RecurrentWrapper(MemoryCell(base_model, num_mem_tokens, wrap_pos))`` (``modeling_rmt/``): the base
+model's own keys, unrenamed, and the learned initial memory:
+
+    memory_cell.memory                         (M, d)    -> rmt.memory
+    memory_cell.model.<HF name>                          -> <HF name>         (every base-model tensor)
+
+With ``wrap_pos`` (GPT-2) its position table has n_positions + 2M rows (the original rows at M..M+P-1),
+kept as is. A checkpoint of the other kind is refused with a hint (--kind armt / --kind rmt).
+
 Loading is data-only: ``.pt``/``.bin``/``.pth`` through ``torch.load(weights_only=True)`` (a pickle that
 asks for any Python object other than tensors and containers is refused before anything runs) and
 ``.safetensors`` through safetensors. A state dict saved from the memory cell itself (names without
@@ -31,10 +41,9 @@ from pathlib import Path
 
 import torch
 
-from graphs.config import ArmtConfig, ModelConfig, parse_base_config
+from graphs.config import ArmtConfig, ModelConfig, RmtConfig, parse_base_config
 from graphs.errors import CheckpointError, ConfigError
 from graphs.hf_layout import MEMORY_KEYS, layers_path
-from graphs.model import ArmtModel
 
 WRAPPER_PREFIX = "memory_cell."
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -158,8 +167,9 @@ def detect_prefix(tensors: dict[str, torch.Tensor], source: str) -> str:
         return WRAPPER_PREFIX
     if "memory" in tensors and any(k.startswith("model.") for k in tensors):
         return ""
-    raise CheckpointError(f"{source}: no memory_cell.memory tensor: not a checkpoint of the official ARMT "
-                          "(a state_dict of AssociativeRecurrentWrapper(AssociativeMemoryCell(model)))")
+    raise CheckpointError(f"{source}: no memory_cell.memory tensor: not a checkpoint of the official ARMT or RMT "
+                          "code (a state_dict of AssociativeRecurrentWrapper(AssociativeMemoryCell(model)) or "
+                          "RecurrentWrapper(MemoryCell(model)))")
 
 
 def official_to_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
@@ -222,13 +232,35 @@ def _untie(cfg: ModelConfig, out: dict[str, torch.Tensor], origin: dict[str, str
 
 def _check_layout(cfg: ModelConfig, names: OfficialNames, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Friendly errors for the settings a user passes on the command line."""
-    b, a, p = cfg.base, cfg.armt, names.prefix
+    a, p = cfg.armt, names.prefix
+    _check_architecture(cfg, names.lp, p, tensors, source)
     model_keys = [k[len(p + "model."):] for k in tensors if k.startswith(p + "model.")]
-    if not any(k.startswith(names.lp + ".") for k in model_keys):
-        for arch, lp in _ALL_LAYER_PATHS.items():
-            if arch != b.architecture and any(k.startswith(lp + ".") for k in model_keys):
-                raise CheckpointError(f"{source}: the checkpoint holds a {arch} model ({lp}.*), the base "
+    block_keys = [k for k in model_keys if k.startswith(names.lp + ".")]
+    if block_keys and not any(".layer." in k or ".W_m" in k for k in block_keys):
+        raise CheckpointError(f"{source}: the checkpoint has no ARMT memory weights ({p}model.{names.lp}.<i>.W_mq "
+                              "...) and unrenamed base-model blocks: it looks like an official RMT checkpoint "
+                              "(pass --kind rmt)")
+    _check_memory_and_positions(cfg, p, tensors, source)
+    wq = tensors.get(f"{p}model.{names.lp}.0.W_mq.weight")
+    if wq is not None and wq.dim() == 2 and wq.shape[0] != a.d_mem:
+        raise CheckpointError(f"{source}: the checkpoint has d_mem {wq.shape[0]} ({p}model.{names.lp}.0."
+                              f"W_mq.weight {tuple(wq.shape)}), --d-mem is {a.d_mem}")
+
+
+def _check_architecture(cfg: ModelConfig, lp: str, p: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """A checkpoint of one base family with the other family's config is named as such."""
+    b = cfg.base
+    model_keys = [k[len(p + "model."):] for k in tensors if k.startswith(p + "model.")]
+    if not any(k.startswith(lp + ".") for k in model_keys):
+        for arch, other in _ALL_LAYER_PATHS.items():
+            if arch != b.architecture and any(k.startswith(other + ".") for k in model_keys):
+                raise CheckpointError(f"{source}: the checkpoint holds a {arch} model ({other}.*), the base "
                                       f"config describes {b.architecture}")
+
+
+def _check_memory_and_positions(cfg: ModelConfig, p: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """memory_cell.memory against --num-mem-tokens and d_model; GPT-2's position table against --wrap-pos."""
+    b, a = cfg.base, cfg.armt
     mem = tensors[p + "memory"]
     if mem.dim() != 2 or mem.shape[1] != b.d_model:
         raise CheckpointError(f"{source}: {p}memory has shape {tuple(mem.shape)}, the base config needs "
@@ -236,15 +268,11 @@ def _check_layout(cfg: ModelConfig, names: OfficialNames, tensors: dict[str, tor
     if mem.shape[0] != a.num_mem_tokens:
         raise CheckpointError(f"{source}: the checkpoint has {mem.shape[0]} memory tokens ({p}memory "
                               f"{tuple(mem.shape)}), --num-mem-tokens is {a.num_mem_tokens}")
-    wq = tensors.get(f"{p}model.{names.lp}.0.W_mq.weight")
-    if wq is not None and wq.dim() == 2 and wq.shape[0] != a.d_mem:
-        raise CheckpointError(f"{source}: the checkpoint has d_mem {wq.shape[0]} ({p}model.{names.lp}.0."
-                              f"W_mq.weight {tuple(wq.shape)}), --d-mem is {a.d_mem}")
     wpe = tensors.get(p + "model.transformer.wpe.weight")
     if b.architecture == "gpt2" and wpe is not None and wpe.dim() == 2:
-        rows, M = wpe.shape[0], a.num_mem_tokens
+        rows, extra = wpe.shape[0], a.num_mem_tokens * (2 if cfg.kind == "rmt" else 1)
         if rows != cfg.pos_table_rows:
-            hint = (" (trained with wrap_pos: pass --wrap-pos)" if not a.wrap_pos and rows == b.n_positions + M
+            hint = (" (trained with wrap_pos: pass --wrap-pos)" if not a.wrap_pos and rows == b.n_positions + extra
                     else " (trained without wrap_pos: drop --wrap-pos)" if a.wrap_pos and rows == b.n_positions
                     else "")
             raise CheckpointError(f"{source}: {p}model.transformer.wpe.weight has {rows} rows, expected "
@@ -259,22 +287,70 @@ def _official_message(message: str, source: str, names: OfficialNames, origin: d
         token = m.group(0)
         if token in origin:
             return origin[token]
-        if token.startswith(("armt.", "model.", "transformer.", "lm_head.")):
+        if token.startswith(("armt.", "rmt.", "model.", "transformer.", "lm_head.")):
             return names.to_official(token)
         return token
     return head + re.sub(r"[A-Za-z_][\w.]*\.\w+", repl, message[len(head):])
 
 
+# ------------------------------------------------------------------------------------------- RMT
+class RmtOfficialNames:
+    """Official RMT <-> model-directory names: the base model's keys sit unrenamed under `model.`."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str = WRAPPER_PREFIX):
+        self.cfg, self.prefix = cfg, prefix
+
+    def to_hf(self, name: str) -> str:
+        """Model-directory name of an official tensor (an unrecognised name comes back unchanged)."""
+        p = self.prefix
+        if name == p + "memory":
+            return "rmt.memory"
+        if name.startswith(p + "model."):
+            return name[len(p + "model."):]
+        return name
+
+    def to_official(self, hf_name: str) -> str:
+        return self.prefix + ("memory" if hf_name == "rmt.memory" else "model." + hf_name)
+
+
+def rmt_official_to_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Rename an official RMT state_dict to model-directory names: (tensors, model-dir name -> official name)."""
+    prefix = detect_prefix(tensors, source)
+    names = RmtOfficialNames(cfg, prefix)
+    lp = layers_path(cfg.base.architecture)
+    _check_architecture(cfg, lp, prefix, tensors, source)
+    armt_like = [k for k in tensors if re.match(rf"^{re.escape(prefix)}(model\.{re.escape(lp)}\.\d+\.(layer\.|W_m)|layers\.)", k)]
+    if armt_like:
+        raise CheckpointError(f"{source}: the checkpoint holds ARMT memory layers ({armt_like[0]}): it is an official "
+                              "ARMT checkpoint (convert it with --kind armt)")
+    _check_memory_and_positions(cfg, prefix, tensors, source)
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for name, t in tensors.items():
+        hf = names.to_hf(name)
+        if hf in out:
+            raise CheckpointError(f"{source}: {name} and {origin[hf]} both map to {hf}")
+        out[hf], origin[hf] = t, name
+    _untie(cfg, out, origin)
+    for hf, t in out.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: {origin[hf]} holds NaN or Inf values")
+    return out, origin
+
+
 # ------------------------------------------------------------------------------------------- building
-def model_from_official(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
-                        ) -> ArmtModel:
-    """An fp32 ArmtModel (eval mode) from an official state_dict."""
+def model_from_official(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"):
+    """An fp32 model of the config's kind (ArmtModel or graphs.rmt.RmtModel, eval mode) from an
+    official state_dict."""
     from graphs.modeldir import model_from_tensors
-    hf, origin = official_to_hf(cfg, tensors, source)
+    rmt = cfg.kind == "rmt"
+    hf, origin = (rmt_official_to_hf if rmt else official_to_hf)(cfg, tensors, source)
     try:
         return model_from_tensors(cfg, hf, source)
     except CheckpointError as exc:
-        names = OfficialNames(cfg, detect_prefix(tensors, source))
+        prefix = detect_prefix(tensors, source)
+        names = RmtOfficialNames(cfg, prefix) if rmt else OfficialNames(cfg, prefix)
         raise CheckpointError(_official_message(str(exc), source, names, origin)) from None
 
 
@@ -289,23 +365,43 @@ def read_base_config(path: str | Path) -> dict:
     raise ConfigError(f"base config: {path} is not a directory holding {CONFIG}")
 
 
-def official_config(base_config: str | Path, segment_size: int, num_mem_tokens: int, d_mem: int,
-                    wrap_pos: bool = False, correction: bool = True, nu: int = 3) -> ModelConfig:
+def official_config(base_config: str | Path, segment_size: int, num_mem_tokens: int, d_mem: int | None = None,
+                    wrap_pos: bool = False, correction: bool = True, nu: int = 3, kind: str = "armt") -> ModelConfig:
+    """The ModelConfig of an official model: an ARMT (needs `d_mem`) or, with kind="rmt", an RMT
+    (takes no d_mem, correction or nu)."""
     base = parse_base_config(read_base_config(base_config))
+    if kind == "rmt":
+        if d_mem is not None or not correction or nu != 3:
+            raise ConfigError("d_mem, correction and nu are ARMT settings; an RMT has no memory weights")
+        return ModelConfig(base, RmtConfig(base.architecture, segment_size, num_mem_tokens, wrap_pos=wrap_pos))
+    if kind != "armt":
+        raise ConfigError(f"kind must be armt or rmt, got {kind!r}")
+    if d_mem is None:
+        raise ConfigError("an ARMT needs d_mem (the memory key width, --d-mem)")
     armt = ArmtConfig(base.architecture, segment_size, num_mem_tokens, d_mem, nu=nu,
                       correction=correction, wrap_pos=wrap_pos)
     return ModelConfig(base, armt)
 
 
 def load_official(checkpoint: str | Path, base_config: str | Path, segment_size: int, num_mem_tokens: int,
-                  d_mem: int, wrap_pos: bool = False, correction: bool = True, nu: int = 3) -> ArmtModel:
-    """Read an official checkpoint and return the ArmtModel it describes (fp32, eval mode).
+                  d_mem: int | None = None, wrap_pos: bool = False, correction: bool = True, nu: int = 3,
+                  kind: str = "armt"):
+    """Read an official checkpoint and return the model it describes (fp32, eval mode): an ArmtModel,
+    or with kind="rmt" a graphs.rmt.RmtModel.
 
     `base_config`: directory holding the base model's HF config.json. The other arguments are the
-    settings the official model was trained with (AssociativeMemoryCell and the wrapper's segment_size).
+    settings the official model was trained with (AssociativeMemoryCell / MemoryCell and the wrapper's
+    segment_size).
     """
-    cfg = official_config(base_config, segment_size, num_mem_tokens, d_mem, wrap_pos, correction, nu)
+    cfg = official_config(base_config, segment_size, num_mem_tokens, d_mem, wrap_pos, correction, nu, kind)
     return model_from_official(cfg, read_checkpoint(checkpoint), str(checkpoint))
+
+
+def load_official_rmt(checkpoint: str | Path, base_config: str | Path, segment_size: int, num_mem_tokens: int,
+                      wrap_pos: bool = False):
+    """An official RMT checkpoint (RecurrentWrapper(MemoryCell(base, num_mem_tokens, wrap_pos))) as an
+    fp32 graphs.rmt.RmtModel."""
+    return load_official(checkpoint, base_config, segment_size, num_mem_tokens, wrap_pos=wrap_pos, kind="rmt")
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
@@ -318,17 +414,19 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
 
 
 def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: str | Path, *,
-                     segment_size: int, num_mem_tokens: int, d_mem: int, wrap_pos: bool = False,
-                     correction: bool = True, nu: int = 3, overwrite: bool = False) -> Path:
-    """Official checkpoint -> model directory (written atomically). Returns the directory."""
+                     segment_size: int, num_mem_tokens: int, d_mem: int | None = None, wrap_pos: bool = False,
+                     correction: bool = True, nu: int = 3, overwrite: bool = False, kind: str = "armt") -> Path:
+    """Official checkpoint (ARMT, or with kind="rmt" RMT) -> model directory (written atomically).
+    Returns the directory."""
     from graphs.modeldir import save_model_dir
     from graphs.paths import OutputPath, check_paths
-    # before the (possibly long) load: never write over, into or around the inputs
+    # before the (possibly long) load: never write over, into or around the inputs; the settings; the output
     check_paths({"CKPT": checkpoint, "--base-config": base_config},
                 [OutputPath("-o", out_dir, directory=True, overwrite=overwrite)])
+    official_config(base_config, segment_size, num_mem_tokens, d_mem, wrap_pos, correction, nu, kind)
     check_output_dir(out_dir, overwrite)
     model = load_official(checkpoint, base_config, segment_size, num_mem_tokens, d_mem, wrap_pos,
-                          correction, nu)
-    card = (f"Converted from the official ARMT checkpoint {Path(checkpoint).name} by "
-            "`armt convert-official`.\n")
+                          correction, nu, kind)
+    card = (f"Converted from the official {kind.upper()} checkpoint {Path(checkpoint).name} by "
+            f"`armt convert-official{' --kind rmt' if kind == 'rmt' else ''}`.\n")
     return save_model_dir(model, out_dir, overwrite=overwrite, extra_files={"CONVERTED.md": card})

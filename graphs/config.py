@@ -1,4 +1,10 @@
-"""Configuration: the ARMT wrapper settings and the base model's shape, parsed from HF `config.json`.
+"""Configuration: the memory wrapper's settings and the base model's shape, parsed from HF `config.json`.
+
+Two model kinds (the wrapper around the base model, recorded as "kind" in ``armt_config.json``):
+  * ``armt``: the Associative Recurrent Memory Transformer (ArmtConfig; the default: a file without
+    "kind" is an ARMT, so model directories and exports written before the kind existed keep loading)
+  * ``rmt``: the original Recurrent Memory Transformer (RmtConfig): M memory vectors carried from
+    segment to segment, fed as [memory | tokens | memory]
 
 Two supported base families:
   * ``llama``: HF ``LlamaForCausalLM`` (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP)
@@ -11,17 +17,19 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from graphs.errors import ConfigError
 
 ARCHITECTURES = ("llama", "gpt2")
+KINDS = ("armt", "rmt")
 
 
 @dataclass(frozen=True)
 class ArmtConfig:
-    """The memory wrapper's own settings (``armt_config.json``)."""
+    """The ARMT wrapper's own settings (``armt_config.json``)."""
 
+    kind: ClassVar[str] = "armt"
     architecture: str
     segment_size: int
     num_mem_tokens: int
@@ -46,12 +54,16 @@ class ArmtConfig:
         return 2 * self.nu * self.d_mem
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields (no "kind": the fingerprint of an ARMT, and so its model id, predates the kind)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ArmtConfig":
         if not isinstance(data, dict):
             raise ConfigError("armt_config.json must hold a JSON object")
+        if data.get("kind", cls.kind) != cls.kind:
+            raise ConfigError(f"armt_config.json describes kind {data['kind']!r}, not {cls.kind!r}")
+        data = {k: v for k, v in data.items() if k != "kind"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -61,6 +73,73 @@ class ArmtConfig:
         if missing:
             raise ConfigError(f"armt_config.json lacks keys: {', '.join(missing)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class RmtConfig:
+    """The RMT wrapper's settings (``armt_config.json`` with ``"kind": "rmt"``): the official
+    ``RecurrentWrapper(MemoryCell(base, num_mem_tokens, wrap_pos), segment_size=...)``.
+
+    No memory weights and no d_mem: the memory is M vectors of width d, the base model's last hidden
+    state (after its final norm) at the M write positions of the previous segment; segment 0 reads
+    the learned (M, d) parameter."""
+
+    kind: ClassVar[str] = "rmt"
+    architecture: str
+    segment_size: int
+    num_mem_tokens: int
+    wrap_pos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("segment_size", "num_mem_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.wrap_pos, bool):
+            raise ConfigError(f"wrap_pos must be true or false, got {self.wrap_pos!r}")
+        if self.wrap_pos and self.architecture != "gpt2":
+            raise ConfigError("wrap_pos applies to GPT-2 (learned positions) only")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RmtConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("armt_config.json must hold a JSON object")
+        if data.get("kind") != cls.kind:
+            raise ConfigError(f"armt_config.json describes kind {data.get('kind', 'armt')!r}, not {cls.kind!r}")
+        fields = {k: v for k, v in data.items() if k != "kind"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"armt_config.json has keys an RMT does not have: {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in fields)
+        if missing:
+            raise ConfigError(f"armt_config.json lacks keys: {', '.join(missing)}")
+        return cls(**fields)
+
+
+WrapperConfig = ArmtConfig | RmtConfig
+WRAPPER_CONFIGS = {"armt": ArmtConfig, "rmt": RmtConfig}
+
+
+def wrapper_config_from_dict(data: dict[str, Any]) -> WrapperConfig:
+    """ArmtConfig or RmtConfig from an ``armt_config.json`` dict, by its "kind" (absent: armt)."""
+    if not isinstance(data, dict):
+        raise ConfigError("armt_config.json must hold a JSON object")
+    kind = data.get("kind", "armt")
+    if kind not in WRAPPER_CONFIGS:
+        raise ConfigError(f"armt_config.json kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return WRAPPER_CONFIGS[kind].from_dict(data)
+
+
+def wrapper_config_file(cfg: WrapperConfig) -> dict[str, Any]:
+    """What ``armt_config.json`` holds: the settings with their kind."""
+    return {"kind": cfg.kind, **{k: v for k, v in cfg.to_dict().items() if k != "kind"}}
 
 
 @dataclass(frozen=True)
@@ -179,25 +258,36 @@ def parse_base_config(hf_config: dict[str, Any]) -> BaseSpec:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The pair every component passes around."""
+    """The pair every component passes around. `armt` holds the wrapper's settings of either kind
+    (ArmtConfig or RmtConfig; `kind` says which)."""
 
     base: BaseSpec
-    armt: ArmtConfig
+    armt: WrapperConfig
 
     def __post_init__(self) -> None:
         if self.base.architecture != self.armt.architecture:
             raise ConfigError(f"armt_config architecture {self.armt.architecture!r} does not match "
                               f"the base model ({self.base.architecture!r})")
         if self.base.architecture == "gpt2":
-            need = self.armt.segment_size + self.armt.num_mem_tokens
-            if need > self.base.n_positions:
-                raise ConfigError(f"segment_size + num_mem_tokens = {need} exceeds GPT-2 n_positions "
-                                  f"{self.base.n_positions}")
+            T, M, P = self.armt.segment_size, self.armt.num_mem_tokens, self.base.n_positions
+            if self.kind == "armt" and T + M > P:
+                raise ConfigError(f"segment_size + num_mem_tokens = {T + M} exceeds GPT-2 n_positions {P}")
+            if self.kind == "rmt" and not self.armt.wrap_pos and T + 2 * M > P:
+                raise ConfigError(f"segment_size + 2 * num_mem_tokens = {T + 2 * M} exceeds GPT-2 n_positions "
+                                  f"{P} (an RMT segment is [memory | tokens | memory])")
+            if self.kind == "rmt" and self.armt.wrap_pos and T > P:
+                raise ConfigError(f"segment_size {T} exceeds GPT-2 n_positions {P}")
+
+    @property
+    def kind(self) -> str:
+        """'armt' or 'rmt'."""
+        return self.armt.kind
 
     @property
     def pos_table_rows(self) -> int:
-        """Rows of GPT-2's position table: n_positions, plus M with wrap_pos."""
-        return self.base.n_positions + (self.armt.num_mem_tokens if self.armt.wrap_pos else 0)
+        """Rows of GPT-2's position table: n_positions, plus M (ARMT) or 2M (RMT) with wrap_pos."""
+        extra = self.armt.num_mem_tokens * (2 if self.kind == "rmt" else 1)
+        return self.base.n_positions + (extra if self.armt.wrap_pos else 0)
 
     def fingerprint(self) -> str:
         """A short id of the architecture; state files carry it (with a weights id) to refuse foreign state."""

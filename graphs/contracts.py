@@ -18,10 +18,16 @@ Named dims: "batch" (rows), "width" (token places of a slot), "slot" = width + M
 (L, K, d, V) is fixed by the model config. The compute dtype is the precision's; the memory state is
 float32 in every precision; logits and the final hidden are float32 outputs.
 
-The two roles (see docs/architecture.md for the tables):
+The roles (see docs/architecture.md for the tables), by model kind:
 
-    segment         one slot through all L layers          (sequential schedule)
-    diagonal_step   one anti-diagonal: L slots, one each    (diagonal schedule)
+    ARMT  segment         one slot through all L layers          (sequential schedule)
+          diagonal_step   one anti-diagonal: L slots, one each    (diagonal schedule)
+    RMT   rmt_segment     one [memory | tokens | memory] slot     (sequential schedule; the diagonal
+                          through all L layers, memory (B, M, d)   schedule does not apply to an RMT)
+                          in and out
+
+`roles_of(cfg)` lists a model's roles, `role_for(cfg, schedule)` picks the one a schedule runs (and
+refuses `diagonal` for an RMT with one line).
 """
 
 from __future__ import annotations
@@ -37,10 +43,41 @@ from graphs.errors import ExportError, InputError
 
 SEGMENT = "segment"
 DIAGONAL_STEP = "diagonal_step"
-ROLES = (SEGMENT, DIAGONAL_STEP)
-SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal"}
-ROLE_OF_SCHEDULE = {v: k for k, v in SCHEDULE_OF_ROLE.items()}
+RMT_SEGMENT = "rmt_segment"
+ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT)  # every role of every kind
+SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential"}
+ROLE_OF_SCHEDULE = {"sequential": SEGMENT, "diagonal": DIAGONAL_STEP}  # an ARMT's (role_for: any kind)
 GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
+ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}
+DIAGONAL_REFUSAL = ("diagonal batching does not apply to an RMT (segment s+1's first layer needs segment s's "
+                    "last layer): use --schedule sequential")
+
+
+def roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The graph roles a model of this kind is exported to."""
+    return ROLES_OF_KIND[cfg.kind]
+
+
+def schedules_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The schedules a model of this kind runs: ARMT sequential and diagonal, RMT sequential."""
+    return tuple(dict.fromkeys(SCHEDULE_OF_ROLE[r] for r in roles_of(cfg)))
+
+
+def default_schedule(cfg: ModelConfig) -> str:
+    """diagonal for an ARMT, sequential for an RMT."""
+    return "diagonal" if "diagonal" in schedules_of(cfg) else "sequential"
+
+
+def role_for(cfg: ModelConfig, schedule: str) -> str:
+    """The graph role that runs `schedule` for this model; InputError (one line) where it does not apply."""
+    if schedule not in ROLE_OF_SCHEDULE:
+        raise InputError(f"schedule must be one of {', '.join(ROLE_OF_SCHEDULE)}, got {schedule!r}")
+    for role in roles_of(cfg):
+        if SCHEDULE_OF_ROLE[role] == schedule:
+            return role
+    if cfg.kind == "rmt" and schedule == "diagonal":
+        raise InputError(DIAGONAL_REFUSAL)
+    raise InputError(f"a {cfg.kind.upper()} has no {schedule} schedule")
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -249,20 +286,59 @@ def diagonal_contract(cfg: ModelConfig, precision: str) -> GraphContract:
                          {"slot": ("width", cfg.armt.num_mem_tokens)}, cfg, _diagonal_mask)
 
 
+def _rmt_segment_mask(c: GraphContract, name: str, feeds) -> Any:
+    """logits, hidden: real token places only (the token places sit behind the M read places);
+    memory, written: everything (rows that do not write keep their memory bit for bit)."""
+    if name in ("logits", "hidden"):
+        kv = _host(feeds["key_valid"]).astype(bool)
+        W = _host(feeds["input_ids"]).shape[-1]
+        M = c.cfg.armt.num_mem_tokens
+        return kv[:, M:M + W, None]  # (B, W, 1)
+    return None
+
+
+RMT_FEEDBACK = {"memory_out": "memory_in", "written_out": "written_in"}
+
+
+def rmt_segment_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """RMT segment graph: slot = [read memory | width token places | write memory] = width + 2M.
+    The memory is in the compute dtype (it is a final-norm hidden state fed back as embeddings);
+    `written_in` False: the row reads the learned initial memory (a zero state is a fresh one)."""
+    M, d = cfg.armt.num_mem_tokens, cfg.base.d_model
+    cd = compute_dtype(precision)
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("positions", "int64", ("batch", "slot")),
+              TensorSpec("key_valid", "bool", ("batch", "slot")),
+              TensorSpec("write", "bool", ("batch",)),
+              TensorSpec("memory_in", cd, ("batch", M, d)),
+              TensorSpec("written_in", "bool", ("batch",)))
+    outputs = (*_head(cfg), TensorSpec("memory_out", cd, ("batch", M, d), "memory"),
+               TensorSpec("written_out", "bool", ("batch",), "written"))
+    return GraphContract(RMT_SEGMENT, precision, inputs, outputs, dict(RMT_FEEDBACK), {"slot": ("width", 2 * M)},
+                         cfg, _rmt_segment_mask)
+
+
 BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
-    SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract}
+    SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract, RMT_SEGMENT: rmt_segment_contract}
 
 
 def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContract:
     """The contract of graph `role` for a model config at an export precision."""
     if role not in BUILDERS:
         raise InputError(f"graph role must be one of {', '.join(BUILDERS)}, got {role!r}")
+    if role not in roles_of(cfg):
+        if cfg.kind == "rmt" and role == DIAGONAL_STEP:
+            raise InputError(DIAGONAL_REFUSAL)
+        raise InputError(f"an {cfg.kind.upper()} has no {role} graph (its graphs: {', '.join(roles_of(cfg))})")
     return BUILDERS[role](cfg, precision)
 
 
 def model_dims(cfg: ModelConfig) -> dict[str, int]:
     """The fixed sizes the runtimes need (recorded in manifest.json as `dims`)."""
     b, a = cfg.base, cfg.armt
+    if cfg.kind == "rmt":
+        return {"layers": b.n_layers, "d_model": b.d_model, "vocab_size": b.vocab_size,
+                "mem_tokens": a.num_mem_tokens, "segment_size": a.segment_size}
     return {"layers": b.n_layers, "d_model": b.d_model, "d_key": a.d_key, "vocab_size": b.vocab_size,
             "mem_tokens": a.num_mem_tokens, "segment_size": a.segment_size, "d_mem": a.d_mem}
 

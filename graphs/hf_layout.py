@@ -10,6 +10,10 @@ base weights stay loadable by transformers; the ARMT's own tensors live under ``
     armt.layers.{i}.W_mv.weight      (d, d)
     armt.layers.{i}.W_mb.weight      (1, d)
     armt.layers.{i}.W_mb.bias        (1,)
+
+An RMT (graphs/rmt.py) has no memory weights: its one own tensor is
+
+    rmt.memory                       (M, d)       the learned initial memory (read by segment 0)
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def _global_keys(cfg: ModelConfig) -> dict[str, str]:
                 "final_norm_w": "transformer.ln_f.weight", "final_norm_b": "transformer.ln_f.bias"}
     if not b.tie_word_embeddings:
         keys["lm_head"] = "lm_head.weight"
-    keys["memory"] = "armt.memory"
+    keys["memory"] = "rmt.memory" if cfg.kind == "rmt" else "armt.memory"
     return keys
 
 
@@ -154,6 +158,8 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: s
         # are not also reported as unexpected)
         for n, t in (layer or {}).items():
             per_layer.setdefault(n, []).append(t.contiguous())
+        if cfg.kind == "rmt":
+            continue  # no memory weights per layer
         mshapes = {"w_q": (a.d_mem, d), "w_k": (a.d_mem, d), "w_v": (d, d), "w_b": (1, d), "b_b": (1,)}
         for ours, key in _memory_keys(i).items():
             t = r.take(key, mshapes[ours])
@@ -173,7 +179,7 @@ def hf_from_params(model) -> dict[str, torch.Tensor]:
     for ours, key in _global_keys(cfg).items():
         out[key] = g[ours].t() if ours == "lm_head" else g[ours]
     lay = {k: v.detach().float() for k, v in model.layers.items()}
-    mem = {k: v.detach().float() for k, v in model.mem.items()}
+    mem = {k: v.detach().float() for k, v in model.mem.items()} if cfg.kind == "armt" else {}
     hq, hkv, F_ = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim, b.d_ff
     for i in range(b.n_layers):
         if b.architecture == "llama":
@@ -196,6 +202,6 @@ def hf_from_params(model) -> dict[str, torch.Tensor]:
         else:
             for ours, key in _gpt2_layer_keys(i).items():
                 out[key] = lay[ours][i]
-        for ours, key in _memory_keys(i).items():
+        for ours, key in (_memory_keys(i) if mem else {}).items():
             out[key] = mem[ours][i] if ours == "b_b" else mem[ours][i].t()
     return {k: v.contiguous().clone() for k, v in out.items()}

@@ -3,7 +3,8 @@
     model id = "<config fingerprint, 16 hex>-<sha256 over config + every tensor, 16 hex>"
 
 The second part hashes the canonical JSON of the configuration, then each parameter of the
-reference model (graphs.model.ArmtModel) in name order: its name, dtype, shape and raw bytes (fp32
+reference model (graphs.model.ArmtModel or graphs.rmt.RmtModel: `torch_model_id`, one function for
+both kinds; an RMT's configuration carries "kind": "rmt") in name order: its name, dtype, shape and raw bytes (fp32
 as loaded; a cast model hashes its cast values, which are other weights). Noise on any one weight
 changes the id; the same weights give the same id whatever file layout they came from.
 
@@ -59,3 +60,16 @@ def weights_id(fingerprint: str, config: str, tensors: Iterable[tuple[str, Any]]
         h.update(json.dumps([name, dtype, list(shape), data.nbytes]).encode() + b"\0")
         h.update(data)
     return f"{fingerprint}-{h.hexdigest()[:16]}"
+
+
+def torch_model_id(model: Any) -> str:
+    """The id of a reference model of either kind (graphs.model.ArmtModel, graphs.rmt.RmtModel) over its
+    config and every parameter as they are now (`named_parameters`: layers, embeddings, head, memory)."""
+    cfg = model.cfg
+    return weights_id(cfg.fingerprint(), config_json(cfg.base.hf_config, cfg.armt.to_dict()), model.named_parameters())
+
+
+def known_model_id(model: Any) -> str:
+    """The id a model directory recorded for the weights `model` was loaded from (graphs/modeldir.py sets
+    `recorded_model_id`), else `torch_model_id(model)`."""
+    return getattr(model, "recorded_model_id", None) or torch_model_id(model)

@@ -30,7 +30,7 @@ from graphs.errors import InputError
 from graphs.memory import memory_read, memory_write
 from graphs.schedule import build_schedule
 from graphs.segments import Slot, check_ids, make_slots
-from graphs.state import MemoryState
+from graphs.state import MemoryState, check_state, refuse_pending
 
 SCHEDULES = ("sequential", "diagonal")
 
@@ -131,14 +131,13 @@ class ArmtModel(nn.Module):
         """The id over the config and every weight as they are now (graphs/identity.py); hashes
         every parameter (about 2 GB/s). `recorded_model_id` is the id a model directory recorded
         for the weights it was loaded from (graphs/modeldir.py), None otherwise."""
-        from graphs.identity import config_json, weights_id
-        cfg = self.cfg
-        return weights_id(cfg.fingerprint(), config_json(cfg.base.hf_config, cfg.armt.to_dict()),
-                          self.named_parameters())
+        from graphs.identity import torch_model_id
+        return torch_model_id(self)
 
     def known_model_id(self) -> str:
         """The recorded id when the model came from a model directory that records one, else model_id()."""
-        return getattr(self, "recorded_model_id", None) or self.model_id()
+        from graphs.identity import known_model_id
+        return known_model_id(self)
 
     def zero_state(self, batch: int) -> MemoryState:
         """An empty memory for `batch` rows (torch tensors on the model's device)."""
@@ -198,10 +197,8 @@ class ArmtModel(nn.Module):
         B, N = input_ids.shape
         if state is None:
             state = self.zero_state(B)
-        if state.pending is not None:
-            raise InputError("this state holds unfinished segments: continue it with runtimes.execute.run_schedule "
-                             "or runtimes.torch_runner.run_torch (the reference forward starts at a segment boundary)")
-        state.check_fits(b.n_layers, B, self.cfg.armt.d_key, b.d_model)
+        refuse_pending(state)
+        check_state(self.cfg, state, B)  # refuses an RMT state too
         state = torch_state(state, self.device)
         slots = make_slots(self.cfg, input_ids, lengths, uniform=(schedule == "diagonal"))
         logits = torch.zeros(B, N, b.vocab_size, device=self.device)

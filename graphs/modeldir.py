@@ -1,9 +1,13 @@
 """Model directories: ``config.json`` (base HF config), ``armt_config.json``, ``model.safetensors``.
 
-The model id (graphs/identity.py: config and every weight) is computed when the directory is
-written and recorded in the safetensors header (metadata key ``armt_model_id``); loading reads it
-from the header and sets ``ArmtModel.recorded_model_id`` (no hashing). A weights file without it
-(written by another tool) gets its id computed from the tensors when one is needed.
+``armt_config.json`` records the model kind ("kind": "armt" or "rmt"; a file without it is an ARMT,
+as every directory written before RMT support is), so one loader serves both: `load_model_dir`
+returns a graphs.model.ArmtModel or a graphs.rmt.RmtModel (`model_class`).
+
+The model id (graphs/identity.py: config and every weight, either kind) is computed when the
+directory is written and recorded in the safetensors header (metadata key ``armt_model_id``);
+loading reads it from the header and sets the model's ``recorded_model_id`` (no hashing). A weights
+file without it (written by another tool) gets its id computed from the tensors when one is needed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.config import ArmtConfig, ModelConfig, parse_base_config
+from graphs.config import ModelConfig, parse_base_config, wrapper_config_file, wrapper_config_from_dict
 from graphs.errors import CheckpointError, ConfigError
 from graphs.hf_layout import hf_from_params, params_from_hf
 from graphs.model import ArmtModel
@@ -41,8 +45,16 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     if not model_dir.is_dir():
         raise ConfigError(f"model directory {model_dir} does not exist")
     base = parse_base_config(read_json(model_dir / CONFIG, "base config"))
-    armt = ArmtConfig.from_dict(read_json(model_dir / ARMT_CONFIG, "ARMT config"))
+    armt = wrapper_config_from_dict(read_json(model_dir / ARMT_CONFIG, "ARMT config"))
     return ModelConfig(base, armt)
+
+
+def model_class(cfg: ModelConfig) -> type:
+    """The torch model of a config's kind: ArmtModel or RmtModel."""
+    if cfg.kind == "rmt":
+        from graphs.rmt import RmtModel
+        return RmtModel
+    return ArmtModel
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -57,11 +69,13 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> ArmtModel:
-    """Build a model (fp32, eval mode) from HF-named tensors."""
+    """Build a model of the config's kind (fp32, eval mode) from HF-named tensors."""
     params = params_from_hf(cfg, tensors, source)
-    model = ArmtModel(cfg)
+    model = model_class(cfg)(cfg)
     with torch.no_grad():
         for group, values in params.items():
+            if not values:
+                continue  # an RMT has no memory weights
             target = getattr(model, group)
             for name, tensor in values.items():
                 target[name].copy_(tensor)
@@ -106,7 +120,7 @@ def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = Fa
     model_id = (model if model.dtype == torch.float32 else copy.deepcopy(model).cast(torch.float32)).model_id()
     with atomic_directory(model_dir, overwrite=overwrite) as stage:
         (stage / CONFIG).write_text(json.dumps(cfg.base.hf_config, indent=2, sort_keys=True) + "\n")
-        (stage / ARMT_CONFIG).write_text(json.dumps(cfg.armt.to_dict(), indent=2) + "\n")
+        (stage / ARMT_CONFIG).write_text(json.dumps(wrapper_config_file(cfg.armt), indent=2) + "\n")
         save_file(hf_from_params(model), str(stage / WEIGHTS),
                   metadata={"format": "pt", MODEL_ID_KEY: model_id})
         for name, text in (extra_files or {}).items():

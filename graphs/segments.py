@@ -29,7 +29,7 @@ class Slot:
 
     index: int  # segment number s within this call
     ids: np.ndarray  # (B, width) int64, padding places hold token 0
-    positions: np.ndarray  # (B, width + M) int64
+    positions: np.ndarray  # (B, width + M) int64 (an RMT's slot: (B, width + 2M), graphs/rmt_segments.py)
     key_valid: np.ndarray  # (B, width + M) bool
     counts: np.ndarray  # (B,) int64: real tokens of each row in this segment
     start: int  # offset of the segment's first token in the call's input
@@ -74,7 +74,11 @@ def segment_count(lengths: np.ndarray, segment_size: int) -> int:
 def make_slots(cfg: ModelConfig, input_ids, lengths, uniform: bool, segment_size: int | None = None) -> list[Slot]:
     """Lay out every segment. `uniform=True` gives every slot width T (the diagonal schedule needs
     one shape for all layers); otherwise each slot is as wide as its longest row. `segment_size`
-    overrides the model's T (export samples run the width-agnostic graphs at a smaller width)."""
+    overrides the model's T (export samples run the width-agnostic graphs at a smaller width).
+    An RMT's slots ([memory | tokens | memory]) come from graphs.rmt_segments."""
+    if cfg.kind == "rmt":
+        from graphs.rmt_segments import make_rmt_slots
+        return make_rmt_slots(cfg, input_ids, lengths, uniform, segment_size)
     T, M = segment_size or cfg.armt.segment_size, cfg.armt.num_mem_tokens
     ids_all = _np(input_ids).astype(np.int64)
     lengths = _np(lengths).astype(np.int64)

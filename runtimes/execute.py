@@ -21,9 +21,11 @@ state prepends those tokens to the row's new ones and starts from the state befo
 (`continue_input`), so the unfinished segment runs again whole; the results hold only the new
 positions (`Continuation.take_new`), and the final state records the new unfinished segments
 (`Continuation.resume_state`). The state before a row's unfinished segment is the state after its
-last complete segment, per layer: taken at the step where that layer finishes that segment (the
-Schedule's cells, no index arithmetic here). runtimes.torch_runner.run_torch uses the same
-Continuation around the fast executor.
+last complete segment: for an ARMT per layer, taken at the step where that layer finishes that
+segment; for an RMT (one memory of the whole model, batch on axis 0) at the step where that segment
+leaves the last layer (the Schedule's cells either way, no index arithmetic here). The state
+classes say where their rows and layers are (graphs.state.RecurrentState), so the same code serves
+both kinds. runtimes.torch_runner.run_torch uses the same Continuation around the fast executor.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import numpy as np
 from graphs.errors import InputError
 from graphs.schedule import Schedule, Step, build_schedule, step_feeds
 from graphs.segments import Slot, check_ids, make_slots
-from graphs.state import MemoryState, Pending, to_numpy
+from graphs.dtypes import numpy_dtype
+from graphs.state import (STATE_CLASSES, MemoryState, Pending, RecurrentState, RmtState, check_state, empty_state,
+                          to_numpy)
 from runtimes.base import Runner
 from runtimes.progress import Progress
 
@@ -60,7 +64,7 @@ class Continuation:
     skip: np.ndarray  # (B,) pending tokens run again at the start of each row (not returned)
     new_lengths: np.ndarray  # (B,) the call's own tokens per row
     new_width: int  # N of the call's (B, N) input
-    start: MemoryState | None  # the state the effective input starts from (None: empty memory)
+    start: RecurrentState | None  # the state the effective input starts from (None: empty memory)
     segment_size: int
 
     @property
@@ -102,33 +106,35 @@ class Continuation:
             rows.setdefault(int(self.complete[b]) - 1, []).append(b)
         return {s: np.array(r, dtype=np.int64) for s, r in rows.items()}
 
-    def resume_state(self, final: MemoryState, recorded: MemoryState | None) -> MemoryState:
-        """The call's final state (host) with the rows' unfinished segments. `recorded`: a state whose
-        rows of `rows_to_record` hold the state after their last complete segment (other rows unused)."""
-        final = final.numpy() if final.pending is None else final.without_pending().numpy()
+    def resume_state(self, final: RecurrentState, recorded: RecurrentState | None) -> RecurrentState:
+        """The call's final state (host, either kind) with the rows' unfinished segments. `recorded`: a
+        state whose rows of `rows_to_record` hold the state after their last complete segment (other
+        rows unused)."""
+        cls = type(final)
+        final = final.without_pending().numpy()
         u, k, T = self.unfinished, self.complete, self.segment_size
         if not u.any():
             return final
         B = len(u)
-        start = self.start.numpy() if self.start is not None else MemoryState(
-            *(np.zeros_like(t) for t in final.tensors().values()))
-        from_start, from_recorded = (u > 0) & (k == 0), (u > 0) & (k > 0)
+        start = self.start.numpy() if self.start is not None else cls(
+            **{name: np.zeros_like(t) for name, t in final.tensors().items()})  # a fresh memory
+        from_start, from_recorded = cls.index((u > 0) & (k == 0)), cls.index((u > 0) & (k > 0))
         before = {}
-        for name, t in final.tensors().items():  # (L, B, ...): the batch axis is 1
+        for name, t in final.tensors().items():  # rows on the class's BATCH_AXIS
             b_t = t.copy()  # rows without an unfinished segment continue from the final state
-            b_t[:, from_start] = getattr(start, name)[:, from_start]
-            if from_recorded.any():
-                b_t[:, from_recorded] = getattr(recorded, name)[:, from_recorded]
+            b_t[from_start] = getattr(start, name)[from_start]
+            if recorded is not None:
+                b_t[from_recorded] = getattr(recorded, name)[from_recorded]
             before[name] = b_t
         width = int(u.max())
         ids = np.zeros((B, width), dtype=np.int64)
         for b in range(B):
             ids[b, :u[b]] = self.ids[b, k[b] * T:k[b] * T + u[b]]
-        final.pending = Pending(ids, u.astype(np.int64), MemoryState(**before))
+        final.pending = Pending(ids, u.astype(np.int64), cls(**before))
         return final
 
 
-def continue_input(cfg, input_ids, attention_mask=None, state: MemoryState | None = None,
+def continue_input(cfg, input_ids, attention_mask=None, state: RecurrentState | None = None,
                    segment_size: int | None = None) -> Continuation:
     """Check the call's ids/mask (and the state's pending segment) and make the effective input."""
     if not hasattr(input_ids, "shape") or not hasattr(input_ids, "dtype"):
@@ -177,16 +183,16 @@ class StepCall:
 class RunResult:
     logits: np.ndarray | None  # (B, N, V) fp32, zero at padding places (None if not collected)
     hidden: np.ndarray | None  # (B, N, d) fp32, after the final norm
-    state: MemoryState  # final memory state (numpy), with the rows' unfinished segments
+    state: MemoryState | RmtState  # final memory state (numpy), of the model's kind, with the rows' unfinished segments
     schedule: Schedule
     seconds: float  # wall time of the loop, synchronized
-    # segment_states[s]: every layer's state right after it processed segment s (trace=True); segments
+    # segment_states[s]: the state right after segment s (every layer's, for an ARMT; trace=True); segments
     # of the effective input (a resumed call's segment 0 is the one its state left unfinished)
-    segment_states: list[MemoryState] = field(default_factory=list)
+    segment_states: list[MemoryState | RmtState] = field(default_factory=list)
     skip: np.ndarray | None = None  # (B,) pending tokens each row ran again before the call's own
 
 
-def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState | None = None,
+def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
              segment_size: int | None = None) -> RunPlan:
     """Check the inputs and lay out the run of `runner`'s graph over a right-padded batch (B, N),
     continuing the state's unfinished segments. `segment_size` overrides the model's (the graphs do
@@ -195,15 +201,16 @@ def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState 
     cont = continue_input(cfg, input_ids, attention_mask, state, segment_size)
     ids, lengths = cont.ids, cont.lengths
     B = ids.shape[0]
-    b, a = cfg.base, cfg.armt
-    start = cont.start if cont.start is not None else MemoryState.zeros(b.n_layers, B, a.d_key, b.d_model)
-    start.check_fits(b.n_layers, B, a.d_key, b.d_model)
+    b = cfg.base
+    start = cont.start if cont.start is not None else empty_state(cfg, B)
+    check_state(cfg, start, B)  # of the model's kind (the state before a pending segment, if any)
     contract = runner.contract
     T = cont.segment_size
     slots = make_slots(cfg, ids, lengths, uniform=(contract.schedule == "diagonal"), segment_size=T)
     schedule = build_schedule(contract.schedule, b.n_layers, len(slots))
     initial: dict[str, Any] = contract.initial_carry(B, T)
-    initial.update({f"{name}_in": to_numpy(t) for name, t in start.tensors().items()})
+    initial.update({inp: to_numpy(getattr(start, name)).astype(numpy_dtype(contract.input(inp).dtype), copy=False)
+                    for name, inp in type(start).INPUTS.items()})  # an RMT's memory: to the compute dtype
     return RunPlan(ids, lengths, slots, schedule, step_feeds(schedule, slots), initial, continuation=cont)
 
 
@@ -219,7 +226,7 @@ def iter_steps(runner: Runner, plan: RunPlan) -> Iterator[StepCall]:
     plan.final = carried  # the last call's carried outputs (or the initial ones for an empty run)
 
 
-def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemoryState | None = None,
+def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
                  collect: tuple[str, ...] = COLLECTABLE, trace: bool = False, progress: bool = False,
                  segment_size: int | None = None) -> RunResult:
     """Run `runner` (active) over a right-padded batch of token ids (B, N), from `state` (default:
@@ -237,10 +244,12 @@ def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemorySt
     L = cfg.base.n_layers
     result = {"logits": np.zeros((B, N, cfg.base.vocab_size), np.float32) if "logits" in collect else None,
               "hidden": np.zeros((B, N, cfg.base.d_model), np.float32) if "hidden" in collect else None}
-    traced: list[list[tuple[np.ndarray, ...] | None]] = [[None] * L for _ in plan.slots] if trace else []
+    cls = STATE_CLASSES[cfg.kind]
+    per_layer = cls.LAYER_AXIS is not None  # an RMT's state is not per layer: one state per segment
+    traced: list = [[None] * L if per_layer else None for _ in plan.slots] if trace else []
     wanted = cont.rows_to_record()  # segment -> rows whose state before their unfinished segment it ends
     recorded = {name: np.zeros(spec_shape, dtype) for name, (spec_shape, dtype) in
-                _state_shapes(plan).items()} if wanted else {}
+                _state_shapes(plan, cls).items()} if wanted else {}
     start = time.perf_counter()
     show = progress and len(plan.schedule.steps) >= PROGRESS_MIN_STEPS
     with Progress(len(plan.schedule.steps), f"{plan.schedule.kind} steps", enabled=show) as bar:
@@ -248,23 +257,24 @@ def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemorySt
             if call.step.leaving is not None:
                 _emit(runner, plan.slots[call.step.leaving], call.outputs, result, cont.skip)
             if trace:
-                _record(runner, call, traced)
+                _record(runner, call, traced, cls)
             if wanted:
-                _record_before(runner, call, wanted, recorded)
+                _record_before(runner, call, wanted, recorded, cls)
             bar.update()
     runner.synchronize()
     final = plan.final
-    state_out = MemoryState(**{name: _host(runner, final[f"{name}_in"]) for name in MemoryState.TENSORS})
-    state_out = cont.resume_state(state_out, MemoryState(**recorded) if wanted else None)
-    seg_states = [MemoryState(*(np.stack([cell[k] for cell in row]) for k in range(3))) for row in traced]
+    state_out = cls(**{name: _host(runner, final[inp]) for name, inp in cls.INPUTS.items()})
+    state_out = cont.resume_state(state_out, cls(**recorded) if wanted else None)
+    seg_states = [cls(**({name: np.stack([cell[name] for cell in row], axis=cls.LAYER_AXIS) for name in cls.INPUTS}
+                         if per_layer else row)) for row in traced]
     seconds = time.perf_counter() - start
     log.debug("%s: %d %s steps in %.3f s", runner.name, len(plan.schedule.steps), plan.schedule.kind, seconds)
     return RunResult(result["logits"], result["hidden"], state_out, plan.schedule, seconds, seg_states, cont.skip)
 
 
-def _state_shapes(plan: RunPlan) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _state_shapes(plan: RunPlan, cls: type[RecurrentState]) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shape and dtype of each recurrent state tensor of the run (from its initial carried inputs)."""
-    return {name: (plan.initial[f"{name}_in"].shape, plan.initial[f"{name}_in"].dtype) for name in MemoryState.TENSORS}
+    return {name: (plan.initial[inp].shape, plan.initial[inp].dtype) for name, inp in cls.INPUTS.items()}
 
 
 def _host(runner: Runner, value: Any) -> np.ndarray:
@@ -291,21 +301,39 @@ def _emit(runner: Runner, slot: Slot, out: dict[str, Any], result: dict[str, np.
                 dst[row, lo - k:slot.start + c - k] = src[row, lo - slot.start:c]
 
 
-def _record(runner: Runner, call: StepCall, traced: list[list]) -> None:
-    """Keep (A, z, written) of every cell this step finished: traced[segment][layer]."""
-    host = {k: runner.to_numpy(call.outputs[k]) for k in ("A_out", "z_out", "written_out")}
-    for s, l in call.step.cells:
-        traced[s][l] = (host["A_out"][l].copy(), host["z_out"][l].copy(), host["written_out"][l].copy())
+def _finished_cells(call: StepCall, cls: type[RecurrentState], n_layers: int) -> list[tuple[int, int]]:
+    """The cells (s, l) of this step after which the state of segment s can be read: every cell for a
+    state per layer (layer l's part), the last layer's cell for a state of the whole model (an RMT's
+    memory is the model's output: complete once segment s has left the last layer)."""
+    if cls.LAYER_AXIS is not None:
+        return list(call.step.cells)
+    return [(s, l) for s, l in call.step.cells if l == n_layers - 1]
 
 
-def _record_before(runner: Runner, call: StepCall, wanted: dict[int, np.ndarray], recorded: dict[str, np.ndarray]) -> None:
-    """For every cell (s, l) of this step that ends the last complete segment s of some rows, keep
-    layer l's state of those rows: recorded[name][l, rows] (the state before their unfinished segment)."""
-    cells = [(s, l) for s, l in call.step.cells if s in wanted]
+def _record(runner: Runner, call: StepCall, traced: list, cls: type[RecurrentState]) -> None:
+    """Keep the state after every cell this step finished: traced[segment][layer] = {tensor: layer l's
+    part} (a state per layer), traced[segment] = {tensor: array} (a state of the whole model)."""
+    cells = _finished_cells(call, cls, runner.cfg.base.n_layers)
     if not cells:
         return
-    host = {name: runner.to_numpy(call.outputs[f"{name}_out"]) for name in recorded}  # (L, B, ...) each
+    host = {name: runner.to_numpy(call.outputs[out]) for name, out in cls.OUTPUTS.items()}
     for s, l in cells:
-        rows = wanted[s]
+        if cls.LAYER_AXIS is None:
+            traced[s] = {name: np.array(h) for name, h in host.items()}
+        else:
+            traced[s][l] = {name: np.take(h, l, axis=cls.LAYER_AXIS).copy() for name, h in host.items()}
+
+
+def _record_before(runner: Runner, call: StepCall, wanted: dict[int, np.ndarray], recorded: dict[str, np.ndarray],
+                   cls: type[RecurrentState]) -> None:
+    """For every cell (s, l) of this step that ends the last complete segment s of some rows, keep
+    those rows' state (layer l's part of it, for a state per layer): recorded[name][cls.index(rows, l)]
+    (the state before their unfinished segment)."""
+    cells = [(s, l) for s, l in _finished_cells(call, cls, runner.cfg.base.n_layers) if s in wanted]
+    if not cells:
+        return
+    host = {name: runner.to_numpy(call.outputs[out]) for name, out in cls.OUTPUTS.items()}
+    for s, l in cells:
+        idx = cls.index(wanted[s], l)
         for name, dst in recorded.items():
-            dst[l, rows] = host[name][l, rows]
+            dst[idx] = host[name][idx]

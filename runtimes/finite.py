@@ -1,11 +1,12 @@
 """Non-finite detection: which tensor of a run holds NaN or Inf first, and from which segment.
 
     find_nonfinite(result, T)     logits / hidden: the first segment with a NaN/Inf at a real token
-                                  (row and token named); A / z: the first segment after which the
-                                  state holds one (from result.segment_states when traced, else
-                                  "the final state", segment None)
-    locate_state(runner, ...)     the same run again with trace=True, to name the segment for A / z
-                                  (only when the final state is non-finite: the happy path pays nothing)
+                                  (row and token named); the memory state (A / z of an ARMT, memory
+                                  of an RMT: graphs.state.RecurrentState.memory_tensors): the first
+                                  segment after which the state holds one (from result.segment_states
+                                  when traced, else "the final state", segment None)
+    locate_state(runner, ...)     the same run again with trace=True, to name the segment for the
+                                  state (only when the final state is non-finite: the happy path pays nothing)
 
 `armt run` and `armt bench` warn with these lines and exit 1 under --strict; `armt verify` (always
 strict: NaN never passes a comparison) names them too. Segments are those of the call's effective
@@ -19,16 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphs.state import MemoryState, to_numpy
+from graphs.state import STATE_CLASSES, RecurrentState, to_numpy
 
 log = logging.getLogger("armt.run")
 
-STATE_TENSORS = ("A", "z")
-
-
 @dataclass(frozen=True)
 class NonFinite:
-    tensor: str  # "logits", "hidden", "A", "z"
+    tensor: str  # "logits", "hidden", or a state tensor: "A", "z" (ARMT), "memory" (RMT)
     segment: int | None  # the first segment where it appears (None: not localized)
     detail: str = ""
 
@@ -55,7 +53,7 @@ def first_bad_token(values: np.ndarray, segment_size: int, skip: np.ndarray | No
     return NonFinite("", int(segments[i]), f"row {int(rows[i])}, token {int(tokens[i])} of this call")
 
 
-def first_bad_segment_state(states: list[MemoryState], name: str) -> int | None:
+def first_bad_segment_state(states: list[RecurrentState], name: str) -> int | None:
     for s, st in enumerate(states):
         if not _finite(getattr(st, name)):
             return s
@@ -71,7 +69,7 @@ def find_nonfinite(result, segment_size: int) -> list[NonFinite]:
             hit = first_bad_token(values, segment_size, getattr(result, "skip", None))
             if hit is not None:
                 found.append(NonFinite(name, hit.segment, hit.detail))
-    for name in STATE_TENSORS:
+    for name in type(result.state).memory_tensors():
         if not _finite(getattr(result.state, name)):
             seg = first_bad_segment_state(result.segment_states, name) if result.segment_states else None
             found.append(NonFinite(name, seg))
@@ -80,9 +78,10 @@ def find_nonfinite(result, segment_size: int) -> list[NonFinite]:
 
 def locate_state(runner, input_ids, attention_mask, state, found: list[NonFinite]) -> list[NonFinite]:
     """Name the first segment of the non-finite state tensors in `found` by running again, traced."""
-    if not any(f.tensor in STATE_TENSORS and f.segment is None for f in found):
+    names = STATE_CLASSES[runner.cfg.kind].memory_tensors()
+    if not any(f.tensor in names and f.segment is None for f in found):
         return found
     from runtimes.execute import run_schedule
     traced = run_schedule(runner, input_ids, attention_mask, state=state, collect=(), trace=True)
     return [NonFinite(f.tensor, first_bad_segment_state(traced.segment_states, f.tensor), f.detail)
-            if f.tensor in STATE_TENSORS and f.segment is None else f for f in found]
+            if f.tensor in names and f.segment is None else f for f in found]

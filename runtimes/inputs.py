@@ -8,7 +8,7 @@ import numpy as np
 
 from graphs.arrays import load_npy
 from graphs.errors import InputError
-from graphs.state import MemoryState, load_state
+from graphs.state import MemoryState, RmtState, load_state
 
 
 def load_ids(path: str | Path) -> np.ndarray:
@@ -33,9 +33,9 @@ def load_mask(path: str | Path, ids: np.ndarray) -> np.ndarray:
     return mask.astype(np.int64)
 
 
-def load_state_for(path: str | Path, model_id: str) -> MemoryState:
+def load_state_for(path: str | Path, model_id: str) -> MemoryState | RmtState:
     """A state file written for this model (same model id); its shapes are checked by the run."""
     state = load_state(path, model_id)
-    if state.A.dtype != np.float32 or state.z.dtype != np.float32:
+    if isinstance(state, MemoryState) and (state.A.dtype != np.float32 or state.z.dtype != np.float32):
         raise InputError(f"state file {path}: A and z must be float32, got {state.A.dtype} and {state.z.dtype}")
     return state

@@ -21,7 +21,7 @@ import numpy as np
 
 from exporter.bounds import bound_for, compare
 from exporter.samples import load_samples
-from graphs.contracts import ROLES, contract
+from graphs.contracts import contract
 from graphs.dtypes import numpy_dtype
 from graphs.errors import BackendUnavailable, ExportError
 from runtimes.verify import Report, Row
@@ -114,7 +114,7 @@ def compare_graphs(manifest, backends: list[str], device: str = "cpu") -> Report
     samples = load_sample_feeds(manifest)
     report = Report(str(manifest.root), manifest.precision)
     cfg = manifest.model_config()
-    for role in ROLES:
+    for role in manifest.graphs:
         if role not in samples:
             raise ExportError(f"export {manifest.root}: sample feeds lack graph {role}")
         feeds, recorded = samples[role]

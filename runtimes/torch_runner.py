@@ -17,7 +17,8 @@ from graphs.contracts import contract
 from graphs.dtypes import check_precision, compute_dtype, dtype_name, torch_dtype
 from graphs.errors import BackendUnavailable
 from graphs.model import ArmtModel
-from graphs.state import MemoryState, to_numpy
+from graphs.rmt import RmtModel
+from graphs.state import MemoryState, RmtState, to_numpy
 from runtimes.base import Device, Runner, parse_device
 
 log = logging.getLogger("armt.run")
@@ -46,9 +47,9 @@ def to_torch(x: Any, device: torch.device) -> torch.Tensor:
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, model: ArmtModel, role: str, device: str = "cpu", precision: str = "fp32",
+    def __init__(self, model: ArmtModel | RmtModel, role: str, device: str = "cpu", precision: str = "fp32",
                  fused: bool = False):
-        """`model` in fp32; it is moved to `device` and cast to `precision` (memory weights stay fp32)
+        """`model` (ARMT or RMT) in fp32; it is moved to `device` and cast to `precision` (ARMT memory weights stay fp32)
         on activation, as a copy. `fused`: PyTorch's fused attention (the reference's rounding twin)."""
         dev = check_torch_device(device)
         check_precision(precision)
@@ -94,6 +95,8 @@ def fast_executor_applies(model: ArmtModel, input_ids, attention_mask) -> str | 
     """None when the fast executor covers this run, else why not (LLaMA without biases, rows of
     equal length)."""
     b = model.cfg.base
+    if model.cfg.kind != "armt":
+        return f"the fast executor covers the ARMT only (this is an {model.cfg.kind.upper()})"
     if b.architecture != "llama":
         return f"the fast executor covers LLaMA only (this is {b.architecture})"
     if b.attention_bias or b.mlp_bias:
@@ -105,7 +108,7 @@ def fast_executor_applies(model: ArmtModel, input_ids, attention_mask) -> str | 
     return None
 
 
-def run_torch(model: ArmtModel, input_ids, attention_mask=None, state: MemoryState | None = None,
+def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
               schedule: str = "diagonal", device: str = "cpu", precision: str = "fp32",
               collect: tuple[str, ...] = ("logits", "hidden"), progress: bool = False):
     """A whole run on torch: the fast executor where it applies, the schedule loop on a TorchRunner
@@ -115,8 +118,10 @@ def run_torch(model: ArmtModel, input_ids, attention_mask=None, state: MemorySta
     the next call continues from."""
     import time
 
+    from graphs.contracts import role_for
     from graphs.schedule import build_schedule
     from runtimes.execute import RunResult, continue_input
+    role_for(model.cfg, schedule)  # an RMT refuses the diagonal schedule here, before anything runs
     cont = continue_input(model.cfg, input_ids, attention_mask, state)
     why = fast_executor_applies(model, cont.ids, cont.mask())
     if why is None:
@@ -157,10 +162,10 @@ def run_torch(model: ArmtModel, input_ids, attention_mask=None, state: MemorySta
 
 
 def _reference_run(model, input_ids, attention_mask, state, schedule, device, precision, collect, progress, why):
-    from graphs.contracts import ROLE_OF_SCHEDULE
+    from graphs.contracts import role_for
     from runtimes.execute import run_schedule
     log.debug("torch backend: reference cells through the schedule loop (%s)", why)
-    with TorchRunner(model, ROLE_OF_SCHEDULE[schedule], device=device, precision=precision) as runner:
+    with TorchRunner(model, role_for(model.cfg, schedule), device=device, precision=precision) as runner:
         return run_schedule(runner, input_ids, attention_mask, state=state, collect=collect, progress=progress)
 
 

@@ -2,8 +2,9 @@
 
     checksums (load_manifest)  ->  torch reference (the model at the export's precision, its own
                                    sequential loop, traced per segment)
-    for backend in ort, trt:  for schedule in sequential, diagonal:  for case in cases:
-        run the schedule loop, compare every segment's logits, hidden, A, z, written
+    for backend in ort, trt:  for schedule in sequential, diagonal (an RMT: sequential):  for case in cases:
+        run the schedule loop, compare every segment's logits, hidden and memory state
+        (ARMT: A, z, written; RMT: memory, written)
     table -> exit 0 all passed | 1 a miss (ParityFailure) | 3 nothing missed but a backend could not run
     always strict: NaN/Inf never passes a comparison, and each non-finite tensor is named with the
     first segment where it appears (runtimes/finite.py)
@@ -23,7 +24,7 @@ import numpy as np
 
 from exporter.bounds import NOISE_CAP, NOISE_FACTOR, Comparison, compare, widen
 from graphs.config import ModelConfig
-from graphs.contracts import ROLE_OF_SCHEDULE
+from graphs.contracts import role_for
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from graphs.state import to_numpy
 from runtimes.base import Runner, make_runner
@@ -216,13 +217,15 @@ def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: 
                  probe: RunResult | None = None) -> dict[str, tuple[Comparison, int, Comparison | None]]:
     """Per tensor kind: the worst segment's comparison, that segment's index and the reference's own
     spread there (`probe`: the reference run with fused attention). Logits and hidden are compared at
-    the real (unpadded) tokens of each segment; A, z, written as the state right after the segment."""
+    the real (unpadded) tokens of each segment; the state (ARMT: A, z, written; RMT: memory, written)
+    as it is right after the segment."""
     B, N = case.ids.shape
     valid = np.ones((B, N), dtype=bool) if case.mask is None else case.mask.astype(bool)
     if len(got.segment_states) != len(ref.segment_states):
         raise ExportError(f"backend ran {len(got.segment_states)} segments, the reference "
                           f"{len(ref.segment_states)}")
     worst: dict[str, tuple[Comparison, int, Comparison | None]] = {}
+    state_names = tuple(type(ref.state).INPUTS)  # the bounds table's kind of each is its name
 
     def keep(kind: str, pick, s: int) -> None:
         got_t, ref_t = pick(got), pick(ref)
@@ -236,11 +239,10 @@ def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: 
         v = valid[:, span]  # (B, w): real tokens of this segment
         keep("logits", lambda r: r.logits[:, span][v], s)
         keep("hidden", lambda r: r.hidden[:, span][v], s)
-        keep("A", lambda r: r.segment_states[s].A, s)
-        keep("z", lambda r: r.segment_states[s].z, s)
-        keep("written", lambda r: r.segment_states[s].written, s)
+        for kind in state_names:
+            keep(kind, lambda r: getattr(r.segment_states[s], kind), s)
     if not ref.segment_states:  # no tokens at all: the state must come back unchanged
-        for kind in ("A", "z", "written"):
+        for kind in state_names:
             keep(kind, lambda r: getattr(r.state, kind), 0)
     return worst
 
@@ -267,7 +269,7 @@ def verify(model, export_dir, backends: list[str], schedules: list[str], cases: 
             log.warning("%s", bad.line(f"torch reference, case {case.name}"))
     for backend in backends:
         for schedule in schedules:
-            role = ROLE_OF_SCHEDULE[schedule]
+            role = role_for(model.cfg, schedule)  # an RMT refuses diagonal (InputError, exit 2)
             try:
                 dev = "cuda" if backend == "trt" else device  # TensorRT engines run on a GPU only
                 runner = make_runner(backend, manifest, role, device=dev)

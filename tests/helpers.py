@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphs.config import ArmtConfig, ModelConfig, parse_base_config
+from graphs.config import ArmtConfig, ModelConfig, RmtConfig, parse_base_config
 from graphs.model import ArmtModel
+from graphs.rmt import RmtModel
 from graphs.synthetic import PRESETS
 
 TINY_BASES = {
@@ -26,6 +27,17 @@ def tiny_config(arch: str = "llama", segment_size: int = 6, num_mem_tokens: int 
 def tiny_model(arch: str = "llama", seed: int = 0, **kw) -> ArmtModel:
     """Random weights scaled so that the memory changes the outputs clearly."""
     return ArmtModel(tiny_config(arch, **kw), init_std=0.15, mem_init_std=0.03, seed=seed).eval()
+
+
+def tiny_rmt_config(arch: str = "llama", segment_size: int = 6, num_mem_tokens: int = 3, wrap_pos: bool = False,
+                    **base_overrides) -> ModelConfig:
+    base = parse_base_config(dict(TINY_BASES[arch], **base_overrides))
+    return ModelConfig(base, RmtConfig(arch, segment_size, num_mem_tokens, wrap_pos=wrap_pos))
+
+
+def tiny_rmt(arch: str = "llama", seed: int = 0, **kw) -> RmtModel:
+    """A tiny RMT with random weights (the carried memory is a normed hidden state: it matters)."""
+    return RmtModel(tiny_rmt_config(arch, **kw), init_std=0.15, seed=seed).eval()
 
 
 def as_torch(x) -> torch.Tensor:

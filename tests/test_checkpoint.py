@@ -245,7 +245,7 @@ def test_model_directory_round_trip(tmp_path):
     out = convert_official(GPT2_WRAP / "checkpoint.pt", GPT2_WRAP, tmp_path / "m", **s)
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG, ARMT_CONFIG, WEIGHTS, "CONVERTED.md"])
     armt_cfg = json.loads((out / ARMT_CONFIG).read_text())
-    assert armt_cfg == dict(architecture="gpt2", nu=3, **s)
+    assert armt_cfg == dict(kind="armt", architecture="gpt2", nu=3, **s)  # the kind is recorded
     direct = load_official(GPT2_WRAP / "checkpoint.pt", GPT2_WRAP, **s)
     loaded = load_model_dir(out)
     assert direct.cfg == loaded.cfg

@@ -144,7 +144,7 @@ def test_bad_integer_option_is_a_usage_error(tmp_path, capsys, value):
 def test_console_entry_point_in_a_fresh_process(tmp_path):
     """The real process: exit status 2 and a single stderr line, no traceback."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "armt.cli", "convert-official", str(tmp_path / "x.pt"),
+    proc = subprocess.run([sys.executable, "-m", "armt", "convert-official", str(tmp_path / "x.pt"),
                            "--base-config", str(LLAMA), *GOOD, "-o", str(tmp_path / "m")],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 2

@@ -25,7 +25,7 @@ from exporter.samples import load_samples
 from exporter.trace import DEFAULT_OPSET
 from exporter.weights import WEIGHTS_FILE
 from graphs.cells import DiagonalStep, SegmentCell
-from graphs.contracts import GRAPH_FILES, ROLES, contract
+from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, contract
 from graphs.dtypes import compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
@@ -70,6 +70,7 @@ def export_of(tmp_path_factory):
     return get
 
 
+ROLES = ROLES_OF_KIND["armt"]  # the graphs of an ARMT export (an RMT has its own: tests/test_rmt_ort.py)
 CASES = [(a, p) for a in ARCHS for p in ("fp32", "fp16")]
 
 

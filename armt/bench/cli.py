@@ -38,15 +38,17 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time full attention, sequential and diagonal ARMT side by side",
+    p = sub.add_parser("bench", help="time full attention, sequential and diagonal ARMT (or sequential RMT) side by side",
                        description="Time the base model's full attention, the sequential ARMT schedule and "
-                       "the diagonal ARMT schedule on the same inputs; record medians, tokens/s and peak "
-                       "device memory.")
+                       "the diagonal ARMT schedule (an RMT: full attention and the sequential schedule) on the "
+                       "same inputs; record medians, tokens/s and peak device memory.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("model", nargs="?", help="model directory (config.json, armt_config.json, model.safetensors)")
     src.add_argument("--synthetic", choices=["tiny", "llama-1b", "llama-3b", "llama-8b"],
                      help="random weights in the shape of this base model")
-    p.add_argument("--segment-size", type=int, default=1024, help="synthetic: ARMT segment size (1024)")
+    p.add_argument("--kind", choices=["armt", "rmt"], default="armt",
+                   help="synthetic: the memory wrapper (default armt; a model directory says its own kind)")
+    p.add_argument("--segment-size", type=int, default=1024, help="synthetic: segment size (1024)")
     p.add_argument("--memory-tokens", type=int, default=128, help="synthetic: memory tokens M (128)")
     p.add_argument("--d-mem", type=int, default=64, help="synthetic: memory key width d_mem (64)")
     p.add_argument("--layers", type=int, help="synthetic: override the number of layers")
@@ -59,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--backends", default="torch", help="comma-separated: torch (fast executor), torch-ref "
                    "(graphs.model reference), ort (ONNX Runtime, needs --export-dir)")
-    p.add_argument("--schedules", default="full,sequential,diagonal", help="comma-separated: full, sequential, diagonal")
+    p.add_argument("--schedules", help="comma-separated: full, sequential, diagonal (default all of the model's: "
+                   "an RMT has no diagonal schedule)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--export-dir", help="export directory for the ort backend (`armt export` of the same model)")
     p.add_argument("--export-to", help="ort backend without --export-dir: export the bench's model here first")
@@ -102,15 +105,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report.require_matplotlib()  # an optional need, checked up front (not after the whole bench)
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
     backends = _names(args.backends, BACKENDS, "--backends")
-    schedules = _names(args.schedules, SCHEDULES, "--schedules")
     if args.warmup < 0 or args.repeats < 1:
         raise InputError("--warmup must be >= 0 and --repeats >= 1")
     device = check_torch_device(args.device)
     torch.manual_seed(args.seed)
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
-    model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
-                        args.init_std, args.mem_std, args.seed, overrides)
-    work = Workloads(model, device, args.precision, lm_head=args.lm_head, export_dir=args.export_dir)
+    if args.synthetic and args.kind == "rmt":
+        from armt.bench.rmt_workloads import build_rmt_model
+        model = build_rmt_model(args.synthetic, args.segment_size, args.memory_tokens, args.init_std, args.seed,
+                                overrides)
+    else:
+        model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
+                            args.init_std, args.mem_std, args.seed, overrides)
+    rmt = model.cfg.kind == "rmt"
+    schedules = _names(args.schedules or ",".join(SCHEDULES if not rmt else ("full", "sequential")), SCHEDULES,
+                       "--schedules")
+    if rmt:
+        from armt.bench.rmt_workloads import BACKENDS as RMT_BACKENDS, RmtWorkloads, run_rmt_parity
+        from graphs.contracts import DIAGONAL_REFUSAL
+        if "diagonal" in schedules:
+            raise InputError(DIAGONAL_REFUSAL.replace("--schedule sequential", "--schedules full,sequential"))
+        if set(backends) - set(RMT_BACKENDS):
+            raise InputError(f"an RMT is benched on the backends {', '.join(RMT_BACKENDS)} (no fast executor: "
+                             "torch runs the reference cells with fused attention)")
+        work = RmtWorkloads(model, device, args.precision, lm_head=args.lm_head, export_dir=args.export_dir)
+    else:
+        work = Workloads(model, device, args.precision, lm_head=args.lm_head, export_dir=args.export_dir)
     if "ort" in backends and not args.export_dir and args.export_to:
         work.ensure_export(args.export_to)
     cfg = model.cfg
@@ -120,7 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "model": args.synthetic or args.model, "precision": args.precision, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lm_head": args.lm_head, "warmup": args.warmup, "repeats": args.repeats,
-        "segment_size": cfg.armt.segment_size, "memory_tokens": cfg.armt.num_mem_tokens, "d_mem": cfg.armt.d_mem,
+        "kind": cfg.kind, "segment_size": cfg.armt.segment_size, "memory_tokens": cfg.armt.num_mem_tokens,
+        "d_mem": getattr(cfg.armt, "d_mem", None),
         "layers": cfg.base.n_layers, "d_model": cfg.base.d_model, "init_std": args.init_std,
         "mem_std": args.mem_std if args.mem_std is not None else args.init_std,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -163,7 +184,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         if args.output:
                             report.write_json(args.output, record)
         if args.parity_length:
-            record["parity"] = run_parity(work, backends, args.parity_length, batches[0], args.seed)
+            parity = run_rmt_parity if rmt else run_parity
+            record["parity"] = parity(work, backends, args.parity_length, batches[0], args.seed)
     finally:
         work.close()
     print(report.table(rows))

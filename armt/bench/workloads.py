@@ -26,7 +26,7 @@ from graphs.contracts import ROLE_OF_SCHEDULE
 from graphs.errors import InputError
 from graphs.model import ArmtModel, torch_state
 from graphs.segments import make_slots
-from graphs.state import MemoryState
+from graphs.state import MemoryState, RmtState
 
 log = logging.getLogger("armt.bench")
 
@@ -38,14 +38,15 @@ BACKENDS = ("torch", "torch-ref", "ort")
 @dataclass
 class Outcome:
     last_hidden: torch.Tensor  # (B, c, d) fp32: the last segment's hidden states after the final norm
-    state: MemoryState | None  # final memory state (None for full attention)
+    state: MemoryState | RmtState | None  # final memory state (None for full attention)
 
     def nonfinite(self) -> list[str]:
         """The outputs that hold NaN or Inf, with where (a bench keeps only the last segment's hidden
         states and the final memory state: that is as far as it can localize)."""
         bad = [] if torch.isfinite(self.last_hidden).all() else ["hidden (last segment)"]
         if self.state is not None:
-            bad += [f"{n} (final memory state)" for n in ("A", "z") if not torch.isfinite(getattr(self.state, n)).all()]
+            bad += [f"{n} (final memory state)" for n in type(self.state).memory_tensors()  # A, z; memory (RMT)
+                    if not torch.isfinite(getattr(self.state, n)).all()]
         return bad
 
 
@@ -151,9 +152,9 @@ class Workloads:
         if not where:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) "
                              "or --export-to DIR (the bench exports its model there)")
-        from exporter.export import export_model
+        from runtimes.validation import export_model
         log.info("exporting the model (%s) to %s for the ort backend ...", self.precision, where)
-        export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision,  # no validation step
+        export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision, validate=False,
                      overwrite=True, source="armt bench")
         self.export_dir = where
 

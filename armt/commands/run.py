@@ -15,14 +15,16 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a model on token ids (torch, ONNX Runtime or TensorRT)",
-                       description="Run an ARMT over token ids with the sequential or diagonal schedule. "
-                       "PATH is a model directory for --backend torch and an export directory for ort/trt.")
+                       description="Run an ARMT (sequential or diagonal schedule) or an RMT (sequential schedule) "
+                       "over token ids. PATH is a model directory for --backend torch and an export directory "
+                       "for ort/trt.")
     p.add_argument("path", help="model directory (torch) or export directory (ort, trt)")
     p.add_argument("--input-ids", required=True, help="int .npy of shape (B, N)")
     p.add_argument("--output", help="write float32 logits (B, N, vocab) .npy here")
     p.add_argument("--hidden-output", help="write float32 final-norm hidden states (B, N, d) .npy here")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="execution backend (default torch)")
-    p.add_argument("--schedule", default="diagonal", choices=["sequential", "diagonal"])
+    p.add_argument("--schedule", choices=["sequential", "diagonal"],
+                   help="default: diagonal for an ARMT, sequential for an RMT (which has no diagonal schedule)")
     p.add_argument("--attention-mask", help="(B, N) .npy of 0/1, right-padded (ones, then zeros)")
     p.add_argument("--state-in", help="memory state .npz to start from (default: empty memory)")
     p.add_argument("--state-out", help="write the final memory state .npz here (with the rows' unfinished "
@@ -45,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("export_dir")
     v.add_argument("--model", help="model directory of the torch reference (default: the export's own weights)")
     v.add_argument("--backend", default="ort", help="comma-separated: ort, trt (default ort)")
-    v.add_argument("--schedule", default="sequential,diagonal", help="comma-separated (default both)")
+    v.add_argument("--schedule", help="comma-separated (default: every schedule of the model: ARMT sequential,"
+                   "diagonal; RMT sequential)")
     v.add_argument("--precision", choices=PRECISIONS, help="expected precision of the export (checked)")
     v.add_argument("--input-ids", help="int .npy (B, N) to compare on (default: generated cases)")
     v.add_argument("--attention-mask", help="(B, N) 0/1 .npy for --input-ids")
@@ -93,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from graphs.arrays import npy_bytes
     from graphs.atomic import write_files_together
-    from graphs.contracts import ROLE_OF_SCHEDULE
+    from graphs.contracts import default_schedule, role_for
     from graphs.errors import NonFiniteError
     from graphs.paths import OutputPath, check_paths
     from graphs.state import state_bytes
@@ -114,18 +117,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         from runtimes.torch_runner import TorchRunner, run_torch
         model = load_model_dir(args.path)
         cfg = model.cfg
+        schedule = args.schedule or default_schedule(cfg)
+        role = role_for(cfg, schedule)  # an RMT refuses the diagonal schedule (one line, exit 2)
         model_id, name = model.known_model_id, f"torch@{device}"  # the id is needed only for state files
         state = load_state_for(args.state_in, model_id()) if args.state_in else None
-        result = run_torch(model, ids, mask, state=state, schedule=args.schedule, device=device,
+        result = run_torch(model, ids, mask, state=state, schedule=schedule, device=device,
                            precision=args.precision or "fp32", collect=collect, progress=not args.no_progress)
-        locator = lambda: TorchRunner(model, ROLE_OF_SCHEDULE[args.schedule], device=device,  # noqa: E731
-                                      precision=args.precision or "fp32")
+        locator = lambda: TorchRunner(model, role, device=device, precision=args.precision or "fp32")  # noqa: E731
     else:
         from runtimes.base import make_runner
         from runtimes.execute import run_schedule
-        runner = make_runner(args.backend, args.path, ROLE_OF_SCHEDULE[args.schedule], device=device,
-                             precision=args.precision)
-        cfg = runner.cfg
+        from runtimes.loaders import open_export
+        manifest = open_export(args.path, args.precision)
+        cfg = manifest.model_config()
+        schedule = args.schedule or default_schedule(cfg)
+        runner = make_runner(args.backend, manifest, role_for(cfg, schedule), device=device)
         model_id, name = (lambda: runner.model_id), runner.name
         state = load_state_for(args.state_in, model_id()) if args.state_in else None
         with runner:
@@ -148,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         files[args.state_out] = state_bytes(result.state, model_id())
     write_files_together(files)  # all of them or none
     B, N = ids.shape
-    log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, args.schedule,
+    log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, schedule,
              len(result.schedule.steps), result.seconds,
              f"; logits -> {args.output}" if args.output else "")
     return 0
@@ -161,9 +167,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from runtimes.inputs import load_ids, load_mask
     from runtimes.verify import Report
 
+    from graphs.contracts import role_for, schedules_of
     backends = _split(args.backend, ("ort", "trt"), "--backend")
-    schedules = _split(args.schedule, ("sequential", "diagonal"), "--schedule")
     manifest = load_manifest(args.export_dir, verify_checksums=True)  # an altered file stops here (exit 2)
+    cfg = manifest.model_config()
+    schedules = (_split(args.schedule, ("sequential", "diagonal"), "--schedule") if args.schedule
+                 else list(schedules_of(cfg)))
+    for schedule in schedules:
+        role_for(cfg, schedule)  # an RMT refuses the diagonal schedule (one line, exit 2)
     if args.precision and args.precision != manifest.precision:
         raise InputError(f"export {args.export_dir} holds {manifest.precision} graphs, not {args.precision}")
     if args.graphs_only and not args.per_graph:
