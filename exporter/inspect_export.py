@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.manifest import Manifest, check_export, load_manifest
+from graphs.errors import ArmtError
 
 
 def _mb(n: int) -> str:
@@ -80,7 +81,11 @@ def inspect_export(export_dir: str | Path, verify_checksums: bool = False) -> tu
         text = describe(load_manifest(export_dir, verify_checksums=False))
         return "\n".join([text, *stale_lines(export_dir)]), []
     manifest, problems = check_export(export_dir)
-    lines = [describe(manifest), *stale_lines(export_dir), ""]
+    try:
+        head = describe(manifest)
+    except ArmtError as exc:  # an edited config that no longer parses: still list what disagrees
+        head = f"export {manifest.root}  (format {manifest.format_version}, {manifest.precision}): not described ({exc})"
+    lines = [head, *stale_lines(export_dir), ""]
     if problems:
         lines += [f"check: {len(problems)} problem(s):"] + [f"  {what}: {line}" for what, line in problems]
     else:
