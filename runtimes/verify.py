@@ -255,7 +255,7 @@ def verify(model, export_dir, backends: list[str], schedules: list[str], cases: 
     cast to the export's precision (the bounds table's reference), run by its own sequential loop."""
     from exporter.manifest import load_manifest
     from graphs.dtypes import compute_dtype, torch_dtype
-    manifest = manifest or load_manifest(export_dir, verify_checksums=True)
+    manifest = manifest or load_manifest(export_dir, verify_checksums="full")
     prec = manifest.precision
     report = Report(str(export_dir), prec)
     dtype = torch_dtype(compute_dtype(prec))
