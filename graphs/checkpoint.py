@@ -434,9 +434,10 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
 
 def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: str | Path, *,
                      segment_size: int, num_mem_tokens: int, d_mem: int | None = None, wrap_pos: bool = False,
-                     correction: bool = True, nu: int = 3, overwrite: bool = False, kind: str = "armt") -> Path:
-    """Official checkpoint (ARMT, or with kind="rmt" RMT) -> model directory (written atomically).
-    Returns the directory."""
+                     correction: bool = True, nu: int = 3, overwrite: bool = False, kind: str = "armt",
+                     shard_bytes: int | None = None) -> Path:
+    """Official checkpoint (ARMT, or with kind="rmt" RMT) -> model directory (written atomically, in
+    the checkpoint's dtype; `shard_bytes`: safetensors shards of at most that size). Returns the directory."""
     from graphs.modeldir import save_model_dir
     from graphs.paths import OutputPath, check_paths
     # before the (possibly long) load: never write over, into or around the inputs; the settings; the output
@@ -448,4 +449,5 @@ def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: s
                           correction, nu, kind)
     card = (f"Converted from the official {kind.upper()} checkpoint {Path(checkpoint).name} by "
             f"`armt convert-official{' --kind rmt' if kind == 'rmt' else ''}`.\n")
-    return save_model_dir(model, out_dir, overwrite=overwrite, extra_files={"CONVERTED.md": card})
+    return save_model_dir(model, out_dir, overwrite=overwrite, extra_files={"CONVERTED.md": card},
+                          shard_bytes=shard_bytes)
