@@ -229,6 +229,14 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: s
     return {"globals": glob, "layers": layers.out, "mem": mem.out}
 
 
+def base_dtype(model) -> torch.dtype:
+    """The dtype a model's base weights and memory tokens are stored in: theirs when they share one of
+    fp32 / fp16 / bf16, else fp32 (what `stored_dtype` loads such a file as)."""
+    base = [*model.globals.values(), *model.layers.values()]
+    kinds = {p.dtype for p in base}
+    return base[0].dtype if len(kinds) == 1 and base[0].dtype in FLOAT_DTYPES else torch.float32
+
+
 def hf_tensors(model) -> dict[str, torch.Tensor]:
     """The reverse of params_from_hf, as views: HF-named tensors of the model's parameters in their own
     dtype (the base weights and memory tokens in the model's, the memory weights fp32), transposed
@@ -238,8 +246,7 @@ def hf_tensors(model) -> dict[str, torch.Tensor]:
     cfg: ModelConfig = model.cfg
     b = cfg.base
     out: dict[str, torch.Tensor] = {}
-    base = [*model.globals.values(), *model.layers.values()]
-    dtype = base[0].dtype if len({p.dtype for p in base}) == 1 and base[0].dtype in FLOAT_DTYPES else torch.float32
+    dtype = base_dtype(model)
     g = {k: v.detach().to(dtype) for k, v in model.globals.items()}
     for ours, key in _global_keys(cfg).items():
         out[key] = g[ours].t() if ours == "lm_head" else g[ours]

@@ -106,11 +106,10 @@ def load_model_dir(model_dir: str | Path) -> ArmtModel:
 def stored_model_id(model) -> str:
     """The id of `model` as save_model_dir stores it and load_model_dir gives it back (the base weights
     in one dtype, the memory weights fp32; graphs/hf_layout.hf_tensors)."""
-    from graphs.hf_layout import FLOAT_DTYPES
+    from graphs.hf_layout import base_dtype
     from graphs.identity import config_json, weights_id
     cfg = model.cfg
-    base = [*model.globals.values(), *model.layers.values()]
-    dtype = base[0].dtype if len({p.dtype for p in base}) == 1 and base[0].dtype in FLOAT_DTYPES else torch.float32
+    dtype = base_dtype(model)
     named = [(n, p.detach().float() if n.startswith("mem.") else p.detach().to(dtype))
              for n, p in model.named_parameters()]
     return weights_id(cfg.fingerprint(), config_json(cfg.base.hf_config, cfg.armt.to_dict()), named)
