@@ -49,13 +49,18 @@ def import_builder(prefer: str = "auto"):
     order = {"auto": ("tensorrt", "tensorrt_rtx"), "tensorrt": ("tensorrt",),
              "tensorrt_rtx": ("tensorrt_rtx",)}[prefer]
     import importlib
+    import importlib.util
     for name in order:
         try:
             return importlib.import_module(name), name
         except ImportError:
             continue
+    others = [n for n in ENGINE_TAGS if n not in order and importlib.util.find_spec(n) is not None]
+    if others:  # e.g. --builder tensorrt with only TensorRT-RTX installed
+        raise BackendUnavailable(f"--builder {prefer}: {' or '.join(order)} is not installed; {others[0]} is "
+                                 f"(use --builder {others[0]} or --builder auto)")
     raise BackendUnavailable("no TensorRT builder is installed: pip install 'armt-deploy[trt]' "
-                             "(TensorRT-RTX) or NVIDIA's tensorrt")
+                             "(TensorRT-RTX for CUDA 13; 'armt-deploy[trt-cu12]' for CUDA 12) or NVIDIA's tensorrt")
 
 
 def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
