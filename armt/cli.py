@@ -80,8 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    from runtimes.progress import set_mode
+    from graphs.progress import get_mode, set_mode
+    previous = get_mode()
     set_mode("off" if args.quiet else "on" if args.progress else "auto")
+    try:
+        return _run(args)
+    finally:
+        set_mode(previous)  # main() is also called in-process (tests, python -m armt.demo)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its errors mapped to exit codes (the module docstring)."""
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

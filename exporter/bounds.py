@@ -179,7 +179,8 @@ def widen(c: Comparison, noise: Comparison | None, describe: bool = True) -> Com
     (bool) tensors, failed shape/NaN checks and a non-finite spread are never widened. `describe`
     puts the widening into the comparison's note (tables that mark it otherwise pass False)."""
     b = c.bound
-    if noise is None or b.rel == 0 or b.given or c.note or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel)):
+    if (noise is None or b.rel == 0 or b.given or c.note
+            or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel))):
         return c
     eff = dataclasses.replace(b, rel=min(max(b.rel, NOISE_FACTOR * noise.rel), NOISE_CAP * b.rel),
                               q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))

@@ -27,6 +27,7 @@ from exporter.bounds import NOISE_CAP, NOISE_FACTOR, Comparison, compare, widen
 from graphs.config import ModelConfig
 from graphs.contracts import role_for
 from graphs.errors import BackendUnavailable, ExportError, InputError
+from graphs.progress import Progress
 from graphs.state import to_numpy
 from runtimes.base import Runner, make_runner
 from runtimes.execute import RunResult, run_schedule
@@ -293,25 +294,29 @@ def verify(model, export_dir, backends: list[str], schedules: list[str], cases: 
     for case, ref in zip(cases, refs):
         for bad in find_nonfinite(ref, T):
             log.warning("%s", bad.line(f"torch reference, case {case.name}"))
-    for backend in backends:
-        for schedule in schedules:
-            role = role_for(model.cfg, schedule)  # an RMT refuses diagonal (InputError, exit 2)
-            try:
-                dev = "cuda" if backend == "trt" else device  # TensorRT engines run on a GPU only
-                runner = make_runner(backend, manifest, role, device=dev)
-                runner.activate()
-            except BackendUnavailable as exc:
-                report.rows.append(Row(backend, schedule, "*", "*", status="not run", note=str(exc)))
-                log.warning("%s %s not run: %s", backend, schedule, exc)
-                continue
-            try:
-                for case, ref, probe in zip(cases, refs, probes):
-                    got = backend_run(runner, case)
-                    for bad in find_nonfinite(got, T):  # the comparisons fail on them too (NaN never passes)
-                        log.warning("%s", bad.line(f"{backend} {schedule}, case {case.name}"))
-                    for kind, (c, seg, noise) in compare_runs(got, ref, case, T, prec, probe, bounds).items():
-                        report.rows.append(Row(backend, schedule, case.name, kind, c, seg,
-                                               "ok" if c.ok else "FAIL", noise=noise))
-            finally:
-                runner.deactivate()
+    with Progress(len(backends) * len(schedules) * len(cases), "verify runs") as bar:
+        for backend in backends:
+            for schedule in schedules:
+                role = role_for(model.cfg, schedule)  # an RMT refuses diagonal (InputError, exit 2)
+                try:
+                    dev = "cuda" if backend == "trt" else device  # TensorRT engines run on a GPU only
+                    runner = make_runner(backend, manifest, role, device=dev)
+                    runner.activate()
+                except BackendUnavailable as exc:
+                    report.rows.append(Row(backend, schedule, "*", "*", status="not run", note=str(exc)))
+                    log.warning("%s %s not run: %s", backend, schedule, exc)
+                    bar.update(len(cases))
+                    continue
+                try:
+                    for case, ref, probe in zip(cases, refs, probes):
+                        bar.describe(f"{backend} {schedule} {case.name}")
+                        got = backend_run(runner, case)
+                        for bad in find_nonfinite(got, T):  # the comparisons fail on them too (NaN never passes)
+                            log.warning("%s", bad.line(f"{backend} {schedule}, case {case.name}"))
+                        for kind, (c, seg, noise) in compare_runs(got, ref, case, T, prec, probe, bounds).items():
+                            report.rows.append(Row(backend, schedule, case.name, kind, c, seg,
+                                                   "ok" if c.ok else "FAIL", noise=noise))
+                        bar.update()
+                finally:
+                    runner.deactivate()
     return report
