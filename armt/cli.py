@@ -44,6 +44,10 @@ EXTRA_OF_MODULE = {
     "matplotlib": "plot", "tokenizers": "text", "transformers": "test",
 }
 BASE_MODULES = ("numpy", "ml_dtypes", "onnx", "tqdm")
+# Loggers whose INFO lines (one per folded initializer while tracing) drown ours: the command (an
+# application, not the libraries) quiets them for its own duration unless -v, and restores them.
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx",
+                  "torch._dynamo", "torch.utils._sympy")
 
 
 def missing_module_line(exc: ModuleNotFoundError) -> str | None:
@@ -83,10 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     from graphs.progress import get_mode, set_mode
     previous = get_mode()
     set_mode("off" if args.quiet else "on" if args.progress else "auto")
+    levels = {name: logging.getLogger(name).level for name in CHATTY_LOGGERS}
+    if not args.verbose:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return _run(args)
-    finally:
-        set_mode(previous)  # main() is also called in-process (tests, python -m armt.demo)
+    finally:  # main() is also called in-process (tests, python -m armt.demo): leave things as found
+        set_mode(previous)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:
