@@ -238,9 +238,11 @@ def demo(args) -> int:
         print(f"  {backend:8s} {prec:9s} {name:8s} {n:8d} {secs:8.3f} {n / secs:9.0f}")
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.perf_counter() - t_all:.0f} s")
     armt = armt_command()
+    activate = Path(sys.executable).parent / "activate"
     note = ("" if armt == "armt" else
-            f"  (`armt` is not on PATH here: {armt} below, or activate its environment first, e.g. "
-            "`source .venv/bin/activate`)\n")
+            f"  (`armt` is not on PATH here: {armt} below"
+            + (f", or `source {os.path.relpath(activate)}` first to call it `armt`" if activate.is_file() else "")
+            + ")\n")
     print(f"\nnext, on your own checkpoint (a model directory: config.json, armt_config.json, model.safetensors):\n"
           f"{note}"
           f"  {armt} export MODEL_DIR -o my-export [--precision fp16]\n"

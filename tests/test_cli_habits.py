@@ -234,3 +234,15 @@ def test_inspect_and_run_json(capsys, tmp_path):
     assert (data["batch"], data["tokens"], data["schedule"]) == (2, 13, "diagonal")
     assert data["written"] == [str(tmp_path / "logits.npy")] and data["nonfinite"] == []
     assert np.load(tmp_path / "logits.npy").shape[:2] == (2, 13)
+
+
+def test_bench_rows_printed_once_on_a_terminal(capsys, caplog, monkeypatch):
+    from tests.test_bench import TINY
+    caplog.set_level(logging.INFO, logger="armt.bench")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    assert main(["bench", *TINY, "--lengths", "32", "--schedules", "full,diagonal", "--warmup", "0",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.split()[:1] == ["torch"]]
+    assert len(rows) == 2, out  # each (backend, schedule, length) once: the table, no per-row log echo
+    assert not [r for r in caplog.records if r.name == "armt.bench" and "torch" in r.getMessage()]
