@@ -131,11 +131,17 @@ def armt_command() -> str:
         return "armt"
     script = Path(sys.executable).parent / ("armt.exe" if os.name == "nt" else "armt")
     if script.is_file():
-        try:
-            return os.path.relpath(script)
-        except ValueError:  # another drive (Windows)
-            return str(script)
+        return _shown(script)
     return f"{Path(sys.executable).name} -m armt"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory where that is shorter (another drive on Windows: as is)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if len(rel) < len(str(path)) else str(path)
 
 
 def demo(args) -> int:
@@ -241,7 +247,7 @@ def demo(args) -> int:
     activate = Path(sys.executable).parent / "activate"
     note = ("" if armt == "armt" else
             f"  (`armt` is not on PATH here: {armt} below"
-            + (f", or `source {os.path.relpath(activate)}` first to call it `armt`" if activate.is_file() else "")
+            + (f", or `source {_shown(activate)}` first to call it `armt`" if activate.is_file() else "")
             + ")\n")
     print(f"\nnext, on your own checkpoint (a model directory: config.json, armt_config.json, model.safetensors):\n"
           f"{note}"
