@@ -246,3 +246,23 @@ def test_bench_rows_printed_once_on_a_terminal(capsys, caplog, monkeypatch):
     rows = [line for line in out.splitlines() if line.split()[:1] == ["torch"]]
     assert len(rows) == 2, out  # each (backend, schedule, length) once: the table, no per-row log echo
     assert not [r for r in caplog.records if r.name == "armt.bench" and "torch" in r.getMessage()]
+
+
+def test_posix_only_modules_are_imported_lazily():
+    """Windows (TensorRT-RTX's main platform) has no resource/fcntl/pwd/grp/termios: importing every
+    module of the project and running a command must not need them."""
+    code = (
+        "import sys\n"
+        "for name in ('resource', 'fcntl', 'pwd', 'grp', 'termios'):\n"
+        "    sys.modules[name] = None  # import raises ImportError\n"
+        "import importlib, pkgutil\n"
+        "for pkg in ('graphs', 'exporter', 'runtimes', 'armt'):\n"
+        "    mod = importlib.import_module(pkg)\n"
+        "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
+        "        if info.name not in ('armt.__main__',):\n"
+        "            importlib.import_module(info.name)\n"
+        "from armt.cli import main\n"
+        "sys.exit(main(['schedule', '--layers', '2', '--segments', '2']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
