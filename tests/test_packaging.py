@@ -40,12 +40,15 @@ def installed(wheel, tmp_path_factory):
     venv.EnvBuilder(with_pip=False).create(root / "venv")
     bindir = root / "venv" / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True, timeout=600)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    (Path(site) / "armt-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    # without PYTHONPATH: the checkout's armt_deploy.egg-info (left by the wheel build) would make pip see the
+    # project as already installed and install nothing
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True, timeout=600, env=env, cwd=root)
+    assert (bindir / ("armt.exe" if os.name == "nt" else "armt")).is_file()
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
+    (Path(site) / "armt-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     work = root / "work"
     work.mkdir()
