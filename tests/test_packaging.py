@@ -10,6 +10,7 @@ code is the wheel's).
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,9 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel of a clean copy of the tree (the files git tracks or would track, as a fresh clone has
+    them): a build/ folder left in the checkout could carry stale modules into the wheel."""
+    src = tmp_path_factory.mktemp("src")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     dist = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(src)], check=True, capture_output=True, timeout=600, env=env, cwd=src)
     return next(dist.glob("armt_deploy-*.whl"))
 
 
@@ -41,8 +52,8 @@ def installed(wheel, tmp_path_factory):
     bindir = root / "venv" / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    # without PYTHONPATH: the checkout's armt_deploy.egg-info (left by the wheel build) would make pip see the
-    # project as already installed and install nothing
+    # without PYTHONPATH: an armt_deploy.egg-info in the checkout (left by a build there) would make pip see
+    # the project as already installed and install nothing
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, capture_output=True, timeout=600, env=env, cwd=root)
     assert (bindir / ("armt.exe" if os.name == "nt" else "armt")).is_file()
