@@ -240,7 +240,7 @@ def test_cli_needs_a_prompt(model_dir, capsys):
 
 
 def test_cli_export_without_decode_graphs(tmp_path, capsys):
-    from exporter.export import export_model
+    from runtimes.validation import export_model
     export_model(tiny_rmt("llama", segment_size=5), tmp_path / "export", precision="fp32", validate=False)
     np.save(tmp_path / "ids.npy", np.zeros((1, 4), np.int64))
     assert _gen(tmp_path / "export", "--backend", "ort", "--input-ids", tmp_path / "ids.npy") == 2
