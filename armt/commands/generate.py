@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-log = logging.getLogger("armt.generate")
+from armt.commands.run import BACKENDS, PRECISIONS
 
-BACKENDS = ("torch", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+log = logging.getLogger("armt.generate")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
