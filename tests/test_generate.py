@@ -264,3 +264,42 @@ def test_half_precision_recurrent_equals_run_at_that_precision(which, precision)
     assert rel_err(out.scores, ref) <= bound_for(precision, "logits").rel
     if model.cfg.kind == "armt":
         assert out.state.A.dtype == np.float32 and out.state.z.dtype == np.float32
+
+
+def test_on_token_streams_every_step():
+    model = MODELS["rmt-llama"]()
+    ids = np.random.default_rng(10).integers(0, 61, (2, 6)).astype(np.int64)
+    seen = []
+    out = generate(model, ids, max_new_tokens=5, on_token=lambda t, tok, stopped: seen.append((t, tok.copy())))
+    assert [t for t, _ in seen] == list(range(5))
+    np.testing.assert_array_equal(np.stack([tok for _, tok in seen], 1), out.tokens)
+
+
+def test_frozen_past_the_position_table_is_one_line(tmp_path, capsys):
+    """GPT-2's learned positions bound the frozen policy's growing segment (n_positions 40 here)."""
+    d = save_model_dir(tiny_model("gpt2", segment_size=5), tmp_path / "gpt2")
+    np.save(tmp_path / "ids.npy", np.zeros((1, 7), np.int64))
+    assert _gen(d, "--input-ids", tmp_path / "ids.npy", "--max-new-tokens", 60) == 2
+    _one_line(capsys, "the model's position table has 40 rows")
+    assert _gen(d, "--input-ids", tmp_path / "ids.npy", "--max-new-tokens", 60, "--memory-policy", "recurrent",
+                "--output", tmp_path / "t.npy") == 0
+    assert np.load(tmp_path / "t.npy").shape == (1, 60)
+
+
+def test_cli_state_in_and_eos(model_dir, tmp_path):
+    ids = np.random.default_rng(11).integers(0, 61, (2, 12)).astype(np.int64)
+    np.save(tmp_path / "a.npy", ids[:, :7])
+    np.save(tmp_path / "b.npy", ids[:, 7:])
+    np.save(tmp_path / "ids.npy", ids)
+    assert main(["run", str(model_dir), "--input-ids", str(tmp_path / "a.npy"),
+                 "--state-out", str(tmp_path / "s.npz")]) == 0
+    assert _gen(model_dir, "--input-ids", tmp_path / "b.npy", "--state-in", tmp_path / "s.npz", "--max-new-tokens", 6,
+                "--output", tmp_path / "rest.npy") == 0
+    assert _gen(model_dir, "--input-ids", tmp_path / "ids.npy", "--max-new-tokens", 6,
+                "--output", tmp_path / "all.npy") == 0
+    whole = np.load(tmp_path / "all.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "rest.npy"), whole)
+    eos = int(whole[0, 0])
+    assert _gen(model_dir, "--input-ids", tmp_path / "ids.npy", "--max-new-tokens", 6, "--eos-id", eos,
+                "--output", tmp_path / "e.npy") == 0
+    assert np.load(tmp_path / "e.npy")[0, 0] == eos and (np.load(tmp_path / "e.npy")[0, 1:] == 0).all()
