@@ -3,6 +3,7 @@
     armt/commands/convert.py   convert-official
     armt/commands/export.py    export, build, inspect
     armt/commands/run.py       run, verify, schedule
+    armt/commands/generate.py  generate
     armt/bench/cli.py          bench
     armt/demo.py               demo
 
@@ -28,13 +29,13 @@ import sys
 
 from armt import demo
 from armt.bench import cli as bench_cli
-from armt.commands import convert, export, run
+from armt.commands import convert, export, generate, run
 from graphs import __version__
 from graphs.errors import EXIT_INTERNAL, EXIT_UNAVAILABLE, ArmtError
 
 log = logging.getLogger("armt")
 
-COMMAND_MODULES = (convert, export, run, bench_cli, demo)
+COMMAND_MODULES = (convert, export, run, generate, bench_cli, demo)
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 
 # top-level import name -> the extra (pyproject.toml) that installs it
