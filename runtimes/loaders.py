@@ -43,6 +43,17 @@ class NotRunnable(BackendUnavailable):
     """ONNX Runtime has no kernel for some node of the graph on this provider (e.g. bf16 on the CPU)."""
 
 
+class CaptureRefused(BackendUnavailable):
+    """ONNX Runtime refused CUDA-graph capture for a session (a node not on the CUDA execution provider,
+    Memcpy nodes for shape computations on the CPU, control flow): the runner falls back to plain runs."""
+
+
+def capture_refused(exc: Exception) -> bool:
+    """Is this ONNX Runtime error its refusal of graph capture ("This session cannot use the graph
+    capture feature as requested by the user as ...")?"""
+    return "graph capture feature" in str(exc).lower() or "cuda graph feature" in str(exc).lower()
+
+
 def raise_if_not_runnable(exc: Exception, what: str) -> None:
     """Turn ONNX Runtime's "no kernel" errors into NotRunnable (a limit of the provider, not a broken graph)."""
     text = str(exc)
@@ -94,6 +105,8 @@ class OrtSessionLoader:
         except BackendUnavailable:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            if self.cuda_graph and capture_refused(exc):
+                raise CaptureRefused(str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__) from None
             raise_if_not_runnable(exc, f"{self.path.name} on {self.device.type}")
             first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             raise ExportError(f"onnxruntime cannot load {self.path}: {first}") from None

@@ -9,6 +9,16 @@ their staging OrtValue (`update_inplace`); outputs are read back only when the l
 stream before it returns (ONNX Runtime's default), so a staging buffer is never rewritten while a
 call still reads it.
 
+CUDA graphs (`cuda_graph`, default on for CUDA): the session is made with the CUDA provider's
+`enable_cuda_graph`, and each call runs with the run option `gpu_graph_id` of its call key
+(runtimes/cuda_graphs.py: shapes and addresses of every bound buffer; ramp-up, steady and ramp-down
+steps, each ping-pong parity and each segment shape get their own id). ONNX Runtime runs a new id
+once plainly (allocations), captures it on the same call, and replays it from then on; since inputs
+and outputs never share a buffer, running a call twice gives the same outputs. Where ONNX Runtime
+refuses capture for the graph (a node not on the CUDA provider, Memcpy nodes, control flow) or a
+capture fails, the runner warns once, reopens the session without CUDA graphs and runs every call
+plainly (`cuda_graph_reason` says why).
+
     OrtRunner(export_dir, role, device="cuda")                 from an export directory (manifest)
     OrtRunner(OrtSessionLoader(path), contract=c, model_id=i)  from a loader (export-time validation)
 """
@@ -27,7 +37,9 @@ from graphs.dtypes import ONNX_ELEMENT_TYPES, ORT_TYPE_NAMES
 from graphs.errors import ExportError
 from runtimes.base import Runner, parse_device
 from runtimes.buffers import Buffer, BufferSet
-from runtimes.loaders import OrtSessionLoader, import_onnxruntime, open_export, raise_if_not_runnable
+from runtimes.cuda_graphs import SKIP, GraphIds, call_key, resolve_cuda_graph
+from runtimes.loaders import (CaptureRefused, OrtSessionLoader, import_onnxruntime, open_export,
+                              raise_if_not_runnable)
 
 log = logging.getLogger("armt.ort")
 
@@ -61,11 +73,15 @@ class OrtRunner(Runner):
 
     def __init__(self, source: str | Path | Manifest | OrtSessionLoader, role: str | None = None, *,
                  device: str = "cpu", precision: str | None = None, verify_checksums: bool = True,
-                 threads: int | None = None, contract: GraphContract | None = None, model_id: str | None = None):
+                 threads: int | None = None, contract: GraphContract | None = None, model_id: str | None = None,
+                 cuda_graph: bool | None = None):
         """`source`: an export directory (its manifest and checksums are checked now), a loaded
         Manifest, or an OrtSessionLoader together with `contract` and `model_id`.
-        `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice)."""
+        `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
+        `cuda_graph`: capture and replay CUDA graphs (default: on for CUDA, off on the CPU; True on the
+        CPU is refused)."""
         dev = parse_device(device)
+        use_graphs = resolve_cuda_graph(cuda_graph, dev.type)
         if isinstance(source, OrtSessionLoader):
             if contract is None or model_id is None:
                 raise ExportError("an OrtRunner made from a session loader needs the graph's contract and model id")
@@ -83,14 +99,44 @@ class OrtRunner(Runner):
         super().__init__(contract, dev, model_id)
         self.loader.device = dev
         self.loader.threads = threads if threads is not None else self.loader.threads
+        self.loader.cuda_graph = use_graphs
+        self.graphs = GraphIds(enabled=use_graphs)
+        self._captured: set[int] = set()  # graph ids whose capture run succeeded (replayed since)
+        self._run_options: dict[int, Any] = {}
         self._session = self._binding = self._buffers = None
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Are calls captured and replayed as CUDA graphs (False after a refusal or failed capture)?"""
+        return self.graphs.enabled
+
+    @property
+    def cuda_graph_reason(self) -> str | None:
+        """Why CUDA graphs are off (None while they are on)."""
+        return None if self.graphs.enabled else self.graphs.reason
 
     # ---------------------------------------------------------------- session
     def _activate(self) -> None:
-        self._session = self.loader()
+        self._open_session()
+        self._buffers = BufferSet(self.contract, OrtStorage(self.device.type, self.device.id))
+
+    def _open_session(self) -> None:
+        try:
+            self._session = self.loader()
+        except CaptureRefused as exc:
+            self._graphs_off(f"ONNX Runtime refused CUDA-graph capture: {exc}")
+            self._session = self.loader()
         self._check_session_io()
         self._binding = self._session.io_binding()
-        self._buffers = BufferSet(self.contract, OrtStorage(self.device.type, self.device.id))
+
+    def _graphs_off(self, reason: str) -> None:
+        """Plain runs from now on (one warning); a session made with enable_cuda_graph is replaced."""
+        if self.graphs.disable(reason):
+            log.warning("%s: CUDA graphs off, every call runs plainly (%s)", self.loader.path.name, reason)
+        self.graphs.clear()
+        self._captured.clear()
+        self._run_options.clear()
+        self.loader.cuda_graph = False
 
     def _check_session_io(self) -> None:
         """The graph file must carry the contract's I/O with its dtypes (a swapped graph does not)."""
@@ -103,6 +149,9 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self._binding = self._session = self._buffers = None
+        self.graphs.clear()  # the session's graphs go with it
+        self._captured.clear()
+        self._run_options.clear()
 
     def owns(self, value: Any) -> bool:
         return self._buffers is not None and self._buffers.owns(value)
@@ -111,6 +160,21 @@ class OrtRunner(Runner):
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
         inputs = self._buffers.bind_inputs(feeds)
         outputs = self._buffers.bind_outputs(dims, inputs)
+        gid = self.graphs.id_for(call_key(inputs, outputs))
+        try:
+            self._run(inputs, outputs, gid)
+        except Exception as exc:
+            if gid == SKIP or gid in self._captured:
+                raise
+            # the first call of this graph id (ONNX Runtime's plain run + capture) failed: no graphs
+            self._graphs_off(f"capture failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+            self._open_session()
+            self._run(inputs, outputs, SKIP)
+        if gid != SKIP:
+            self._captured.add(gid)
+        return outputs
+
+    def _run(self, inputs: dict[str, Buffer], outputs: dict[str, Buffer], gid: int) -> None:
         dev_type, dev_id = self.device.type, self.device.id
         b = self._binding
         for name, buf in inputs.items():
@@ -118,11 +182,23 @@ class OrtRunner(Runner):
         for name, buf in outputs.items():
             b.bind_output(name, dev_type, dev_id, ONNX_ELEMENT_TYPES[buf.dtype], list(buf.shape), buf.ptr)
         try:
-            self._session.run_with_iobinding(b)
+            if gid == SKIP and not self.graphs.enabled:
+                self._session.run_with_iobinding(b)
+            else:
+                self._session.run_with_iobinding(b, self._options(gid))
         except Exception as exc:
+            if gid != SKIP and gid not in self._captured:
+                raise  # a capture run: the caller falls back
             raise_if_not_runnable(exc, f"{self.loader.path.name} on {dev_type}")
             raise ExportError(f"onnxruntime failed to run {self.loader.path.name}: {str(exc).splitlines()[0]}") from None
-        return outputs
+
+    def _options(self, gid: int):
+        """RunOptions selecting CUDA graph `gid` (SKIP: a plain run in a capturing session)."""
+        opts = self._run_options.get(gid)
+        if opts is None:
+            opts = self._run_options[gid] = import_onnxruntime().RunOptions()
+            opts.add_run_config_entry("gpu_graph_id", str(gid))
+        return opts
 
     def to_numpy(self, value: Buffer) -> np.ndarray:
         return self._buffers.read(value)
