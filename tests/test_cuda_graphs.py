@@ -258,3 +258,74 @@ def test_ort_cuda_graphs_match_plain_runs(role, caplog):
         c = compare(kind, kind, "fp32", x, y)
         assert c.ok, f"{role} {kind}: {c.rel:.2e} (bound {c.bound})"
     assert same(b.hidden, b2.hidden) and same(b.state.A, b2.state.A)
+
+
+# ------------------------------------------------------------------------------------------ TensorRT
+class _FakeCudaGraph:
+    """A 'captured' TensorRT call: launch() executes with the addresses set when it was captured."""
+
+    def __init__(self, ctx):
+        self.ctx, self.addresses, self.shapes = ctx, dict(ctx.addresses), dict(ctx.shapes)
+        self.launches = 0
+
+    def launch(self):
+        now = self.ctx.addresses, self.ctx.shapes
+        self.ctx.addresses, self.ctx.shapes = dict(self.addresses), dict(self.shapes)
+        try:
+            assert self.ctx.execute_async_v3(0)
+        finally:
+            self.ctx.addresses, self.ctx.shapes = now
+        self.launches += 1
+
+
+def _fake_trt(model, role, fail_capture=False):
+    from exporter.manifest import EngineRecord
+    from graphs.contracts import contract as contract_of
+    from runtimes.base import Runner
+    from runtimes.trt_runner import TrtRunner
+    from tests.test_runtime_core import _FakeTrtContext
+    runner = TrtRunner.__new__(TrtRunner)  # no engine, no GPU: what _activate would set up
+    Runner.__init__(runner, contract_of(model.cfg, role, "fp32"), "cpu", model.model_id())
+    runner.graphs, runner._stream, runner._graphs = GraphIds(enabled=True), None, {}
+    runner.use_host_storage()
+    runner._profiles = [{"input_ids": ((1, 1), (4, 6), (4, 6))}]
+    runner.engine_record = EngineRecord("fake.engine", "tensorrt_rtx", "0", "fp32")
+    ref = TorchRunner(model, role).activate()
+    runner._context = ctx = _FakeTrtContext(runner, ref)
+    runner.is_active = True
+    captured = []
+
+    def capture():
+        if fail_capture:
+            if runner.graphs.disable("capture failed: stand-in"):
+                logging.getLogger("armt.trt").warning("%s: CUDA graphs off (stand-in)", runner.name)
+            return None
+        captured.append(_FakeCudaGraph(ctx))
+        return captured[-1]
+    runner._capture = capture
+    return runner, ref, captured
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_trt_captures_each_call_key_on_its_second_call(role):
+    """TensorRT runner: a key runs plainly once, is captured on its second call and replayed after;
+    replays (with the captured addresses) give the plain numbers exactly."""
+    model = tiny_model()
+    runner, ref, captured = _fake_trt(model, role)
+    ids, mask = _batch(model)
+    got = run_schedule(runner, ids, mask, collect=("hidden",))
+    again = run_schedule(runner, ids, mask, collect=("hidden",))
+    want = run_schedule(ref, ids, mask, collect=("hidden",))
+    _same_run(got, want)
+    _same_run(again, want)
+    assert captured and len(captured) == len(runner._graphs) <= len(runner.graphs)
+    assert sum(g.launches for g in captured) > len(captured)  # replayed, not only launched at capture
+
+
+def test_trt_failed_capture_runs_plainly():
+    model = tiny_model()
+    runner, ref, captured = _fake_trt(model, "diagonal_step", fail_capture=True)
+    ids, mask = _batch(model)
+    got = run_schedule(runner, ids, mask, collect=("hidden",))
+    _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
+    assert not captured and not runner.cuda_graph and "capture failed" in runner.graphs.reason

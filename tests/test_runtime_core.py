@@ -12,6 +12,7 @@ from graphs.contracts import GraphContract
 from graphs.errors import ArmtError, BackendUnavailable, ExportError, InputError
 from graphs.state import MemoryState
 from runtimes.buffers import BufferSet, HostStorage
+from runtimes.cuda_graphs import GraphIds
 from runtimes.execute import run_schedule
 from runtimes.progress import Progress
 from runtimes.torch_runner import TorchRunner
@@ -256,7 +257,7 @@ def test_trt_runner_call_path_with_a_fake_engine(role):
     model = tiny_model()
     runner = TrtRunner.__new__(TrtRunner)  # no engine file, no GPU: set up what _activate would
     Runner.__init__(runner, contract(model.cfg, role, "fp32"), "cpu", model.model_id())  # no export directory
-    runner.cuda_graphs, runner._stream, runner._seen, runner._graphs = False, None, set(), {}
+    runner.graphs, runner._stream, runner._graphs = GraphIds(enabled=False), None, {}
     runner.use_host_storage()
     runner._profiles = [{"input_ids": ((1, 1), (1, 6), (1, 6))}, {"input_ids": ((1, 1), (4, 6), (4, 6))}]
     runner.engine_record = EngineRecord("fake.engine", "tensorrt_rtx", "0", "fp32")
