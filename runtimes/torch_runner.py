@@ -110,12 +110,13 @@ def fast_executor_applies(model: ArmtModel, input_ids, attention_mask) -> str | 
 
 def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
               schedule: str = "diagonal", device: str = "cpu", precision: str = "fp32",
-              collect: tuple[str, ...] = ("logits", "hidden"), progress: bool = False):
+              collect: tuple[str, ...] = ("logits", "hidden"), progress: bool = False,
+              cuda_graph: bool | None = None):
     """A whole run on torch: the fast executor where it applies, the schedule loop on a TorchRunner
     elsewhere (logged at debug level). Returns a runtimes.execute.RunResult (numpy). Both continue
     the state's unfinished segments (runtimes.execute.Continuation): the fast executor runs the rows'
     complete segments and their unfinished one as two pieces, the state between them being the one
-    the next call continues from."""
+    the next call continues from. `cuda_graph`: the fast executor's CUDA graphs (default: on CUDA)."""
     import time
 
     from graphs.contracts import role_for
@@ -131,7 +132,7 @@ def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state
         log.debug("torch backend: fast executor (%s schedule)", schedule)
         work = copy.deepcopy(model).to(dev)
         work.cast(torch_dtype(compute_dtype(precision)))
-        fast = FastArmt(work, exact_memory=True)
+        fast = FastArmt(work, cuda_graphs=cuda_graph, exact_memory=True)
         start = time.perf_counter()
         ids = to_torch(cont.ids, dev).to(torch.int64)  # (B, N'): every row the same length
         T, N = model.cfg.armt.segment_size, ids.shape[1]

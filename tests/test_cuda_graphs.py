@@ -329,3 +329,14 @@ def test_trt_failed_capture_runs_plainly():
     got = run_schedule(runner, ids, mask, collect=("hidden",))
     _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
     assert not captured and not runner.cuda_graph and "capture failed" in runner.graphs.reason
+
+
+def test_run_cuda_graph_on_the_cpu_is_bad_input(tmp_path, capsys):
+    from armt.cli import main
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.zeros((1, 4), dtype=np.int64))
+    code = main(["run", "models/armt-recall", "--input-ids", str(ids), "--output", str(tmp_path / "o.npy"),
+                 "--cuda-graph", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "CUDA device" in err[0]
+    assert not (tmp_path / "o.npy").exists()

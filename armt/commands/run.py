@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu (torch, ort), cuda (trt)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="torch: compute precision (default fp32); ort/trt: must match the export")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each call shape as a CUDA graph and replay it (ort: enable_cuda_graph + "
+                   "gpu_graph_id; trt: stream capture; torch: the fast executor's graphs). Default: on with "
+                   "--device cuda (falls back to plain runs, with one warning, where capture is refused), "
+                   "off on the CPU; --cuda-graph on the CPU is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true",
                    help="NaN/Inf in the logits, hidden states or memory state: exit 1 and write nothing "
@@ -111,6 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ids = load_ids(args.input_ids)
     mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
+    from runtimes.cuda_graphs import resolve_cuda_graph
+    cuda_graph = resolve_cuda_graph(args.cuda_graph, device)  # --cuda-graph on the CPU: one line, exit 2
     collect = tuple(k for k, path in (("logits", args.output), ("hidden", args.hidden_output)) if path)
     if args.backend == "torch":
         from graphs.modeldir import load_model_dir
@@ -122,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model_id, name = model.known_model_id, f"torch@{device}"  # the id is needed only for state files
         state = load_state_for(args.state_in, model_id()) if args.state_in else None
         result = run_torch(model, ids, mask, state=state, schedule=schedule, device=device,
-                           precision=args.precision or "fp32", collect=collect, progress=not args.no_progress)
+                           precision=args.precision or "fp32", collect=collect, progress=not args.no_progress,
+                           cuda_graph=cuda_graph)
         locator = lambda: TorchRunner(model, role, device=device, precision=args.precision or "fp32")  # noqa: E731
     else:
         from runtimes.base import make_runner
@@ -131,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         manifest = open_export(args.path, args.precision)
         cfg = manifest.model_config()
         schedule = args.schedule or default_schedule(cfg)
-        runner = make_runner(args.backend, manifest, role_for(cfg, schedule), device=device)
+        runner = make_runner(args.backend, manifest, role_for(cfg, schedule), device=device, cuda_graph=cuda_graph)
         model_id, name = (lambda: runner.model_id), runner.name
         state = load_state_for(args.state_in, model_id()) if args.state_in else None
         with runner:
