@@ -84,6 +84,13 @@ class OrtRunner(Runner):
         self.loader.device = dev
         self.loader.threads = threads if threads is not None else self.loader.threads
         self._session = self._binding = self._buffers = None
+        self._threads = threads
+
+    def companion(self, role: str) -> "OrtRunner":
+        """The export's `role` graph on the same device (an export-directory runner only)."""
+        if self.manifest is None:
+            return super().companion(role)
+        return OrtRunner(self.manifest, role, device=str(self.device), threads=self._threads)
 
     # ---------------------------------------------------------------- session
     def _activate(self) -> None:

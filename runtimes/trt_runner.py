@@ -183,6 +183,10 @@ class TrtRunner(Runner):
         self._seen: set = set()  # call keys run once: the second time they are captured
         self._graphs: dict = {}  # call key -> CudaGraph (None: not capturable)
 
+    def companion(self, role: str) -> "TrtRunner":
+        """The export's `role` engine on the same GPU (the lm_head engine when logits are asked for)."""
+        return TrtRunner(self.manifest, role, device=str(self.device), cuda_graphs=self.cuda_graphs)
+
     # ---------------------------------------------------------------- engine
     def _activate(self) -> None:
         trt = import_tensorrt(self.engine_record.builder)
