@@ -70,9 +70,10 @@ def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
         raise ExportError(f"--opt-batch {limits.opt_batch} must lie in 1..--max-batch {limits.max_batch}")
     if max_w < 1:
         raise ExportError(f"--max-width must be positive, got {max_w}")
-    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M},
-              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M},
-              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M}}
+    # "rows": the lm_head graph's hidden rows (every token place of a segment at most, or one per row)
+    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M, "rows": 1},
+              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M, "rows": opt_w},
+              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M, "rows": max_w}}
     return {t.name: ProfileRange(*(t.concrete_shape(points[k]) for k in ("min", "opt", "max")))
             for t in graph.inputs}
 

@@ -101,9 +101,18 @@ class OrtRunner(Runner):
         self.loader.threads = threads if threads is not None else self.loader.threads
         self.loader.cuda_graph = use_graphs
         self.graphs = GraphIds(enabled=use_graphs)
+        self._cuda_graph_option = use_graphs  # what was asked (companions get the same)
         self._captured: set[int] = set()  # graph ids whose capture run succeeded (replayed since)
         self._run_options: dict[int, Any] = {}
         self._session = self._binding = self._buffers = None
+        self._threads = threads
+
+    def companion(self, role: str) -> "OrtRunner":
+        """The export's `role` graph on the same device (an export-directory runner only)."""
+        if self.manifest is None:
+            return super().companion(role)
+        return OrtRunner(self.manifest, role, device=str(self.device), threads=self._threads,
+                         cuda_graph=self._cuda_graph_option)
 
     @property
     def cuda_graph(self) -> bool:

@@ -179,12 +179,17 @@ class TrtRunner(Runner):
         c = contract_of(self.manifest.model_config(), role, self.manifest.precision)
         c.check_io(graph.inputs, graph.outputs, f"export {self.manifest.root}")
         super().__init__(c, device, self.manifest.model_id)
-        self.graphs = GraphIds(enabled=resolve_cuda_graph(cuda_graph, "cuda"))
+        self._cuda_graph_option = resolve_cuda_graph(cuda_graph, "cuda")
+        self.graphs = GraphIds(enabled=self._cuda_graph_option)
         self.engine_record = select_engine(graph.engines, role)
         self.loader = EngineBytesLoader(self.manifest.path(self.engine_record.file))
         self._runtime = self._engine = self._context = self._stream = self._buffers = self._storage = None
         self._profiles: list[dict] = []
         self._graphs: dict[int, CudaGraph] = {}  # graph id -> captured call
+
+    def companion(self, role: str) -> "TrtRunner":
+        """The export's `role` engine on the same GPU (the lm_head engine when logits are asked for)."""
+        return TrtRunner(self.manifest, role, device=str(self.device), cuda_graph=self._cuda_graph_option)
 
     # ---------------------------------------------------------------- engine
     def _activate(self) -> None:

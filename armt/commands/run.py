@@ -20,8 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "for ort/trt.")
     p.add_argument("path", help="model directory (torch) or export directory (ort, trt)")
     p.add_argument("--input-ids", required=True, help="int .npy of shape (B, N)")
-    p.add_argument("--output", help="write float32 logits (B, N, vocab) .npy here")
-    p.add_argument("--hidden-output", help="write float32 final-norm hidden states (B, N, d) .npy here")
+    p.add_argument("--output", help="write the float32 logits .npy here: (B, N, vocab) with --logits all, "
+                   "(B, vocab) with --logits last (without --output no logits are computed)")
+    p.add_argument("--logits", choices=["all", "last", "none"], default="all",
+                   help="which logits: all (B, N, vocab; default), last (B, vocab: each row's last real "
+                   "position of this call), none (no logits file; refuses --output)")
+    p.add_argument("--hidden-out", "--hidden-output", dest="hidden_output",
+                   help="write float32 final-norm hidden states (B, N, d) .npy here")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="execution backend (default torch)")
     p.add_argument("--schedule", choices=["sequential", "diagonal"],
                    help="default: diagonal for an ARMT, sequential for an RMT (which has no diagonal schedule)")
@@ -108,7 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtimes.finite import find_nonfinite, locate_state
     from runtimes.inputs import load_ids, load_mask, load_state_for
 
-    outputs = [OutputPath("--output", args.output), OutputPath("--hidden-output", args.hidden_output),
+    from graphs.errors import InputError
+    from runtimes.execute import collect_for
+    if args.logits == "none" and args.output:
+        raise InputError("--logits none writes no logits file: drop --output (or choose --logits all|last)")
+    outputs = [OutputPath("--output", args.output), OutputPath("--hidden-out", args.hidden_output),
                OutputPath("--state-out", args.state_out)]
     check_paths({"PATH": args.path, "--input-ids": args.input_ids, "--attention-mask": args.attention_mask,
                  "--state-in": args.state_in}, outputs)  # before reading or computing anything
@@ -118,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     from runtimes.cuda_graphs import resolve_cuda_graph
     cuda_graph = resolve_cuda_graph(args.cuda_graph, device)  # --cuda-graph on the CPU: one line, exit 2
-    collect = tuple(k for k, path in (("logits", args.output), ("hidden", args.hidden_output)) if path)
+    collect = collect_for(args.logits if args.output else "none", hidden=bool(args.hidden_output))
     if args.backend == "torch":
         from graphs.modeldir import load_model_dir
         from runtimes.torch_runner import TorchRunner, run_torch
@@ -155,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise NonFiniteError(f"{bad[0].line(name)}; --strict: nothing written")
     files = {}
     if args.output:
-        files[args.output] = npy_bytes(result.logits.astype(np.float32))
+        logits = result.logits if args.logits == "all" else result.last_logits
+        files[args.output] = npy_bytes(logits.astype(np.float32))
     if args.hidden_output:
         files[args.hidden_output] = npy_bytes(result.hidden.astype(np.float32))
     if args.state_out:
@@ -164,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     B, N = ids.shape
     log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, schedule,
              len(result.schedule.steps), result.seconds,
-             f"; logits -> {args.output}" if args.output else "")
+             f"; {args.logits} logits -> {args.output}" if args.output else "")
     return 0
 
 
