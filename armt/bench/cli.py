@@ -239,7 +239,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                        held_bytes=t.held_bytes, nonfinite=t.result.nonfinite())
                             if backend == "ort" and not rmt:  # its arena, not torch's counters
                                 row.update(peak_bytes=work.ort_held_bytes(), held_bytes=work.ort_held_bytes(),
-                                           peak_kind="held by ONNX Runtime", **work.ort_cuda_graph(schedule))
+                                           **work.ort_cuda_graph(schedule))
+                                if device.type == "cuda":
+                                    row["peak_kind"] = "held by ONNX Runtime (cudaMemGetInfo less torch's reserved)"
                             for what in row["nonfinite"]:
                                 log.warning("%s %s at %d tokens: non-finite values (NaN/Inf) in %s", backend,
                                             schedule, N, what)

@@ -82,8 +82,9 @@ def head_weight(model: ArmtModel) -> torch.Tensor:
 def last_logits_of(model: ArmtModel, last_hidden: torch.Tensor) -> torch.Tensor:
     """(B, V) fp32: the head on each row's last hidden row (fp32 in, compute dtype product), as the
     lm_head graph computes it."""
-    w = head_weight(model)
-    return (last_hidden[:, -1].to(w.dtype) @ w).float()
+    with torch.no_grad():
+        w = head_weight(model)
+        return (last_hidden[:, -1].to(w.dtype) @ w).float()
 
 
 def build_model(synthetic: str | None, model_dir: str | None, segment: int, memory: int, d_mem: int,
