@@ -26,7 +26,7 @@ from armt.bench.timing import sync
 
 def steady_feeds(cfg, batch: int = 1) -> dict[str, np.ndarray]:
     """Host feeds of one steady diagonal step: all layers active, every row writing, full slots, a
-    non-zero memory state (fp32; the runner casts hidden_in to the compute dtype)."""
+    non-zero memory state (fp32 floats; ort_step casts each to its graph input's dtype)."""
     L, T, M = cfg.base.n_layers, cfg.armt.segment_size, cfg.armt.num_mem_tokens
     d, K, V = cfg.base.d_model, cfg.armt.d_key, cfg.base.vocab_size
     rng = np.random.default_rng(0)
@@ -47,7 +47,9 @@ def steady_feeds(cfg, batch: int = 1) -> dict[str, np.ndarray]:
 
 def ort_step(runner, batch: int = 1) -> Callable[[], None]:
     """One steady step on an active diagonal_step OrtRunner; the carried outputs are fed back."""
-    feeds = steady_feeds(runner.cfg, batch)
+    from graphs.dtypes import numpy_dtype
+    feeds = {k: v.astype(numpy_dtype(runner.contract.input(k).dtype), copy=False)  # hidden_in: compute dtype
+             for k, v in steady_feeds(runner.cfg, batch).items()}
     fresh = {k: v for k, v in feeds.items() if k not in runner.contract.recurrent.values()}
     carried = {k: v for k, v in feeds.items() if k in runner.contract.recurrent.values()}
 
