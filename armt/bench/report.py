@@ -55,6 +55,9 @@ def parity_table(rows: list[dict]) -> str:
     head = f"{'backend':<10} {'schedule':<11} {'tensor':<11} {'max rel':>10} {'norm rel':>10}  (vs fp32 sequential reference)"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['backend']:<10} {r['schedule']:<11} {r['tensor']:<11} {'-':>10} {'-':>10}  {r['error']}")
+            continue
         lines.append(f"{r['backend']:<10} {r['schedule']:<11} {r['tensor']:<11} {r['max_rel']:>10.2e} "
                      f"{r['norm_rel']:>10.2e}" + ("" if r["finite"] else "  NON-FINITE"))
     return "\n".join(lines)

@@ -44,6 +44,10 @@ def evaluate(record: dict) -> list[dict]:
                     "ort_ms": steps["ort"]["step_ms"], "torch_ms": steps["torch"]["step_ms"],
                     "met": ratio <= STEP_RATIO})
     parity = record.get("parity", [])
+    for p in (p for p in parity if p.get("error")):
+        out.append({"target": f"parity, ort {p['schedule']} vs fp32", "value": None, "limit": None, "met": None,
+                    "note": p["error"]})
+    parity = [p for p in parity if not p.get("error")]
     for tensor in sorted({p["tensor"] for p in parity}):
         own = [p for p in parity if p["tensor"] == tensor and p["backend"] == "torch-ref"]
         for p in (p for p in parity if p["tensor"] == tensor and p["backend"] == "ort"):
