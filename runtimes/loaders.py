@@ -70,12 +70,15 @@ class OrtSessionLoader:
     CPU: weight prepacking off (it would copy every weight once more). CUDA: TF32 off (fp32 products at
     full precision: the fp32 parity promise, and the memory state's fp32 arithmetic in fp16/bf16
     graphs); `cuda_graph=True` asks the CUDA provider to capture CUDA graphs (run options then pick
-    the graph by `gpu_graph_id`)."""
+    the graph by `gpu_graph_id`). `fixed_dims` pins the graph's symbolic dims ("batch", "width", ...)
+    with ONNX Runtime's free-dimension overrides: shape arithmetic then folds to constants at load
+    (no Shape nodes left for the CPU, which would make the CUDA provider refuse capture)."""
 
     path: Path
     device: Device = field(default_factory=lambda: Device("cpu"))
     threads: int | None = None
     cuda_graph: bool = False
+    fixed_dims: dict[str, int] | None = None  # symbolic dims pinned (free-dimension overrides)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -100,6 +103,8 @@ class OrtSessionLoader:
             options.intra_op_num_threads = self.threads
         if self.device.type == "cpu":
             options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in (self.fixed_dims or {}).items():
+            options.add_free_dimension_override_by_name(name, int(value))
         try:
             session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers(ort))
         except BackendUnavailable:

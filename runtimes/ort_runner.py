@@ -9,8 +9,11 @@ their staging OrtValue (`update_inplace`); outputs are read back only when the l
 stream before it returns (ONNX Runtime's default), so a staging buffer is never rewritten while a
 call still reads it.
 
-CUDA graphs (`cuda_graph`, default on for CUDA): the session is made with the CUDA provider's
-`enable_cuda_graph`, and each call runs with the run option `gpu_graph_id` of its call key
+CUDA graphs (`cuda_graph`, default on for CUDA): calls run on a session made for their shape (the
+graph's symbolic dims pinned by free-dimension overrides, so shape arithmetic folds away and every
+node can stay on the CUDA provider; at most MAX_SHAPE_SESSIONS shapes, further shapes run plainly on
+one dynamic session) with the CUDA provider's `enable_cuda_graph`, and each call runs with the run
+option `gpu_graph_id` of its call key
 (runtimes/cuda_graphs.py: shapes and addresses of every bound buffer; ramp-up, steady and ramp-down
 steps, each ping-pong parity and each segment shape get their own id). ONNX Runtime runs a new id
 once plainly (allocations), captures it on the same call, and replays it from then on; since inputs
@@ -25,6 +28,7 @@ plainly (`cuda_graph_reason` says why).
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +46,8 @@ from runtimes.loaders import (CaptureRefused, OrtSessionLoader, import_onnxrunti
                               raise_if_not_runnable)
 
 log = logging.getLogger("armt.ort")
+
+MAX_SHAPE_SESSIONS = 2  # sessions with pinned dims per runner (each holds the weights once more)
 
 
 class OrtStorage:
@@ -126,31 +132,57 @@ class OrtRunner(Runner):
 
     # ---------------------------------------------------------------- session
     def _activate(self) -> None:
-        self._open_session()
+        self._shape_sessions: dict[tuple, tuple[Any, Any]] = {}  # pinned dims -> (session, binding)
+        self._open_session()  # the dynamic session: every load error surfaces here, graphs or not
         self._buffers = BufferSet(self.contract, OrtStorage(self.device.type, self.device.id))
 
     def _open_session(self) -> None:
-        try:
-            self._session = self.loader()
-        except CaptureRefused as exc:
-            self._graphs_off(f"ONNX Runtime refused CUDA-graph capture: {exc}")
-            self._session = self.loader()
-        self._check_session_io()
+        """The dynamic session (no pinned dims, no CUDA graphs)."""
+        loader = copy.copy(self.loader)
+        loader.cuda_graph, loader.fixed_dims = False, None
+        self._session = loader()
+        self._check_session_io(self._session)
         self._binding = self._session.io_binding()
 
+    def _session_for(self, dims: dict[str, int]) -> tuple[Any, Any, bool]:
+        """(session, binding, captures) for a call of these dims."""
+        if self.graphs.enabled:
+            key = tuple(sorted(dims.items()))
+            got = self._shape_sessions.get(key)
+            if got is not None:
+                return (*got, True)
+            if len(self._shape_sessions) < MAX_SHAPE_SESSIONS:
+                loader = copy.copy(self.loader)
+                loader.cuda_graph, loader.fixed_dims = True, dict(dims)
+                try:
+                    session = loader()
+                except CaptureRefused as exc:
+                    self._graphs_off(f"ONNX Runtime refused CUDA-graph capture: {exc}")
+                else:
+                    self._check_session_io(session)
+                    got = self._shape_sessions[key] = (session, session.io_binding())
+                    self._session = self._binding = None  # its weights freed; reopened if a call needs it
+                    return (*got, True)
+            elif self._session is None:
+                log.info("%s: more than %d call shapes; further shapes run without CUDA graphs",
+                         self.loader.path.name, MAX_SHAPE_SESSIONS)
+        if self._session is None:
+            self._open_session()
+        return self._session, self._binding, False
+
     def _graphs_off(self, reason: str) -> None:
-        """Plain runs from now on (one warning); a session made with enable_cuda_graph is replaced."""
+        """Plain runs on the dynamic session from now on (one warning)."""
         if self.graphs.disable(reason):
             log.warning("%s: CUDA graphs off, every call runs plainly (%s)", self.loader.path.name, reason)
         self.graphs.clear()
         self._captured.clear()
         self._run_options.clear()
-        self.loader.cuda_graph = False
+        self._shape_sessions.clear()
 
-    def _check_session_io(self) -> None:
+    def _check_session_io(self, session) -> None:
         """The graph file must carry the contract's I/O with its dtypes (a swapped graph does not)."""
-        got = {v.name: ORT_TYPE_NAMES.get(v.type, v.type) for v in (*self._session.get_inputs(),
-                                                                     *self._session.get_outputs())}
+        got = {v.name: ORT_TYPE_NAMES.get(v.type, v.type) for v in (*session.get_inputs(),
+                                                                     *session.get_outputs())}
         want = {s.name: s.dtype for s in (*self.contract.inputs, *self.contract.outputs)}
         if got != want:
             raise ExportError(f"{self.loader.path.name} does not have the inputs/outputs its manifest entry lists "
@@ -158,6 +190,7 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self._binding = self._session = self._buffers = None
+        self._shape_sessions = {}
         self.graphs.clear()  # the session's graphs go with it
         self._captured.clear()
         self._run_options.clear()
@@ -169,35 +202,36 @@ class OrtRunner(Runner):
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
         inputs = self._buffers.bind_inputs(feeds)
         outputs = self._buffers.bind_outputs(dims, inputs)
-        gid = self.graphs.id_for(call_key(inputs, outputs))
+        session, binding, captures = self._session_for(dims)
+        gid = self.graphs.id_for(call_key(inputs, outputs)) if captures else SKIP
         try:
-            self._run(inputs, outputs, gid)
+            self._run(session, binding, inputs, outputs, gid, captures)
         except Exception as exc:
-            if gid == SKIP or gid in self._captured:
+            if not captures or gid in self._captured:
                 raise
             # the first call of this graph id (ONNX Runtime's plain run + capture) failed: no graphs
             self._graphs_off(f"capture failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
-            self._open_session()
-            self._run(inputs, outputs, SKIP)
+            session, binding, _ = self._session_for(dims)
+            self._run(session, binding, inputs, outputs, SKIP, False)
             return outputs
         if gid != SKIP:
             self._captured.add(gid)
         return outputs
 
-    def _run(self, inputs: dict[str, Buffer], outputs: dict[str, Buffer], gid: int) -> None:
+    def _run(self, session, b, inputs: dict[str, Buffer], outputs: dict[str, Buffer], gid: int,
+             captures: bool) -> None:
         dev_type, dev_id = self.device.type, self.device.id
-        b = self._binding
         for name, buf in inputs.items():
             b.bind_input(name, dev_type, dev_id, ONNX_ELEMENT_TYPES[buf.dtype], list(buf.shape), buf.ptr)
         for name, buf in outputs.items():
             b.bind_output(name, dev_type, dev_id, ONNX_ELEMENT_TYPES[buf.dtype], list(buf.shape), buf.ptr)
         try:
-            if gid == SKIP and not self.graphs.enabled:
-                self._session.run_with_iobinding(b)
+            if not captures:
+                session.run_with_iobinding(b)
             else:
-                self._session.run_with_iobinding(b, self._options(gid))
+                session.run_with_iobinding(b, self._options(gid))
         except Exception as exc:
-            if gid != SKIP and gid not in self._captured:
+            if captures and gid not in self._captured:
                 raise  # a capture run: the caller falls back
             raise_if_not_runnable(exc, f"{self.loader.path.name} on {dev_type}")
             raise ExportError(f"onnxruntime failed to run {self.loader.path.name}: {str(exc).splitlines()[0]}") from None

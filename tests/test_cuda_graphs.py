@@ -83,9 +83,9 @@ class _FakeSession:
     addresses (a replay does not look at the current binding); `fail_capture_of`: the capture of that
     id raises, as a failed stream capture does."""
 
-    def __init__(self, runner, reference, graphs: bool, fail_capture_of: int | None = None):
+    def __init__(self, runner, reference, graphs: bool, fail_capture_of: int | None = None, fixed=None):
         self.runner, self.reference, self.graphs = runner, reference, graphs
-        self.fail_capture_of = fail_capture_of
+        self.fail_capture_of, self.fixed = fail_capture_of, fixed
         self.captured: dict[int, tuple[dict, dict]] = {}
         self.calls: list[int | None] = []  # gpu_graph_id of every run (None: no run options)
 
@@ -110,6 +110,9 @@ class _FakeSession:
         if gid is not None and not self.graphs:
             raise AssertionError("gpu_graph_id given to a session made without enable_cuda_graph")
         ins, outs = binding.inputs, binding.outputs
+        if self.fixed:  # a session with pinned dims runs only calls of those dims
+            for spec in self.runner.contract.inputs:
+                assert ins[spec.name][0] == spec.concrete_shape(self.fixed), (spec.name, self.fixed)
         if self.graphs and gid is not None and gid != SKIP:
             if gid in self.captured:
                 ins, outs = self.captured[gid]  # replay: the captured addresses
@@ -138,7 +141,7 @@ class _FakeLoader(OrtSessionLoader):
     def __call__(self):
         if self.cuda_graph and self.refuse:
             raise CaptureRefused(CAPTURE_REFUSAL)
-        s = _FakeSession(self.runner, self.reference, self.cuda_graph, self.fail_capture_of)
+        s = _FakeSession(self.runner, self.reference, self.cuda_graph, self.fail_capture_of, self.fixed_dims)
         self.sessions.append(s)
         return s
 
@@ -175,15 +178,34 @@ def test_ort_graph_per_call_key_replays_correctly(role):
     with runner:
         got = run_schedule(runner, ids, mask, collect=("hidden",))
         again = run_schedule(runner, ids, mask, collect=("hidden",))
+        n_keys = len(runner.graphs)
     want = run_schedule(ref, ids, mask, collect=("hidden",))
     _same_run(got, want)
     _same_run(again, want)
-    (session,) = loader.sessions
-    assert None not in session.calls and SKIP not in session.calls
-    n_ids = len(session.captured)
-    assert 2 <= n_ids < len(session.calls) // 2  # ping-pong parities and shapes, replayed
-    assert session.calls[len(session.calls) // 2:] == session.calls[:len(session.calls) // 2]
+    dynamic, *pinned = loader.sessions  # the dynamic session opened at activate(), one per call shape
+    assert not dynamic.graphs and dynamic.calls == [] and not dynamic.fixed
+    assert len(pinned) == (2 if role == "segment" else 1)  # segment: full width and the short last one
+    calls = [gid for s in pinned for gid in s.calls]
+    assert all(s.graphs and s.fixed for s in pinned) and None not in calls and SKIP not in calls
+    n_ids = sum(len(s.captured) for s in pinned)
+    assert n_ids == n_keys and 2 <= n_ids < len(calls) // 2  # parities and shapes, replayed
+    for s in pinned:
+        assert s.calls[len(s.calls) // 2:] == s.calls[:len(s.calls) // 2]  # the second run replays the first
     assert runner.cuda_graph and runner.cuda_graph_reason is None
+
+
+def test_ort_shapes_past_the_session_limit_run_plainly(monkeypatch):
+    import runtimes.ort_runner as ort_runner
+    monkeypatch.setattr(ort_runner, "MAX_SHAPE_SESSIONS", 1)
+    model = tiny_model()
+    runner, ref, loader = _fake_runner(model, "segment")
+    ids, mask = _batch(model)
+    with runner:
+        got = run_schedule(runner, ids, mask, collect=("hidden",))
+    _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
+    first, pinned, dynamic = loader.sessions  # the short last segment reopened the dynamic session
+    assert pinned.fixed and pinned.graphs and None not in pinned.calls
+    assert first.calls == [] and set(dynamic.calls) == {None} and runner.cuda_graph
 
 
 def test_ort_capture_refused_falls_back_with_one_warning(caplog):
@@ -211,8 +233,9 @@ def test_ort_failed_capture_reopens_the_session_plain(caplog):
     _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
     assert sum("CUDA graphs off" in r.getMessage() for r in caplog.records) == 1
     assert "capture failed" in runner.cuda_graph_reason
-    first, second = loader.sessions
-    assert first.graphs and first.calls[:2] == [0, 1] and not second.graphs and set(second.calls) == {None}
+    dynamic, pinned, reopened = loader.sessions
+    assert pinned.graphs and pinned.calls[:2] == [0, 1] and dynamic.calls == []
+    assert not reopened.graphs and set(reopened.calls) == {None} and not reopened.fixed
 
 
 def test_ort_runner_cuda_graph_option_on_cpu():
