@@ -363,3 +363,25 @@ def test_run_cuda_graph_on_the_cpu_is_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "CUDA device" in err[0]
     assert not (tmp_path / "o.npy").exists()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_pinned_dims_sessions_on_a_real_graph(role):
+    """The per-shape sessions on real ONNX Runtime (CPU provider; the CUDA-graph run option is given
+    as on CUDA): free-dimension overrides load the exported graph for each call shape, and the run
+    equals the plain runner within the fp32 bounds."""
+    from exporter.bounds import compare
+    from tests.test_runtime_ort import _ids, exported
+    export_dir, _ = exported("llama")
+    ids = _ids(2, 26, seed=7)
+    mask = (torch.arange(26)[None] < torch.tensor([26, 11])[:, None]).long()
+    with OrtRunner(export_dir, role) as plain, OrtRunner(export_dir, role) as pinned:
+        pinned.graphs.enabled, pinned.graphs.reason = True, None  # as on CUDA (the CPU provider ignores the id)
+        a = run_schedule(plain, ids, mask, collect=("hidden",))
+        b = run_schedule(pinned, ids, mask, collect=("hidden",))
+        shapes = [dict(k) for k in pinned._shape_sessions]
+        assert shapes and all(set(s) >= {"batch", "width", "slot"} for s in shapes)
+        assert pinned._session is None and len(pinned.graphs) >= 2  # the dynamic session was released
+    for kind, x, y in (("hidden", b.hidden, a.hidden), ("A", b.state.A, a.state.A), ("z", b.state.z, a.state.z)):
+        c = compare(kind, kind, "fp32", x, y)
+        assert c.ok, f"{role} {kind}: {c.rel:.2e} (bound {c.bound})"
