@@ -167,8 +167,11 @@ class GraphContract:
         """Refuse a graph whose I/O names differ from the contract (a swapped or foreign graph)."""
         got_in, got_out = tuple(s.name for s in inputs), tuple(s.name for s in outputs)
         if set(got_in) != set(self.input_names) or set(got_out) != set(self.output_names):
+            old = " (made before logits on demand: its step graphs output logits; export it again)" if (
+                "logits" in got_out and "logits" not in self.output_names) else ""
             raise ExportError(f"{where}: graph {self.role} has inputs {list(got_in)} and outputs {list(got_out)}, "
-                              f"the {self.role} contract needs {list(self.input_names)} -> {list(self.output_names)}")
+                              f"the {self.role} contract needs {list(self.input_names)} -> {list(self.output_names)}"
+                              f"{old}")
 
     def resolve_dims(self, feeds: Mapping[str, Any], specs: tuple[TensorSpec, ...] | None = None) -> dict[str, int]:
         """Check feeds (numpy arrays, torch tensors: anything with .shape and .dtype) against the input
