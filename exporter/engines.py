@@ -161,7 +161,8 @@ def build_engines(export_dir: str | Path, precision: str | None = None, compute_
     try:
         for role in roles:
             graph = manifest.graph(role)
-            slot_extra = contract(manifest.model_config(), role, manifest.precision).derived_dims["slot"][1]
+            derived = contract(manifest.model_config(), role, manifest.precision).derived_dims
+            slot_extra = derived["slot"][1] if "slot" in derived else 0  # lm_head has no slot dim
             profile = profile_for(graph, manifest.dims, limits, slot_extra)
             log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
                      limits.max_batch, profile["input_ids"].max[1])

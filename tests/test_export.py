@@ -25,7 +25,7 @@ from exporter.samples import load_samples
 from exporter.trace import DEFAULT_OPSET
 from exporter.weights import WEIGHTS_FILE
 from graphs.cells import DiagonalStep, SegmentCell
-from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, contract
+from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, STEP_ROLES_OF_KIND, contract
 from graphs.dtypes import compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
@@ -39,8 +39,8 @@ def tensor_kind(name):
     return contract(tiny_model().cfg, "diagonal_step").kind(name)
 
 ARCHS = {"llama": {}, "gpt2": {"wrap_pos": True}}
-EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", WEIGHTS_FILE, "sample_feeds.npz",
-                  "polygraphy_data_loader.py"}
+EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", "lm_head.onnx", WEIGHTS_FILE,
+                  "sample_feeds.npz", "polygraphy_data_loader.py"}
 
 
 def reference_model(arch, precision):
@@ -71,6 +71,7 @@ def export_of(tmp_path_factory):
 
 
 ROLES = ROLES_OF_KIND["armt"]  # the graphs of an ARMT export (an RMT has its own: tests/test_rmt_ort.py)
+STEP_ROLES = STEP_ROLES_OF_KIND["armt"]  # the schedule-driven ones (lm_head: hidden rows -> logits)
 CASES = [(a, p) for a in ARCHS for p in ("fp32", "fp16")]
 
 
@@ -95,7 +96,7 @@ def test_export_writes_a_valid_directory(export_of, arch, precision):
     assert m.validation["status"] == "passed"
     for role in ROLES:
         v = m.validation["graphs"][role]
-        assert v["status"] == "passed" and v["calls"] >= 3
+        assert v["status"] == "passed" and v["calls"] >= (1 if role == "lm_head" else 3) and v["outputs"]
         assert all(o["ok"] and o["rel"] <= o["bound_rel"] for o in v["outputs"])
     assert m.model_config() == tiny_model(arch, **ARCHS[arch]).cfg
     assert m.model["model_id"] == tiny_model(arch, **ARCHS[arch]).model_id()  # of the fp32 weights as given
@@ -265,7 +266,9 @@ def test_idle_layers_cannot_leak_nan_on_onnxruntime(export_of, arch):
 def test_sample_feeds_are_realistic(export_of):
     d = export_of("llama", "fp32")
     m = load_manifest(d)
-    for role in ROLES:
+    head = load_samples(d / m.samples, "lm_head")  # a step graph's real hidden rows
+    assert set(head) == {"hidden"} and head["hidden"].dtype == np.float32 and np.abs(head["hidden"]).max() > 0
+    for role in STEP_ROLES:
         feeds = load_samples(d / m.samples, role)
         assert set(feeds) == {t.name for t in m.graph(role).inputs}
         assert not feeds["key_valid"].all()  # a padded row
@@ -331,7 +334,7 @@ def test_no_validate_export_then_failed_validation_keeps_it(tmp_path, monkeypatc
     assert "validation not run" in capsys.readouterr().out
     m = load_manifest(out)
     assert m.validation["status"] == "not run" and "onnxruntime" not in m.versions
-    for role in ROLES:
+    for role in STEP_ROLES:
         feeds = load_samples(out / m.samples, role)
         assert feeds["written_in"].any() and np.abs(feeds["A_in"]).max() > 0  # from a real multi-segment run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -431,6 +434,10 @@ def test_build_engines_for_every_graph(export_of, arch, precision, tmp_path, cap
         assert (d / e.file).stat().st_size > 1000 and e.file in m.files
         prof = e.profiles[0]
         T, M = m.dims["segment_size"], m.dims["mem_tokens"]
+        if role == "lm_head":  # rows 1 .. the max width (every token place of a segment, or one per row)
+            d_model = m.dims["d_model"]
+            assert prof["hidden"].min == (1, 1, d_model) and prof["hidden"].max == (4, T, d_model)
+            continue
         assert prof["input_ids"].min == (1, 1) and prof["input_ids"].max == (4, T)
         key = "positions"
         assert prof[key].max[-1] == T + M and prof["A_in"].max[1] == 4
@@ -441,7 +448,8 @@ def test_build_engines_for_every_graph(export_of, arch, precision, tmp_path, cap
     assert main(argv[:-2] + ["--max-width", "3"]) == 0
     m2 = load_manifest(d, verify_checksums=True)
     for role, g in m2.graphs.items():
-        assert len(g.engines) == 1 and g.engines[0].profiles[0]["input_ids"].max == (4, 3)
+        key = "hidden" if role == "lm_head" else "input_ids"
+        assert len(g.engines) == 1 and g.engines[0].profiles[0][key].max[:2] == (4, 3)
         assert g.engines[0].file != first[role] and not (d / first[role]).exists()
     assert main(["inspect", str(d)]) == 0
     assert "tensorrt_rtx" in capsys.readouterr().out
