@@ -14,7 +14,7 @@ from graphs.state import MemoryState
 from runtimes.buffers import BufferSet, HostStorage
 from runtimes.cuda_graphs import GraphIds
 from runtimes.execute import run_schedule
-from runtimes.progress import Progress
+from graphs.progress import Progress
 from runtimes.torch_runner import TorchRunner
 from runtimes.trt_runner import TrtRunner, pick_profile, select_engine
 from tests.helpers import rel_err, same, tiny_model

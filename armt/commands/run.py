@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "gpu_graph_id; trt: stream capture; torch: the fast executor's graphs). Default: on with "
                    "--device cuda (falls back to plain runs, with one warning, where capture is refused), "
                    "off on the CPU; --cuda-graph on the CPU is refused")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also: armt -q)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (shapes, schedule, "
+                   "graph calls, seconds, outputs written, non-finite findings) instead of the log line")
     p.add_argument("--strict", action="store_true",
                    help="NaN/Inf in the logits, hidden states or memory state: exit 1 and write nothing "
                    "(default: a warning naming the tensor and segment; the outputs are written)")
@@ -54,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "hidden states and memory state (A, z, written) against the precision's bounds. "
                        "Exit 0: all within bounds; 1: a miss; 2: bad input; 3: nothing missed but a requested "
                        "backend could not run here (not counted as passed).")
-    v.add_argument("export_dir")
+    v.add_argument("export_dir", help="export directory (armt export)")
     v.add_argument("--model", help="model directory of the torch reference (default: the export's own weights)")
     v.add_argument("--backend", default="ort", help="comma-separated: ort, trt (default ort)")
     v.add_argument("--schedule", help="comma-separated (default: every schedule of the model: ARMT sequential,"
@@ -69,12 +71,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "export's sample feeds, against the torch outputs recorded for them at export")
     v.add_argument("--graphs-only", action="store_true",
                    help="with --per-graph: only that check (needs no torch: for deployment hosts)")
+    v.add_argument("--rtol", type=float, help="replace the bounds table: max rel error and q99.9 rel error "
+                   "(both relative to max |reference|) of every float tensor kind")
+    v.add_argument("--atol", type=float, help="absolute slack on every float tensor kind: a tensor passes when "
+                   "its error <= ATOL + bound x max |reference|")
+    v.add_argument("--bound", action="append", default=[], metavar="KIND=REL[/Q]",
+                   help="one tensor kind's bound (logits, hidden, hidden_out, A, z, memory), e.g. A=3e-5 or "
+                   "logits=1e-4/5e-5; repeatable; applied after --rtol; shown as '(set)' in the table")
+    v.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of tables "
+                   "(every row: backend, schedule, case, tensor, errors, bound, status; exit code as usual)")
     v.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("schedule", help="draw the sequential or diagonal schedule as an ASCII grid")
     s.add_argument("--layers", type=int, required=True, help="L: decoder layers")
     s.add_argument("--segments", type=int, required=True, help="S: segments")
-    s.add_argument("--schedule", default="diagonal", choices=["sequential", "diagonal"])
+    s.add_argument("--schedule", default="diagonal", choices=["sequential", "diagonal"],
+                   help="which schedule to draw (default diagonal)")
     s.add_argument("--max-steps", type=int, default=40, help="draw at most this many steps")
     s.set_defaults(func=cmd_schedule)
 
@@ -172,6 +184,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         files[args.state_out] = state_bytes(result.state, model_id())
     write_files_together(files)  # all of them or none
     B, N = ids.shape
+    if args.json:
+        import json
+        print(json.dumps({"backend": name, "schedule": schedule, "kind": cfg.kind, "batch": B, "tokens": N,
+                          "segments": -(-N // cfg.armt.segment_size), "graph_calls": len(result.schedule.steps),
+                          "seconds": result.seconds, "written": sorted(files),
+                          "nonfinite": [f.line(name) for f in bad]}, indent=2))
+        return 0
     log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, schedule,
              len(result.schedule.steps), result.seconds,
              f"; {args.logits} logits -> {args.output}" if args.output else "")
@@ -199,6 +218,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise InputError("--graphs-only needs --per-graph")
     if args.attention_mask and not args.input_ids:
         raise InputError("--attention-mask needs --input-ids")
+    bounds = _given_bounds(args, manifest.precision)
     report = Report(str(args.export_dir), manifest.precision)
     if not args.graphs_only:
         from runtimes.verify import generated_cases, given_case, reference_model, verify
@@ -208,14 +228,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
             cases = [given_case(ids, load_mask(args.attention_mask, ids) if args.attention_mask else None)]
         else:
             cases = generated_cases(manifest.model_config())
-        report = verify(model, args.export_dir, backends, schedules, cases, device=args.device, manifest=manifest)
-        print(report.table())
+        report = verify(model, args.export_dir, backends, schedules, cases, device=args.device, manifest=manifest,
+                        bounds=bounds)
+        if not args.json:
+            print(report.table())
     if args.per_graph:
         from runtimes.per_graph import compare_graphs
-        graph_report = compare_graphs(manifest, backends, device=args.device)
-        print()
-        print(graph_report.table())
+        graph_report = compare_graphs(manifest, backends, device=args.device, bounds=bounds)
+        if not args.json:
+            print()
+            print(graph_report.table())
         report.rows.extend(graph_report.rows)
+    if args.json:
+        import json
+        print(json.dumps(report.to_dict(), indent=2))
+        if report.failed:
+            print(f"armt verify: {report.summary()}", file=sys.stderr)
+        return report.exit_code
     print(report.summary())
     if report.failed:
         raise ParityFailure(report.summary())
@@ -223,6 +252,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"armt verify: exit {report.exit_code}: a requested backend did not run here; "
               "it is not counted as passed", file=sys.stderr)
     return report.exit_code
+
+
+def _given_bounds(args: argparse.Namespace, precision: str) -> dict:
+    """--rtol/--atol/--bound as {kind: Bound} (exporter.bounds.given_bounds); bad values: exit 2."""
+    import math
+
+    from exporter.bounds import given_bounds, parse_bound
+    from graphs.errors import InputError
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{flag} must be a finite number >= 0, got {value}")
+    per_kind = {}
+    for text in args.bound:
+        try:
+            kind, values = parse_bound(text)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        per_kind[kind] = values
+    return given_bounds(precision, args.rtol, args.atol, per_kind)
 
 
 # ------------------------------------------------------------------------------------------ schedule
