@@ -165,7 +165,7 @@ def build_engines(export_dir: str | Path, precision: str | None = None, compute_
             slot_extra = derived["slot"][1] if "slot" in derived else 0  # lm_head has no slot dim
             profile = profile_for(graph, manifest.dims, limits, slot_extra)
             log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
-                     limits.max_batch, profile["input_ids"].max[1])
+                     limits.max_batch, profile[graph.inputs[0].name].max[1])  # input_ids (B, W) / hidden (B, R, d)
             t0 = time.perf_counter()
             blob = build_engine(trt, builder_name, manifest.path(graph.file), graph, profile,
                                 tuple(compute_capability), workspace)
