@@ -76,9 +76,10 @@ def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
         raise ExportError(f"--opt-batch {limits.opt_batch} must lie in 1..--max-batch {limits.max_batch}")
     if max_w < 1:
         raise ExportError(f"--max-width must be positive, got {max_w}")
-    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M},
-              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M},
-              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M}}
+    # "rows": the lm_head graph's hidden rows (every token place of a segment at most, or one per row)
+    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M, "rows": 1},
+              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M, "rows": opt_w},
+              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M, "rows": max_w}}
     return {t.name: ProfileRange(*(t.concrete_shape(points[k]) for k in ("min", "opt", "max")))
             for t in graph.inputs}
 
@@ -168,10 +169,11 @@ def build_engines(export_dir: str | Path, precision: str | None = None, compute_
             for role in roles:
                 bar.describe(role)
                 graph = manifest.graph(role)
-                slot_extra = contract(manifest.model_config(), role, manifest.precision).derived_dims["slot"][1]
+                derived = contract(manifest.model_config(), role, manifest.precision).derived_dims
+                slot_extra = derived["slot"][1] if "slot" in derived else 0  # lm_head has no slot dim
                 profile = profile_for(graph, manifest.dims, limits, slot_extra)
                 log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
-                         limits.max_batch, profile["input_ids"].max[1])
+                         limits.max_batch, profile[graph.inputs[0].name].max[1])  # input_ids (B, W) / hidden (B, R, d)
                 t0 = time.perf_counter()
                 blob = build_engine(trt, builder_name, manifest.path(graph.file), graph, profile,
                                     tuple(compute_capability), workspace)

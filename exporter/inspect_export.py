@@ -24,6 +24,15 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+FUSED_OPS = ("Attention", "RMSNormalization", "RotaryEmbedding")  # the opset-23 fused standard ops (issue 10)
+
+
+def fused_ops(op_counts: dict[str, int]) -> str:
+    """The fused standard ops a graph holds, with counts ("-": none, attention written out of primitives)."""
+    held = [f"{op} {op_counts[op]}" for op in FUSED_OPS if op_counts.get(op)]
+    return ", ".join(held) or "-"
+
+
 def describe(manifest: Manifest, top_ops: int = 8) -> str:
     m = manifest
     cfg = m.model_config()
@@ -42,8 +51,8 @@ def describe(manifest: Manifest, top_ops: int = 8) -> str:
         nodes = sum(g.op_counts.values())
         ops = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts.items(), key=lambda kv: -kv[1])[:top_ops])
         data = ", ".join(f"{f} {_mb(m.files[f].bytes)}" for f in g.data_files if f in m.files)
-        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), ops])
-    lines += _table(["graph", "file", "size", "external data", "nodes", "top ops"], rows)
+        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), fused_ops(g.op_counts), ops])
+    lines += _table(["graph", "file", "size", "external data", "nodes", "fused ops", "top ops"], rows)
     for role, g in m.graphs.items():
         lines += ["", f"{role} inputs / outputs:"]
         lines += _table(["", "name", "dtype", "shape"],

@@ -160,6 +160,8 @@ class RmtModel(nn.Module):
         g = self.globals
         return x @ (g["embed"].t() if self.cfg.base.tie_word_embeddings else g["lm_head"])
 
+    lm_head = head  # the name graphs/cells.py's LmHeadCell calls on either kind
+
     def segment(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, write: torch.Tensor,
                 memory: torch.Tensor, written: torch.Tensor, fused: bool = False, head: bool = True
                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,8 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "for ort/trt.")
     p.add_argument("path", help="model directory (torch) or export directory (ort, trt)")
     p.add_argument("--input-ids", required=True, help="int .npy of shape (B, N)")
-    p.add_argument("--output", help="write float32 logits (B, N, vocab) .npy here")
-    p.add_argument("--hidden-output", help="write float32 final-norm hidden states (B, N, d) .npy here")
+    p.add_argument("--output", help="write the float32 logits .npy here: (B, N, vocab) with --logits all, "
+                   "(B, vocab) with --logits last (without --output no logits are computed)")
+    p.add_argument("--logits", choices=["all", "last", "none"], default="all",
+                   help="which logits: all (B, N, vocab; default), last (B, vocab: each row's last real "
+                   "position of this call), none (no logits file; refuses --output)")
+    p.add_argument("--hidden-out", "--hidden-output", dest="hidden_output",
+                   help="write float32 final-norm hidden states (B, N, d) .npy here")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="execution backend (default torch)")
     p.add_argument("--schedule", choices=["sequential", "diagonal"],
                    help="default: diagonal for an ARMT, sequential for an RMT (which has no diagonal schedule)")
@@ -32,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu (torch, ort), cuda (trt)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="torch: compute precision (default fp32); ort/trt: must match the export")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each call shape as a CUDA graph and replay it (ort: enable_cuda_graph + "
+                   "gpu_graph_id; trt: stream capture; torch: the fast executor's graphs). Default: on with "
+                   "--device cuda (falls back to plain runs, with one warning, where capture is refused), "
+                   "off on the CPU; --cuda-graph on the CPU is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also: armt -q)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (shapes, schedule, "
                    "graph calls, seconds, outputs written, non-finite findings) instead of the log line")
@@ -122,7 +132,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtimes.finite import find_nonfinite, locate_state
     from runtimes.inputs import load_ids, load_mask, load_state_for
 
-    outputs = [OutputPath("--output", args.output), OutputPath("--hidden-output", args.hidden_output),
+    from graphs.errors import InputError
+    from runtimes.execute import collect_for
+    if args.logits == "none" and args.output:
+        raise InputError("--logits none writes no logits file: drop --output (or choose --logits all|last)")
+    outputs = [OutputPath("--output", args.output), OutputPath("--hidden-out", args.hidden_output),
                OutputPath("--state-out", args.state_out)]
     check_paths({"PATH": args.path, "--input-ids": args.input_ids, "--attention-mask": args.attention_mask,
                  "--state-in": args.state_in}, outputs)  # before reading or computing anything
@@ -130,7 +144,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ids = load_ids(args.input_ids)
     mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
-    collect = tuple(k for k, path in (("logits", args.output), ("hidden", args.hidden_output)) if path)
+    from runtimes.cuda_graphs import resolve_cuda_graph
+    cuda_graph = resolve_cuda_graph(args.cuda_graph, device)  # --cuda-graph on the CPU: one line, exit 2
+    collect = collect_for(args.logits if args.output else "none", hidden=bool(args.hidden_output))
     if args.backend == "torch":
         from graphs.modeldir import load_model_dir
         from runtimes.torch_runner import TorchRunner, run_torch
@@ -141,7 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model_id, name = model.known_model_id, f"torch@{device}"  # the id is needed only for state files
         state = load_state_for(args.state_in, model_id()) if args.state_in else None
         result = run_torch(model, ids, mask, state=state, schedule=schedule, device=device,
-                           precision=args.precision or "fp32", collect=collect, progress=not args.no_progress)
+                           precision=args.precision or "fp32", collect=collect, progress=not args.no_progress,
+                           cuda_graph=cuda_graph)
         locator = lambda: TorchRunner(model, role, device=device, precision=args.precision or "fp32")  # noqa: E731
     else:
         from runtimes.base import make_runner
@@ -151,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                verify_checksums="sizes" if args.no_verify_checksums else "cached")
         cfg = manifest.model_config()
         schedule = args.schedule or default_schedule(cfg)
-        runner = make_runner(args.backend, manifest, role_for(cfg, schedule), device=device)
+        runner = make_runner(args.backend, manifest, role_for(cfg, schedule), device=device, cuda_graph=cuda_graph)
         model_id, name = (lambda: runner.model_id), runner.name
         state = load_state_for(args.state_in, model_id()) if args.state_in else None
         with runner:
@@ -167,7 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise NonFiniteError(f"{bad[0].line(name)}; --strict: nothing written")
     files = {}
     if args.output:
-        files[args.output] = npy_bytes(result.logits.astype(np.float32))
+        logits = result.logits if args.logits == "all" else result.last_logits
+        files[args.output] = npy_bytes(logits.astype(np.float32))
     if args.hidden_output:
         files[args.hidden_output] = npy_bytes(result.hidden.astype(np.float32))
     if args.state_out:
@@ -183,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     log.info("%s: %dx%d tokens, %s schedule, %d graph calls in %.3f s%s", name, B, N, schedule,
              len(result.schedule.steps), result.seconds,
-             f"; logits -> {args.output}" if args.output else "")
+             f"; {args.logits} logits -> {args.output}" if args.output else "")
     return 0
 
 
