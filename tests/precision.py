@@ -110,3 +110,49 @@ def numpy_fp32_errors(model, ids, lengths=None) -> dict[str, float]:
     r32 = reference_batch(model, ids, lengths, dtype=np.float32)
     r64 = reference_batch(model, ids, lengths)
     return {k: rel_err(torch.from_numpy(r32[k]), torch.from_numpy(r64[k])) for k in r64}
+
+
+def model_bound(model, batch: int = 2, segments: int = 5) -> float:
+    """One fp32 bound for a test module's model, derived on probe inputs of that model: a full row of
+    `segments` segments and a half (the last segment short), and a padded row ending one token into
+    a segment; every tensor kind (the largest of fp32_bounds). For tests whose inputs are of this kind
+    (random tokens, a few segments); a test with a special case derives its bound with fp32_bounds."""
+    T = model.cfg.armt.segment_size  # the wrapper settings of either kind
+    N = segments * T + T // 2
+    ids = torch.randint(0, model.cfg.base.vocab_size, (batch, N), generator=torch.Generator().manual_seed(12))
+    lengths = [N] + [N - T - 1] * (batch - 1)
+    return fp32_bound(model, ids, lengths)
+
+
+class LazyBound:
+    """A module's fp32 bound, derived on first use (not at import: collection stays fast) from
+    `derive()` (e.g. the largest model_bound over the module's models). Compares and scales like the
+    float it stands for: `err < TOL`, `x > 100 * TOL`."""
+
+    def __init__(self, derive):
+        self._derive, self._value = derive, None
+
+    def __float__(self) -> float:
+        if self._value is None:
+            self._value = float(self._derive())
+        return self._value
+
+    def __gt__(self, other) -> bool:
+        return float(self) > other
+
+    def __lt__(self, other) -> bool:
+        return float(self) < other
+
+    def __ge__(self, other) -> bool:
+        return float(self) >= other
+
+    def __le__(self, other) -> bool:
+        return float(self) <= other
+
+    def __mul__(self, other) -> float:
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"LazyBound({float(self):.2e})"
