@@ -17,6 +17,7 @@ from runtimes.progress import Progress
 from runtimes.torch_runner import TorchRunner
 from runtimes.trt_runner import TrtRunner, pick_profile, select_engine
 from tests.helpers import rel_err, same, tiny_model
+from tests.precision import model_bound
 
 ARCHS = [("llama", {}), ("gpt2", {"wrap_pos": True})]
 ROLES = ["segment", "diagonal_step"]
