@@ -34,6 +34,13 @@ def torch_fp32(sets):
     return {name: run_backend("torch", str(MODEL_DIR), "fp32", b)[0] for name, b in sets.items()}
 
 
+@pytest.fixture(scope="module")
+def demo_bound(demo, sets):
+    """fp32 bounds derived on the trained model and two rows of the recall inputs (tests/precision.py;
+    the float64 re-derivation is numpy, row by row: the whole 32-row sets would take minutes)."""
+    return fp32_bounds(demo[0], sets["trained"].input_ids[:2])
+
+
 def _export(demo, tmp_path_factory, precision):
     from runtimes.validation import export_model
     model = demo[0]
@@ -59,20 +66,20 @@ def test_shipped_model_recalls_through_its_memory(demo, sets, torch_fp32):
     assert trained - zero > 0.8
 
 
-def test_reference_forward_agrees_with_runner(demo, sets, torch_fp32):
+def test_reference_forward_agrees_with_runner(demo, sets, torch_fp32, demo_bound):
     """The runtime's torch diagonal loop gives the model's own forward answers."""
     model = demo[0]
     b = sets["trained"]
     with torch.no_grad():
         ref = model(torch.from_numpy(b.input_ids), schedule="sequential").logits
-    assert rel_err(torch_fp32["trained"], ref) < fp32_bounds(model, b.input_ids)["logits"]
+    assert rel_err(torch_fp32["trained"], ref) < demo_bound["logits"]
 
 
-def test_ort_fp32_answers_identical_to_torch(demo, sets, torch_fp32, export_fp32):
+def test_ort_fp32_answers_identical_to_torch(sets, torch_fp32, export_fp32, demo_bound):
     for name, b in sets.items():
         logits, _ = run_backend("ort", export_fp32, "fp32", b)
         assert np.array_equal(predictions(logits, b)[b.query_valid], predictions(torch_fp32[name], b)[b.query_valid])
-        assert rel_err(logits, torch_fp32[name]) < fp32_bounds(demo[0], b.input_ids)["logits"]
+        assert rel_err(logits, torch_fp32[name]) < demo_bound["logits"]
 
 
 def test_per_segment_parity_on_real_memory(demo, export_fp32):
