@@ -112,8 +112,11 @@ def load_model_dir(model_dir: str | Path) -> ArmtModel:
 
 
 def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = False,
-                   extra_files: dict[str, str] | None = None) -> Path:
-    """Write a model directory atomically. `extra_files`: name -> text (a model card, say)."""
+                   extra_files: dict[str, str] | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a model directory atomically. `extra_files`: name -> text (a model card, say);
+    `tokenizer_dir`: a directory whose HF tokenizer files are copied in (loaded first as a check, and
+    refused when its vocabulary is larger than the model's; graphs/tokenizer.py). Tokenizer files do
+    not enter the model id."""
     from safetensors.torch import save_file
     cfg = model.cfg
     # the id of the weights as they will load (fp32)
@@ -125,4 +128,8 @@ def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = Fa
                   metadata={"format": "pt", MODEL_ID_KEY: model_id})
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
+        if tokenizer_dir is not None:
+            from graphs.tokenizer import copy_tokenizer, load_tokenizer
+            copy_tokenizer(tokenizer_dir, stage)
+            load_tokenizer(stage).check_fits(cfg.base.vocab_size)
     return Path(model_dir)
