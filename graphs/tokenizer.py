@@ -79,10 +79,20 @@ class TextTokenizer:
             else:
                 ids = list(self.backend.encode(text, add_special_tokens=False))
         except Exception as exc:  # tokenizers raises its own Exception type (e.g. an unknown word, no unk token)
-            raise InputError(f"the tokenizer of {self.source} cannot encode the prompt: {exc}") from None
+            unknown = self._unknown_words(text)
+            why = f"{', '.join(map(repr, unknown[:5]))} not in its vocabulary" if unknown else str(exc)
+            raise InputError(f"the tokenizer of {self.source} cannot encode the prompt: {why}") from None
         if not ids:
             raise InputError("the prompt encodes to no tokens")
         return [int(i) for i in ids]
+
+    def _unknown_words(self, text: str) -> list[str]:
+        """Words of a word-level vocabulary's prompt that the vocabulary lacks ([] when not applicable)."""
+        pre = getattr(self.backend, "pre_tokenizer", None) if self.library == "tokenizers" else None
+        if pre is None:
+            return []
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return [w for w, _ in pre.pre_tokenize_str(text) if w not in vocab]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -189,6 +199,20 @@ def copy_tokenizer(source: str | Path, stage: str | Path, files: Sequence[str] |
         shutil.copyfile(source / name, Path(stage) / name)
     log.info("copied tokenizer files %s from %s", ", ".join(names), source)
     return names
+
+
+def word_level_tokenizer_json(words: Sequence[str], specials: Sequence[str] = ()) -> str:
+    """The tokenizer.json of a word-level vocabulary: word i has id i, words split at whitespace,
+    decoded joined by spaces; `specials` (e.g. a pad word) are skipped when decoding. A word not in
+    the vocabulary cannot be encoded (no unknown token): `encode` refuses it."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    except ImportError:
+        raise BackendUnavailable("building a word-level tokenizer needs the `tokenizers` package") from None
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(w, special=True) for w in specials])
+    return tok.to_str(pretty=True)
 
 
 class TextStream:
