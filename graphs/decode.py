@@ -1,0 +1,146 @@
+"""Decoding with a KV cache on the torch models: the pieces generation is made of (ARMT and RMT).
+
+One function runs new places through every layer against the cache (`cached_layers`): each layer
+(ARMT) first reads its frozen memory into every new hidden state, computes the new keys/values,
+writes them into the cache at each row's own places (graphs/kv_cache.py) and attends over the
+cache with an explicit (query, key) mask. The same function serves
+
+    prefill of the last prompt segment     n = that segment's widest row (an RMT: [memory | tokens])
+    one new token                          n = 1 (an RMT row that starts a segment: [memory | token])
+    the memory write at a segment boundary the M memory places (ARMT: written into (A, z) after every
+                                           layer; RMT: the write block, whose final-norm hidden state
+                                           is the next memory); not kept in the cache
+
+so the cached path computes, place for place, what `armt run` computes over the whole segment:
+causal attention means the segment's tokens never see the memory places behind them.
+
+    x        (B, n, d)            new places, embedded
+    cache.k  (L, B, Hkv, C, hd)   keys of the current segment (C = capacity)
+    A, z     (L, B, K, d), (L, B, K)  the memory every layer reads (ARMT)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from graphs.blocks import (_merge_heads, _rotate_half, _split_heads, gelu_tanh, layer_norm, linear, rms_norm,
+                           rope_tables)
+from graphs.kv_cache import KvCache, step_key_mask
+from graphs.memory import memory_read, memory_write
+
+LayerHook = Callable[[int, torch.Tensor], None]
+
+
+def empty_cache(model, batch: int, capacity: int) -> KvCache:
+    """A torch KV cache for `model` (either kind) on its device and dtype."""
+    b = model.cfg.base
+    shape = (b.n_layers, batch, b.n_kv_heads if b.architecture == "llama" else b.n_heads, capacity, b.head_dim)
+    k = torch.zeros(shape, dtype=model.dtype, device=model.device)
+    return KvCache(k, torch.zeros_like(k), np.zeros(batch, dtype=np.int64))
+
+
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """q (B, H, n, hd), k/v (B, Hkv, C, hd), allowed (B, 1, n, C) -> (B, H, n, hd); the math of
+    graphs.blocks.attend (scaled scores, -inf where hidden, fp32 softmax)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, n, C)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _store(cache: KvCache, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write new keys/values k, v (B, Hkv, n, hd) of layer l at places lengths[b] .. lengths[b]+n-1."""
+    n = k.shape[2]
+    idx = torch.from_numpy(cache.lengths[:, None] + np.arange(n)[None, :]).to(k.device)  # (B, n)
+    idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hkv, n, hd)
+    cache.k[l].scatter_(2, idx, k)
+    cache.v[l].scatter_(2, idx, v)
+
+
+def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, cache: KvCache) -> torch.Tensor:
+    """Decoder block l on new places h (B, n, d) against the cache -> (B, n, d)."""
+    spec = model.cfg.base
+    p = {key: w[l:l + 1] for key, w in model.layers.items()}
+    h = h[None]  # (1, B, n, d): the block functions' layer axis
+    if spec.architecture == "llama":
+        Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        x = rms_norm(h, p["attn_norm"], spec.norm_eps)
+        qkv = linear(x, p["qkv"], p.get("qkv_bias"))
+        q = _split_heads(qkv[..., : Hq * hd], Hq, hd)  # (1, B, Hq, n, hd)
+        k = _split_heads(qkv[..., Hq * hd: (Hq + Hkv) * hd], Hkv, hd)
+        v = _split_heads(qkv[..., (Hq + Hkv) * hd:], Hkv, hd)
+        cos, sin = rope
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+    else:
+        H, hd, d = spec.n_heads, spec.head_dim, spec.d_model
+        x = layer_norm(h, p["ln1_w"], p["ln1_b"], spec.norm_eps)
+        qkv = linear(x, p["qkv"], p["qkv_bias"])
+        q, k, v = (_split_heads(qkv[..., i * d: (i + 1) * d], H, hd) for i in range(3))
+    _store(cache, l, k[0], v[0])
+    a = _merge_heads(_attend_cached(q[0], cache.k[l], cache.v[l], allowed)[None])  # (1, B, n, H hd)
+    if spec.architecture == "llama":
+        h = h + linear(a, p["o"], p.get("o_bias"))
+        x = rms_norm(h, p["mlp_norm"], spec.norm_eps)
+        gate_up = linear(x, p["gate_up"], p.get("gate_up_bias"))
+        gate, up = gate_up[..., : spec.d_ff], gate_up[..., spec.d_ff:]
+        h = h + linear(torch.nn.functional.silu(gate) * up, p["down"], p.get("down_bias"))
+    else:
+        h = h + linear(a, p["o"], p["o_bias"])
+        x = layer_norm(h, p["ln2_w"], p["ln2_b"], spec.norm_eps)
+        h = h + linear(gelu_tanh(linear(x, p["fc"], p["fc_bias"])), p["proj"], p["proj_bias"])
+    return h[0]
+
+
+def cached_layers(model, x: torch.Tensor, positions: np.ndarray, cache: KvCache, memory=None,
+                  advance: np.ndarray | None = None, hook: LayerHook | None = None) -> torch.Tensor:
+    """New places x (B, n, d) through every layer against `cache` -> last hidden state (B, n, d),
+    before the final norm. positions (B, n) int64 (rotary tables, LLaMA). memory: an ARMT's
+    (A, z, written) torch tensors every layer reads (None: nothing read, an RMT). advance (B,): the
+    real places each row adds to the cache (None: nothing kept, the memory-write pass). hook(l, h):
+    called with layer l's output (the ARMT's memory write)."""
+    B, n, _ = x.shape
+    cache.check_room(n)
+    allowed = torch.from_numpy(step_key_mask(cache.lengths, n, cache.capacity)).to(x.device)[:, None]  # (B,1,n,C)
+    rope = None
+    if model.inv_freq is not None:
+        rope = rope_tables(torch.from_numpy(positions).to(x.device)[None], model.inv_freq, model.dtype)
+    h = x
+    for l in range(model.cfg.base.n_layers):
+        if memory is not None:
+            A, z, written = memory
+            h = memory_read(h[None], model.mem["w_q"][l:l + 1], A[l:l + 1], z[l:l + 1], written[l:l + 1],
+                            model.cfg.armt.nu)[0]
+        h = _layer(model, l, h, rope, allowed, cache)
+        if hook is not None:
+            hook(l, h)
+    if advance is not None:
+        cache.advance(advance)
+    return h
+
+
+def armt_write_hook(model, memory: list[torch.Tensor], write: torch.Tensor) -> LayerHook:
+    """The hook of the ARMT's memory-write pass: after layer l, the M memory places' output is
+    written into layer l's (A, z) of the rows in `write` (B,) bool (memory_write, as in `armt run`).
+    `memory` = [A, z, written] is updated in place (layer l after layer l's pass)."""
+    a = model.cfg.armt
+
+    def hook(l: int, h: torch.Tensor) -> None:
+        A, z, wr = memory
+        m = model.mem
+        A_l, z_l, w_l = memory_write(h[None], m["w_k"][l:l + 1], m["w_v"][l:l + 1], m["w_b"][l:l + 1],
+                                     m["b_b"][l:l + 1], A[l:l + 1], z[l:l + 1], wr[l:l + 1], write[None],
+                                     a.nu, a.correction)
+        A, z, wr = A.clone(), z.clone(), wr.clone()
+        A[l], z[l], wr[l] = A_l[0], z_l[0], w_l[0]
+        memory[:] = [A, z, wr]
+
+    return hook

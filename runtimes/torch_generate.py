@@ -1,0 +1,146 @@
+"""The torch decoder of generation (runtimes/generate.py drives it): an ArmtModel or RmtModel with a
+KV cache of the current segment (graphs/decode.py), the prompt's completed segments run by
+`run_torch` (the diagonal schedule for an ARMT by default).
+
+Decoder protocol (what the generation loop calls; an ONNX Runtime decoder implements the same):
+
+    prefill(ids, lengths, state, schedule) -> state   completed prompt segments, written as `armt run`
+    start(state, capacity)                            the state the current segment reads; empty cache
+    step(ids (B, n), counts (B,)) -> logits (B, n, V) new tokens appended to each row's segment
+    segment_tokens() -> (B,)                          tokens in each row's current segment
+    complete(rows (B,) bool)                          memory write of those rows' full segments, new segment
+    state() -> MemoryState | RmtState (numpy)         the state the current segment reads
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from graphs.decode import armt_write_hook, cached_layers, empty_cache
+from graphs.dtypes import check_precision, compute_dtype, torch_dtype
+from graphs.errors import InputError
+from graphs.rmt_segments import write_block_positions
+from graphs.state import MemoryState, RmtState, to_numpy
+from runtimes.torch_runner import check_torch_device
+
+
+class TorchDecoder:
+    backend = "torch"
+
+    def __init__(self, model, device: str = "cpu", precision: str = "fp32"):
+        dev = check_torch_device(device)
+        check_precision(precision)
+        self.precision = precision
+        self.device_name = str(dev)
+        self._source = model
+        dtype = torch_dtype(compute_dtype(precision))
+        if dtype != model.dtype or model.device != dev:
+            model = copy.deepcopy(model).to(dev)  # never cast or move the caller's model
+            model.cast(dtype)
+        self.model = model
+        self.cfg = model.cfg
+        self.kind = model.cfg.kind
+        self.extra = model.cfg.armt.num_mem_tokens if self.kind == "rmt" else 0  # read block in front
+
+    # ---------------------------------------------------------------- prompt's completed segments
+    def prefill(self, ids: np.ndarray, lengths: np.ndarray, state, schedule: str):
+        from runtimes.torch_runner import run_torch
+        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        res = run_torch(self._source, ids, mask, state=state, schedule=schedule, device=self.device_name,
+                        precision=self.precision, collect=())
+        return res.state.without_pending()
+
+    # ---------------------------------------------------------------- the current segment
+    def start(self, state, capacity: int) -> None:
+        m, dev = self.model, self.model.device
+        B = state.batch
+        if self.kind == "armt":
+            self.memory = [torch.as_tensor(np.asarray(to_numpy(t))).to(dev) for t in (state.A, state.z, state.written)]
+        else:
+            mem = torch.as_tensor(np.asarray(to_numpy(state.memory), dtype=np.float32)).to(dev, m.dtype)
+            self.memory = [mem, torch.as_tensor(np.asarray(to_numpy(state.written))).to(dev)]
+        self.cache = empty_cache(m, B, capacity)
+        self.needs_read = np.full(B, self.kind == "rmt")
+
+    def segment_tokens(self) -> np.ndarray:
+        return self.cache.lengths - np.where(self.needs_read, 0, self.extra)
+
+    def _embed(self, vectors: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        g = self.model.globals
+        if self.cfg.base.architecture == "gpt2":
+            pos = torch.from_numpy(positions).to(vectors.device)
+            if int(positions.max(initial=0)) >= g["pos_embed"].shape[0]:
+                raise InputError(f"generation reached position {int(positions.max())}; the model's position "
+                                 f"table has {g['pos_embed'].shape[0]} rows (fewer new tokens, or --memory-policy recurrent)")
+            vectors = vectors + g["pos_embed"][pos]
+        return vectors
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmt":
+            return self.model.head(self.model.final_norm(h))
+        return self.model.head(h)[0]
+
+    @torch.no_grad()
+    def step(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """ids (B, n) int64 (row b's first counts[b] real) -> logits (B, n, V) float32 of those places."""
+        m, dev = self.model, self.model.device
+        B, n = ids.shape
+        tok = m.globals["embed"][torch.from_numpy(ids).to(dev)]  # (B, n, d)
+        lead = self.extra if bool(self.needs_read.any()) else 0
+        offset = np.where(self.needs_read, lead, 0)  # (B,) where each row's tokens start among the new places
+        width = lead + n
+        x = torch.zeros(B, width, tok.shape[-1], dtype=m.dtype, device=dev)
+        src = np.zeros((B, width), dtype=np.int64)  # token index of each place (-1: read block)
+        if lead:
+            rows = torch.from_numpy(self.needs_read).to(dev)
+            read = m.read_memory(*self.memory)  # (B, M, d)
+            x[:, :lead] = torch.where(rows[:, None, None], read, x[:, :lead])
+        for b in range(B):
+            o = int(offset[b])
+            x[b, o:o + n] = tok[b]
+        positions = self.cache.lengths[:, None] + np.arange(width)[None, :]  # (B, width)
+        real = np.arange(width)[None, :] < (offset + counts)[:, None]
+        positions = np.where(real, positions, 0).astype(np.int64)
+        x = self._embed(x, positions)
+        memory = self.memory if self.kind == "armt" else None
+        h = cached_layers(m, x, positions, self.cache, memory=memory, advance=offset + counts)
+        self.needs_read = self.needs_read & ~((offset + counts) > 0)
+        logits = self._head(h).float()  # (B, width, V)
+        out = torch.stack([logits[b, int(offset[b]):int(offset[b]) + n] for b in range(B)])
+        return to_numpy(out)
+
+    @torch.no_grad()
+    def complete(self, rows: np.ndarray) -> None:
+        """Complete the full segments of `rows` (B,) bool as `armt run` does: the memory places attend
+        to the cached segment, the memory is written; those rows start an empty segment."""
+        if not rows.any():
+            return
+        m, dev, a = self.model, self.model.device, self.cfg.armt
+        B, M, T = len(rows), a.num_mem_tokens, a.segment_size
+        write = torch.from_numpy(rows).to(dev)
+        if self.kind == "armt":
+            if a.wrap_pos:
+                pos = np.broadcast_to(np.arange(self.cfg.pos_table_rows - M, self.cfg.pos_table_rows), (B, M))
+            else:
+                pos = np.broadcast_to(T + np.arange(M), (B, M))
+            pos = np.ascontiguousarray(pos, dtype=np.int64)
+            x = self._embed(m.globals["memory"][None].expand(B, -1, -1).to(m.dtype), pos)
+            cached_layers(m, x, pos, self.cache, memory=self.memory, advance=None,
+                          hook=armt_write_hook(m, self.memory, write))
+        else:
+            pos = np.ascontiguousarray(write_block_positions(self.cfg, np.full(B, T)), dtype=np.int64)
+            x = self._embed(m.read_memory(*self.memory), pos)
+            h = cached_layers(m, x, pos, self.cache, memory=None, advance=None)
+            new = m.final_norm(h)  # (B, M, d)
+            mem, written = self.memory
+            self.memory = [torch.where(write[:, None, None], new, mem), written | write]
+            self.needs_read = self.needs_read | rows
+        self.cache.reset(rows)
+
+    def state(self):
+        if self.kind == "armt":
+            return MemoryState(*(to_numpy(t).copy() for t in self.memory))
+        return RmtState(to_numpy(self.memory[0]).copy(), to_numpy(self.memory[1]).copy())
