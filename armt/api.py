@@ -186,7 +186,7 @@ class LoadedModel:
         on_token = self._streamer(on_text, ids.shape[0]) if (on_text is not None and is_text) else None
         res = generate(self._decoder(), ids, mask, max_new_tokens=max_new_tokens, policy=policy,
                        sampling=sampling, eos_ids=eos, state=state, prefill_schedule=self.schedule,
-                       on_token=on_token)
+                       device=self.device, precision=self.precision, on_token=on_token)
         text = None
         if is_text:
             tok = self._tokenizer
@@ -204,25 +204,27 @@ class LoadedModel:
             raise InputError("on_text streams one prompt's text; got several prompts")
         from graphs.tokenizer import TextStream
         stream = TextStream(self._tokenizer)
-        finished = [False]  # the row stopped at an earlier step: its later places are padding
 
-        def on_token(step: int, tokens, done) -> None:
-            if finished[0]:
+        def on_token(step: int, tokens, stopped) -> None:  # stopped: rows that ended at an earlier step
+            if bool(np.asarray(stopped)[0]):
                 return
             piece = stream.push([int(np.asarray(tokens)[0])])
-            finished[0] = bool(np.asarray(done)[0])
             if piece:
                 on_text(piece)
         return on_token
 
     def _decoder(self):
-        """What runtimes.generate.generate runs: the torch model on the requested device and
-        precision, or the export's decode runner."""
+        """What runtimes.generate.generate runs: the torch model (its TorchDecoder is made there, on
+        the requested device and precision), or the export's decoder."""
         if self.backend == "torch":
-            from runtimes.generate import torch_decoder
-            return torch_decoder(self._model, device=self.device, precision=self.precision)
-        from runtimes.generate import export_decoder
-        return export_decoder(self._manifest, self.backend, device=self.device)
+            return self._model
+        import runtimes.generate as gen
+        open_decoder = getattr(gen, "export_decoder", None)
+        if open_decoder is None:
+            from graphs.errors import BackendUnavailable
+            raise BackendUnavailable(f"generation on {self.backend} needs the export's decode graphs, which this "
+                                     "version does not run yet (use backend='torch' on the model directory)")
+        return open_decoder(self._manifest, self.backend, device=self.device)
 
 
 def load(path: str | Path, backend: str = "torch", device: str | None = None, precision: str | None = None,
