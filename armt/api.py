@@ -101,9 +101,12 @@ class LoadedModel:
         return self._tokenizer
 
     def _load_tokenizer(self):
-        from graphs.tokenizer import load_tokenizer
-        files = list(self._manifest.tokenizer) if self._manifest is not None else None
-        tok = load_tokenizer(self.path, files)
+        if self._manifest is not None:
+            from runtimes.loaders import load_export_tokenizer
+            tok = load_export_tokenizer(self._manifest)
+        else:
+            from graphs.tokenizer import load_tokenizer
+            tok = load_tokenizer(self.path)
         tok.check_fits(self.config.base.vocab_size)
         return tok
 
