@@ -78,6 +78,7 @@ class LoadedModel:
         self.precision, self.schedule, self.config = precision, schedule, cfg
         self._model, self._manifest = model, manifest  # torch model (torch) or export manifest (ort, trt)
         self._runner = None
+        self._export_decoder = None
         self._tokenizer = None
         self._tokenizer_error: Exception | None = None
 
@@ -218,16 +219,24 @@ class LoadedModel:
 
     def _decoder(self):
         """What runtimes.generate.generate runs: the torch model (its TorchDecoder is made there, on
-        the requested device and precision), or the export's decoder."""
+        the requested device and precision), or the export's decoder (runtimes.ort_generate)."""
         if self.backend == "torch":
             return self._model
-        import runtimes.generate as gen
-        open_decoder = getattr(gen, "export_decoder", None)
-        if open_decoder is None:
-            from graphs.errors import BackendUnavailable
-            raise BackendUnavailable(f"generation on {self.backend} needs the export's decode graphs, which this "
-                                     "version does not run yet (use backend='torch' on the model directory)")
-        return open_decoder(self._manifest, self.backend, device=self.device)
+        if self._export_decoder is None:
+            self._export_decoder = open_export_decoder(self._manifest.root, self.backend, self.device,
+                                                       self.precision)
+        return self._export_decoder
+
+
+def open_export_decoder(path, backend: str, device: str, precision: str | None = None):
+    """The decoder over an export's decode graphs (as `armt generate --backend ort|trt` opens it)."""
+    try:
+        from runtimes.ort_generate import open_decoder
+    except ImportError:
+        from graphs.errors import BackendUnavailable
+        raise BackendUnavailable(f"generation on {backend} needs the export's decode graphs, which this version "
+                                 "does not run (use backend='torch' on the model directory)") from None
+    return open_decoder(path, backend, device=device, precision=precision)
 
 
 def load(path: str | Path, backend: str = "torch", device: str | None = None, precision: str | None = None,

@@ -141,12 +141,10 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
                 _prefill_on_reference(d)
             return d
     elif backend == "ort":
-        open_decoder = getattr(gen, "export_decoder", None)
-        if open_decoder is None:
-            raise BackendUnavailable("generation on ort needs the export's decode graphs, not in this version")
+        from armt.api import open_export_decoder
         if not export_dir:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) or --export-to DIR")
-        decoder = open_decoder(export_dir, "ort", device=device.type)
+        decoder = open_export_decoder(export_dir, "ort", device.type, precision)
         make = lambda: decoder  # noqa: E731  (one session set; generate restarts its cache each call)
     else:
         raise InputError(f"generate backends are {', '.join(GENERATE_BACKENDS)}, got {backend!r}")
