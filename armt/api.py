@@ -206,16 +206,8 @@ class LoadedModel:
     def _streamer(self, on_text: Callable[[str], None], rows: int):
         if rows != 1:
             raise InputError("on_text streams one prompt's text; got several prompts")
-        from graphs.tokenizer import TextStream
-        stream = TextStream(self._tokenizer)
-
-        def on_token(step: int, tokens, stopped) -> None:  # stopped: rows that ended at an earlier step
-            if bool(np.asarray(stopped)[0]):
-                return
-            piece = stream.push([int(np.asarray(tokens)[0])])
-            if piece:
-                on_text(piece)
-        return on_token
+        from graphs.tokenizer import stream_first_row
+        return stream_first_row(self._tokenizer, on_text)
 
     def _decoder(self):
         """What runtimes.generate.generate runs: the torch model (its TorchDecoder is made there, on

@@ -26,7 +26,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from graphs.errors import BackendUnavailable, ConfigError, InputError
 
@@ -232,3 +232,18 @@ class TextStream:
         new = text[len(self.shown):] if text.startswith(self.shown) else text
         self.shown = text
         return new
+
+
+def stream_first_row(tokenizer: TextTokenizer, emit) -> "Callable[[int, Any, Any], None]":
+    """An `on_token(step, tokens (B,), stopped (B,))` for runtimes.generate.generate that passes row 0's
+    new text to `emit(piece)` as it is generated (nothing after the row stopped)."""
+    import numpy as np
+    stream = TextStream(tokenizer)
+
+    def on_token(step: int, tokens, stopped) -> None:
+        if bool(np.asarray(stopped)[0]):
+            return
+        piece = stream.push([int(np.asarray(tokens)[0])])
+        if piece:
+            emit(piece)
+    return on_token

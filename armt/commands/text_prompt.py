@@ -48,17 +48,11 @@ def prompt_ids(args: argparse.Namespace):
 
 
 def text_stream(tokenizer, out=None):
-    """on_token for runtimes.generate.generate: row 0's new text to `out` (stdout) as it comes."""
-    import numpy as np
+    """on_token for runtimes.generate.generate: the new text to `out` (stdout) as it comes."""
+    from graphs.tokenizer import stream_first_row
+    out = out or sys.stdout
 
-    from graphs.tokenizer import TextStream
-    stream, out = TextStream(tokenizer), out or sys.stdout
-
-    def on_token(step: int, tokens, stopped) -> None:
-        if bool(np.asarray(stopped)[0]):
-            return
-        piece = stream.push([int(np.asarray(tokens)[0])])
-        if piece:
-            out.write(piece)
-            out.flush()
-    return on_token
+    def emit(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+    return stream_first_row(tokenizer, emit)
