@@ -78,7 +78,7 @@ def test_generate_equals_the_generation_loop(model_dir):
 def test_text_in_and_out_on_the_demo_model():
     m = armt.load(DEMO)
     assert m.tokenizer is not None and m.tokenizer.vocab_size == m.config.base.vocab_size
-    prompt = "the apple red of a bear blue so it is at by on or in and to ? apple"  # pair in segment 1, query in 2
+    prompt = "the apple red of a bear blue so it is at by on or in and ? apple"  # pair in segment 1, query in 2
     pieces: list[str] = []
     gen = m.generate(prompt, max_new_tokens=3, on_text=pieces.append)
     ids, _ = m.encode(prompt)
