@@ -4,6 +4,8 @@ transformers' own `generate` on the same base model (no memory, its default cach
     backend     what is timed
     torch       runtimes.generate.generate on the torch decoder (prefill: run_torch, the fast executor
                 where it applies; decode: one token per row per call through the cached decode layers)
+    torch-graph the same with the one-token step as a CUDA graph (runtimes/graph_decode.py; on a CPU
+                the same static step, eagerly)
     torch-ref   the same loop with the prefill on the reference cells (graphs.model's schedule loop)
     ort         runtimes.generate.generate on the export's decode graphs (ONNX Runtime)
     hf          transformers AutoModelForCausalLM(base config).generate, greedy, min = max new tokens
@@ -39,7 +41,7 @@ from armt.bench.timing import measure  # the diagonal reference time, as `armt b
 
 log = logging.getLogger("armt.bench")
 
-GENERATE_BACKENDS = ("torch", "torch-ref", "ort", "hf")
+GENERATE_BACKENDS = ("torch", "torch-graph", "torch-ref", "ort", "hf")
 TARGETS = {"decode_b1_fastest_tokens_per_s": 800.0, "decode_b1_ort_tokens_per_s": 500.0,
            "speedup_vs_hf": 3.0, "prefill_over_diagonal": 1.10}
 
@@ -132,11 +134,13 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
     """The timed call: runtimes.generate.generate on the backend's decoder."""
     from graphs.sampling import SamplingConfig
     import runtimes.generate as gen
-    if backend in ("torch", "torch-ref"):
+    if backend in ("torch", "torch-ref", "torch-graph"):
+        from runtimes.graph_decode import GraphDecoder
         from runtimes.torch_generate import TorchDecoder
 
         def make():
-            d = TorchDecoder(model, device=str(device), precision=precision)
+            cls = GraphDecoder if backend == "torch-graph" else TorchDecoder
+            d = cls(model, device=str(device), precision=precision)
             if backend == "torch-ref":
                 _prefill_on_reference(d)
             return d
@@ -175,6 +179,7 @@ class GenerateBench:
             raise InputError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
         self._hf = None
         self._work = None
+        self._torch_tokens: dict = {}  # (batch, prompt) -> the torch backend's tokens
         self._on_device = None
 
     def _device_model(self):
@@ -234,6 +239,12 @@ class GenerateBench:
         decode_s = t["decode_ms"] / 1e3
         row.update(t)
         row["generated"] = int(tokens.shape[1])
+        key = (B, N)
+        if backend == "torch":
+            self._torch_tokens[key] = tokens
+        elif backend != "hf" and key in self._torch_tokens:  # greedy: the same tokens (fp32), or how many agree
+            ref = self._torch_tokens[key]
+            row["same_tokens_as_torch"] = float((ref == tokens).mean()) if ref.shape == tokens.shape else 0.0
         row["decode_tokens_per_s"] = B * (self.new_tokens - 1) / decode_s if decode_s > 0 else None
         row["prefill_tokens_per_s"] = B * N / (t["prefill_ms"] / 1e3)
         if "diagonal_ms" in t and t["diagonal_ms"]:
