@@ -3,6 +3,7 @@
     armt/commands/convert.py   convert-official
     armt/commands/export.py    export, build, inspect
     armt/commands/run.py       run, verify, schedule
+    armt/commands/generate.py  generate
     armt/bench/cli.py          bench
     armt/demo.py               demo
 
@@ -22,12 +23,12 @@ import logging
 import sys
 
 from armt.bench import cli as bench_cli
-from armt.commands import convert, export, run
+from armt.commands import convert, export, generate, run
 from graphs.errors import EXIT_INTERNAL, EXIT_UNAVAILABLE, ArmtError
 
 log = logging.getLogger("armt")
 
-COMMAND_MODULES = (convert, export, run, bench_cli)
+COMMAND_MODULES = (convert, export, run, generate, bench_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

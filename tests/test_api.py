@@ -111,3 +111,18 @@ def test_bad_input(model_dir, tmp_path):
 def test_import_armt_does_not_import_torch():
     code = "import sys, armt; assert callable(armt.load); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_generate_equals_the_cli(model_dir, tmp_path):
+    from armt.cli import main
+    m = armt.load(model_dir)
+    ids, mask = ragged_ids(m.config.base.vocab_size, seed=5)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    for policy in ("frozen", "recurrent"):
+        out, scores = tmp_path / f"{policy}.npy", tmp_path / f"{policy}-scores.npy"
+        assert main(["generate", str(model_dir), "--input-ids", str(tmp_path / "ids.npy"), "--attention-mask",
+                     str(tmp_path / "mask.npy"), "--max-new-tokens", "8", "--memory-policy", policy,
+                     "--output", str(out), "--scores-out", str(scores)]) == 0
+        got = m.generate(ids, max_new_tokens=8, policy=policy, attention_mask=mask)
+        assert np.array_equal(got.tokens, np.load(out)) and np.array_equal(got.scores, np.load(scores))

@@ -162,3 +162,43 @@ def test_export_copies_the_tokenizer_under_checksums(tiny_export, tmp_path):
     path.write_text(path.read_text().replace('"w3"', '"w9x"'))
     with pytest.raises(ExportError, match="tokenizer.json was altered"):
         load_manifest(bad)
+
+
+# ------------------------------------------------------------------------------------------ --prompt
+PROMPT = "the apple red of a bear blue so it is at by on or in and ? apple"  # pair in segment 1, query in 2
+
+
+def test_prompt_streams_the_text_of_the_tokens_input_ids_give(tmp_path, capsys):
+    tok = load_tokenizer(DEMO)
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.asarray([tok.encode(PROMPT)], dtype=np.int64))
+    out = tmp_path / "tokens.npy"
+    assert armt(["generate", str(DEMO), "--input-ids", str(ids), "--max-new-tokens", "4", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert armt(["generate", str(DEMO), "--prompt", PROMPT, "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    tokens = np.load(out)[0]
+    assert printed == tok.decode(tokens) + "\n"
+    assert printed.split()[0] == "red"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "holds no tokenizer"),
+    (["--input-ids", "IDS"], "either --prompt TEXT or --input-ids"),
+])
+def test_prompt_bad_input(tmp_path, capsys, extra, message):
+    from graphs.modeldir import save_model_dir
+    from tests.helpers import tiny_model
+    model_dir = save_model_dir(tiny_model(), tmp_path / "model")
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.zeros((1, 3), dtype=np.int64))
+    extra = [str(ids) if e == "IDS" else e for e in extra]
+    code = armt(["generate", str(model_dir), "--prompt", "w1 w2", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_prompt_with_a_word_the_vocabulary_lacks(capsys):
+    assert armt(["generate", str(DEMO), "--prompt", "apple hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'hello' not in its vocabulary" in err[0]
