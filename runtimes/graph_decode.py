@@ -78,7 +78,7 @@ class GraphDecoder(TorchDecoder):
         """One token per row through every layer against the cache -> logits (B, 1, V) fp32."""
         m, s, spec = self.model, self._static, self.cfg.base
         B = s["ids"].shape[0]
-        Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        Hkv, hd = spec.n_kv_heads, spec.head_dim
         h = m.globals["embed"][s["ids"]]  # (B, 1, d)
         rope = rope_tables(s["positions"][None], m.inv_freq, m.dtype)
         allowed = (s["places"][None, :] <= s["lengths"][:, None])[:, None, None, :]  # (B, 1, 1, C)

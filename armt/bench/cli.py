@@ -103,8 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from armt.bench import report
     from armt.bench.parity import run_parity
     from armt.bench.timing import measure
-    from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
-    from runtimes.torch_runner import check_torch_device
+    from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads
 
     from pathlib import Path
 
@@ -117,18 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report.require_matplotlib()  # an optional need, checked up front (not after the whole bench)
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
     backends = _names(args.backends or "torch", BACKENDS, "--backends")
-    if args.warmup < 0 or args.repeats < 1:
-        raise InputError("--warmup must be >= 0 and --repeats >= 1")
-    device = check_torch_device(args.device)
-    torch.manual_seed(args.seed)
-    overrides = {"num_hidden_layers": args.layers} if args.layers else None
-    if args.synthetic and args.kind == "rmt":
-        from armt.bench.rmt_workloads import build_rmt_model
-        model = build_rmt_model(args.synthetic, args.segment_size, args.memory_tokens, args.init_std, args.seed,
-                                overrides)
-    else:
-        model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
-                            args.init_std, args.mem_std, args.seed, overrides)
+    device, model = _device_and_model(args)
     rmt = model.cfg.kind == "rmt"
     schedules = _names(args.schedules or ",".join(SCHEDULES if not rmt else ("full", "sequential")), SCHEDULES,
                        "--schedules")
@@ -219,6 +207,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_and_model(args: argparse.Namespace):
+    """The checked --warmup/--repeats, the torch device, and the bench's fp32 model on the CPU (a
+    model directory, or a synthetic ARMT or RMT of the preset's shape, seeded)."""
+    import torch
+
+    from armt.bench.workloads import build_model
+    from graphs.errors import InputError
+    from runtimes.torch_runner import check_torch_device
+    if args.warmup < 0 or args.repeats < 1:
+        raise InputError("--warmup must be >= 0 and --repeats >= 1")
+    device = check_torch_device(args.device)
+    torch.manual_seed(args.seed)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else None
+    if args.synthetic and args.kind == "rmt":
+        from armt.bench.rmt_workloads import build_rmt_model
+        return device, build_rmt_model(args.synthetic, args.segment_size, args.memory_tokens, args.init_std,
+                                       args.seed, overrides)
+    return device, build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
+                               args.init_std, args.mem_std, args.seed, overrides)
+
+
 def _meta(args, device, cfg) -> dict:
     import torch
     return {
@@ -238,15 +247,12 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
-    import torch
 
     from armt.bench import report
     from armt.bench.generate_bench import GENERATE_BACKENDS, GenerateBench, evaluate_targets, table, targets_table
-    from armt.bench.workloads import build_model
     from graphs.atomic import write_files_together
     from graphs.errors import InputError
     from graphs.paths import OutputPath, check_paths
-    from runtimes.torch_runner import check_torch_device
 
     export_to_is_export = bool(args.export_to) and (Path(args.export_to) / "manifest.json").is_file()
     check_paths({"MODEL_DIR": args.model, "--export-dir": args.export_dir},
@@ -256,18 +262,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         raise InputError("--plot, --schedules and --parity-length are for the schedule bench, not --generate")
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
     backends = _names(args.backends or "torch,hf", GENERATE_BACKENDS, "--backends")
-    if args.warmup < 0 or args.repeats < 1:
-        raise InputError("--warmup must be >= 0 and --repeats >= 1")
-    device = check_torch_device(args.device)
-    torch.manual_seed(args.seed)
-    overrides = {"num_hidden_layers": args.layers} if args.layers else None
-    if args.synthetic and args.kind == "rmt":
-        from armt.bench.rmt_workloads import build_rmt_model
-        model = build_rmt_model(args.synthetic, args.segment_size, args.memory_tokens, args.init_std, args.seed,
-                                overrides)
-    else:
-        model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
-                            args.init_std, args.mem_std, args.seed, overrides)
+    device, model = _device_and_model(args)
     export_dir = args.export_dir
     if "ort" in backends and not export_dir and args.export_to:
         import copy
