@@ -112,7 +112,8 @@ def cached_layers(model, x: torch.Tensor, positions: np.ndarray, cache: KvCache,
     allowed = torch.from_numpy(step_key_mask(cache.lengths, n, cache.capacity)).to(x.device)[:, None]  # (B,1,n,C)
     rope = None
     if model.inv_freq is not None:
-        rope = rope_tables(torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64).copy()).to(x.device)[None], model.inv_freq, model.dtype)
+        pos = torch.from_numpy(np.array(positions, dtype=np.int64)).to(x.device)  # (B, n), a writable copy
+        rope = rope_tables(pos[None], model.inv_freq, model.dtype)
     h = x
     for l in range(model.cfg.base.n_layers):
         if memory is not None:

@@ -74,7 +74,8 @@ class TorchDecoder:
             pos = torch.from_numpy(positions).to(vectors.device)
             if int(positions.max(initial=0)) >= g["pos_embed"].shape[0]:
                 raise InputError(f"generation reached position {int(positions.max())}; the model's position "
-                                 f"table has {g['pos_embed'].shape[0]} rows (fewer new tokens, or --memory-policy recurrent)")
+                                 f"table has {g['pos_embed'].shape[0]} rows "
+                                 "(fewer new tokens, or --memory-policy recurrent)")
             vectors = vectors + g["pos_embed"][pos]
         return vectors
 

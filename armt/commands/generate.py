@@ -7,11 +7,9 @@ import argparse
 import logging
 
 from armt.commands import text_prompt  # argparse only at import time
+from armt.commands.run import BACKENDS, PRECISIONS
 
 log = logging.getLogger("armt.generate")
-
-BACKENDS = ("torch", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS,
                    help="torch: compute precision (default fp32); ort/trt: must match the export")
     p.add_argument("--schedule", choices=["sequential", "diagonal"],
-                   help="schedule of the prompt's completed segments (default: diagonal for an ARMT, sequential for an RMT)")
+                   help="schedule of the prompt's completed segments "
+                   "(default: diagonal for an ARMT, sequential for an RMT)")
     p.add_argument("--output", help="write the new tokens, int64 (B, T) .npy, here (default: print them)")
     p.add_argument("--scores-out", help="write the logits each new token was chosen from, float32 (B, T, vocab) .npy")
     p.add_argument("--greedy", action="store_true", help="argmax (the default when no sampling flag is given)")
