@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphs.errors import InputError
+from graphs.errors import InputError, NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits (B, V) float32 -> tokens (B,) int64."""
         if not np.isfinite(logits).all():
-            raise InputError("the logits hold NaN or Inf: no token can be chosen")
+            raise NonFiniteError("the logits hold NaN or Inf: no token can be chosen")
         if self.config.greedy:
             return logits.argmax(-1).astype(np.int64)
         return np.array([self._draw(row, self.rngs[b]) for b, row in enumerate(logits)], dtype=np.int64)

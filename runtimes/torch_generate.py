@@ -71,7 +71,7 @@ class TorchDecoder:
     def _embed(self, vectors: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         g = self.model.globals
         if self.cfg.base.architecture == "gpt2":
-            pos = torch.from_numpy(positions).to(vectors.device)
+            pos = torch.from_numpy(np.array(positions, dtype=np.int64)).to(vectors.device)  # a writable copy
             if int(positions.max(initial=0)) >= g["pos_embed"].shape[0]:
                 raise InputError(f"generation reached position {int(positions.max())}; the model's position "
                                  f"table has {g['pos_embed'].shape[0]} rows "

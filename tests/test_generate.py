@@ -13,7 +13,7 @@ import torch
 from armt.cli import main
 from exporter.bounds import compare, widen
 from graphs.checkpoint import load_official, load_official_rmt
-from graphs.errors import InputError
+from graphs.errors import InputError, NonFiniteError
 from graphs.modeldir import save_model_dir
 from graphs.sampling import Sampler, SamplingConfig
 from runtimes.generate import generate
@@ -172,7 +172,7 @@ def test_sampler_limits():
         Sampler(SamplingConfig(False, temperature=0.0), 1)
     with pytest.raises(InputError):
         Sampler(SamplingConfig(False, top_p=1.5), 1)
-    with pytest.raises(InputError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="NaN"):
         Sampler(SamplingConfig(), 1)(np.full((1, 4), np.nan, np.float32))
 
 
