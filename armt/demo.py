@@ -127,7 +127,7 @@ def show_answers(examples: list[Example], tokenizer, segments: int, segment_size
         print(f"     question: {q!r}   expected: {tokenizer.decode([ex.expected])!r}")
         for name, rows in answers.items():
             if isinstance(rows, str):
-                print(f"     {name:11s}: {rows}")
+                print(f"     {name:11s}: {rows if i == 0 else '(not run, see above)'}")
             else:
                 got, want, right = rows[i]
                 print(f"     {name:11s}: generated {got!r} ({'right' if right else 'WRONG'})")
