@@ -59,7 +59,8 @@ def hf_base_model(model, device: torch.device, precision: str):
     hf_cfg = dict(model.cfg.base.hf_config)
     config = transformers.AutoConfig.for_model(**hf_cfg)
     dtype = torch_dtype(compute_dtype(precision))
-    hf = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    hf = transformers.AutoModelForCausalLM.from_config(config)  # fp32; cast below (no dtype keyword: its
+    # name changed across transformers versions)
     tensors = {k: v for k, v in hf_from_params(model).items() if not k.startswith("armt.")}
     missing, unexpected = hf.load_state_dict(tensors, strict=False)
     params = {n for n, _ in hf.named_parameters()}
@@ -69,7 +70,7 @@ def hf_base_model(model, device: torch.device, precision: str):
                          f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
     if getattr(config, "tie_word_embeddings", False):
         hf.tie_weights()
-    return hf.to(device).eval()
+    return hf.to(device=device, dtype=dtype).eval()
 
 
 class Clock:
