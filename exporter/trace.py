@@ -34,8 +34,6 @@ log = logging.getLogger("armt.export")
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 22  # opset 23+ lets the optimizer fuse RotaryEmbedding/Attention (not portable)
 TRACE_BATCH = 2
-QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx",
-                 "torch._dynamo", "torch.utils._sympy")
 MAX_BATCH, MAX_WIDTH = 1 << 16, 1 << 20
 
 
@@ -97,8 +95,6 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int = DEFAUL
     check_opset(opset)
     c = contract(model.cfg, role, precision)
     args = example_args(model, role, precision)
-    for name in QUIET_LOGGERS:  # their INFO lines (one per folded initializer) drown ours
-        logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.perf_counter()
     log.info("tracing %s graph (torch.onnx dynamo exporter, opset %d, %s) ...", role, opset, precision)
     with warnings.catch_warnings(), torch.no_grad():

@@ -88,12 +88,16 @@ class ArmtModel(nn.Module):
     """Associative Recurrent Memory Transformer over a LLaMA or GPT-2 decoder."""
 
     def __init__(self, cfg: ModelConfig, init_std: float = 0.02, mem_init_std: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, empty: bool = False):
+        """`empty`: parameters on the meta device, no values and no initialisation (a loader assigns
+        the stored tensors: graphs/modeldir.py, `load_state_dict(..., assign=True)`)."""
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
         def init(shape: tuple[int, ...], name: str, std: float) -> nn.Parameter:
+            if empty:
+                return nn.Parameter(torch.empty(shape, device="meta"))
             if name.endswith(("norm", "norm_w", "ln1_w", "ln2_w")):
                 t = torch.ones(shape)
             elif name.endswith(("_bias", "_b", "b_b")):

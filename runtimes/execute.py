@@ -44,7 +44,7 @@ from graphs.dtypes import numpy_dtype
 from graphs.state import (STATE_CLASSES, MemoryState, Pending, RecurrentState, RmtState, check_state, empty_state,
                           to_numpy)
 from runtimes.base import Runner
-from runtimes.progress import Progress
+from graphs.progress import Progress
 
 log = logging.getLogger("armt.run")
 

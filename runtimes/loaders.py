@@ -30,8 +30,9 @@ def import_onnxruntime():
 
 
 def open_export(export: str | Path | Manifest, precision: str | None = None,
-                verify_checksums: bool = True) -> Manifest:
-    """The export's manifest (checksums verified unless told otherwise); refuse a precision mismatch."""
+                verify_checksums: bool | str = True) -> Manifest:
+    """The export's manifest (checksums verified unless told otherwise: exporter/checksums.py, True is
+    "cached"); refuse a precision mismatch."""
     manifest = export if isinstance(export, Manifest) else load_manifest(export, verify_checksums=verify_checksums)
     if precision is not None and precision != manifest.precision:
         raise InputError(f"export {manifest.root} holds {manifest.precision} graphs, not {precision} "

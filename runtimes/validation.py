@@ -36,6 +36,7 @@ from exporter.trace import DEFAULT_OPSET
 from graphs.contracts import contract, roles_of
 from graphs.errors import BackendUnavailable, ParityFailure
 from graphs.model import ArmtModel
+from graphs.progress import Progress
 from runtimes.execute import iter_steps, plan_run
 from runtimes.loaders import NotRunnable, OrtSessionLoader
 from runtimes.torch_runner import TorchRunner
@@ -83,25 +84,11 @@ class _Sampler:
         width = self.width or sample_width(model.cfg)
         ids, mask = sample_batch(model.cfg, width)
         feeds, reference = {}, {}
-        for role in roles_of(model.cfg):
-            c = contract(model.cfg, role, draft.precision)
-            ref = TorchRunner(model, role, precision=draft.precision).activate()
-            plan = plan_run(ref, ids, mask, segment_size=width)
-            # the sample call: the last layer works on segment 1 (its memory holds segment 0, so the
-            # logits depend on memory), every layer's state is non-zero, early layers idle (ramp-down)
-            sample = min(model.cfg.base.n_layers, len(plan.schedule.steps) - 1) if c.schedule == "diagonal" else 1
-            if self.validate:
-                log.info("validating %s on ONNX Runtime CPU against the torch cell (%d calls) ...", role,
-                         len(plan.schedule.steps))
-                result, call = self._validate(draft, c, ref, model, plan, sample)
-                self.results[role] = result
-                if self.report:
-                    self.report(result.table())
-                feeds[role] = {k: ref.to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in call.feeds.items()}
-                reference[role] = {k: ref.to_numpy(v) for k, v in call.outputs.items()}
-            else:
-                feeds[role], reference[role] = self._sample_only(model, c, draft.precision, ids, mask, width, sample)
-            ref.deactivate()
+        with Progress(len(roles_of(model.cfg)), "validating graphs" if self.validate else "sample feeds") as bar:
+            for role in roles_of(model.cfg):
+                bar.describe(role)
+                self._one_graph(draft, role, ids, mask, width, feeds, reference)
+                bar.update()
         save_samples(draft.stage / SAMPLE_FEEDS, feeds, reference)
         draft.samples = SAMPLE_FEEDS
         draft.validation = self._summary()
@@ -111,6 +98,28 @@ class _Sampler:
         failed = [f"{r.role}.{c.name}: {_miss(c)}" for r in self.results.values() for c in r.rows if not c.ok]
         if failed:
             raise ParityFailure(f"export validation failed ({'; '.join(failed)}); nothing was written")
+
+    def _one_graph(self, draft: Draft, role: str, ids, mask, width: int, feeds: dict, reference: dict) -> None:
+        """Validate (or only sample) one graph role; its sample feed and torch outputs go into feeds/reference."""
+        model = draft.model
+        c = contract(model.cfg, role, draft.precision)
+        ref = TorchRunner(model, role, precision=draft.precision).activate()
+        plan = plan_run(ref, ids, mask, segment_size=width)
+        # the sample call: the last layer works on segment 1 (its memory holds segment 0, so the
+        # logits depend on memory), every layer's state is non-zero, early layers idle (ramp-down)
+        sample = min(model.cfg.base.n_layers, len(plan.schedule.steps) - 1) if c.schedule == "diagonal" else 1
+        if self.validate:
+            log.info("validating %s on ONNX Runtime CPU against the torch cell (%d calls) ...", role,
+                     len(plan.schedule.steps))
+            result, call = self._validate(draft, c, ref, model, plan, sample)
+            self.results[role] = result
+            if self.report:
+                self.report(result.table())
+            feeds[role] = {k: ref.to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in call.feeds.items()}
+            reference[role] = {k: ref.to_numpy(v) for k, v in call.outputs.items()}
+        else:
+            feeds[role], reference[role] = self._sample_only(model, c, draft.precision, ids, mask, width, sample)
+        ref.deactivate()
 
     def _validate(self, draft: Draft, c, ref: TorchRunner, model: ArmtModel, plan, sample: int):
         from runtimes.ort_runner import OrtRunner

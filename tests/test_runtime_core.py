@@ -13,7 +13,7 @@ from graphs.errors import ArmtError, BackendUnavailable, ExportError, InputError
 from graphs.state import MemoryState
 from runtimes.buffers import BufferSet, HostStorage
 from runtimes.execute import run_schedule
-from runtimes.progress import Progress
+from graphs.progress import Progress
 from runtimes.torch_runner import TorchRunner
 from runtimes.trt_runner import TrtRunner, pick_profile, select_engine
 from tests.helpers import rel_err, same, tiny_model

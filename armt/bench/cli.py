@@ -24,8 +24,11 @@ log = logging.getLogger("armt.bench")
 
 def _ints(text: str) -> list[int]:
     from graphs.errors import InputError
+    items = [v.strip() for v in text.split(",")]
+    if any(not v for v in items):  # `1,,2` or a trailing comma: a typo, not the list 1,2
+        raise InputError(f"expected comma-separated integers without empty items, got {text!r}")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         raise InputError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
@@ -35,7 +38,7 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     from graphs.errors import InputError
-    names = [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",")]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
         raise InputError(f"{what} must be among {', '.join(allowed)}, got {text!r}")
@@ -60,10 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-std", type=float, default=0.02, help="synthetic: std of the random weights (0.02)")
     p.add_argument("--mem-std", type=float, help="synthetic: std of the memory weights (default: --init-std); "
                    "smaller keeps the random memory well conditioned")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the random token ids (0)")
     p.add_argument("--lengths", default="4096,16384", help="comma-separated token counts")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"],
+                   help="compute precision of the timed runs (default bf16)")
     p.add_argument("--backends", default=None, help="comma-separated: torch (fast executor), torch-ref "
                    "(graphs.model reference), ort (ONNX Runtime, needs --export-dir); with --generate also hf "
                    "(transformers' generate on the base model). Default: torch (with --generate: torch,hf)")
@@ -180,7 +184,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 log.warning("%s %s at %d tokens: non-finite values (NaN/Inf) in %s", backend,
                                             schedule, N, what)
                         rows.append(row)
-                        log.info("%s", report.table([row]).splitlines()[-1])
+                        if not sys.stdout.isatty():  # on a terminal the table at the end shows each row once
+                            log.info("%s", report.table([row]).splitlines()[-1])
                         if args.output:
                             report.write_json(args.output, record)
         if args.parity_length:
