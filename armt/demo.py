@@ -87,6 +87,8 @@ class Example:
 
 def answer_examples(task, segments: int, n: int = 3, seed: int = 7) -> list[Example]:
     """`n` questions: the context segments of a recall row followed by one "? key" of its pairs."""
+    import numpy as np
+
     from graphs.recall import QUERY, make_batch
     T = task.segment_size
     b = make_batch(task, n, segments, task.max_pairs(segments), np.random.default_rng(seed))
