@@ -288,6 +288,7 @@ def demo(args) -> int:
           f"(chance {100 * task.chance:.1f}%)")
 
     # ------------------------------------------------------------------ questions as text, answers generated
+    from graphs.errors import ArmtError
     from graphs.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(args.model)
     examples = answer_examples(task, S, n=args.examples)
