@@ -110,13 +110,14 @@ def _versions() -> dict[str, str]:
 
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
-                 free_model: bool = False) -> ExportResult:
+                 free_model: bool = False, tokenizer_dir: str | Path | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
     manifest: it may write files there (draft.samples) and fill draft.validation; an exception from
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
-    the model is unusable afterwards)."""
+    the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
+    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_opset(opset)
@@ -166,6 +167,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
         if free_model:
             _free(model)
         names = [g.file for g in graphs.values()] + [shared.name]
+        tokenizer = _copy_tokenizer(tokenizer_dir, stage)
+        names += tokenizer
         if draft.samples:
             write_script(stage / POLYGRAPHY_SCRIPT, {r: {t.name: t.dtype for t in g.inputs} for r, g in graphs.items()})
             names += [draft.samples, POLYGRAPHY_SCRIPT]
@@ -175,12 +178,21 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                                    "model_id": model_id, "fingerprint": cfg.fingerprint(), "source": source},
                             dims=dims, graphs=graphs, files=record_files(stage, names),
                             versions=draft.versions, validation=draft.validation, parameters=parameters,
-                            samples=draft.samples, polygraphy_script=POLYGRAPHY_SCRIPT if draft.samples else None)
+                            samples=draft.samples, polygraphy_script=POLYGRAPHY_SCRIPT if draft.samples else None,
+                            tokenizer=tuple(tokenizer))
         write_manifest(stage, manifest)
     manifest.root = export_dir
     seconds = time.perf_counter() - t_start
     log.info("export written to %s in %.1f s", export_dir, seconds)
     return ExportResult(export_dir, manifest, seconds=seconds)
+
+
+def _copy_tokenizer(model_dir: str | Path | None, stage: Path) -> list[str]:
+    """The model directory's tokenizer files, copied into the staged export (none: [])."""
+    from graphs.tokenizer import copy_tokenizer, has_tokenizer, tokenizer_files
+    if model_dir is None or not has_tokenizer(tokenizer_files(model_dir)):
+        return []
+    return copy_tokenizer(model_dir, stage)
 
 
 def _free(model: ArmtModel) -> None:

@@ -221,7 +221,7 @@ class _Sampler:
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
-                 free_model: bool = False) -> ExportResult:
+                 free_model: bool = False, tokenizer_dir: str | Path | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
     validation tables. Raises ParityFailure when an output misses its bound (nothing is written then)."""
@@ -233,6 +233,6 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
             raise BackendUnavailable(f"{exc} (or export with --no-validate)") from None
     sampler = _Sampler(validate, sample_width, report)
     result = export_graphs(model, export_dir, precision=precision, opset=opset, overwrite=overwrite, source=source,
-                           finalize=sampler, free_model=free_model)
+                           finalize=sampler, free_model=free_model, tokenizer_dir=tokenizer_dir)
     result.validation = sampler.results
     return result

@@ -106,7 +106,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = export_model(model, args.output, precision=args.precision, opset=args.opset or DEFAULT_OPSET,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
-                              source=source, report=lambda text: print(text + "\n"), free_model=True)
+                              source=source, report=lambda text: print(text + "\n"), free_model=True,
+                              tokenizer_dir=args.model_dir)
     m = result.manifest
     status = m.validation.get("status")
     print(f"exported {source} -> {result.export_dir} ({m.precision}, opset {m.opset}): "
