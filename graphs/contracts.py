@@ -44,11 +44,16 @@ from graphs.errors import ExportError, InputError
 SEGMENT = "segment"
 DIAGONAL_STEP = "diagonal_step"
 RMT_SEGMENT = "rmt_segment"
-ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT)  # every role of every kind
-SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential"}
+DECODE = "decode"  # generation (docs/generation.md): new tokens against a KV cache, the memory read
+MEMORY_WRITE = "memory_write"  # generation, recurrent policy: the M memory places write (A, z)
+RMT_DECODE = "rmt_decode"  # generation on an RMT: [memory | tokens] against a KV cache
+ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, DECODE, MEMORY_WRITE, RMT_DECODE)  # every role of every kind
+SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential",
+                    DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode"}
 ROLE_OF_SCHEDULE = {"sequential": SEGMENT, "diagonal": DIAGONAL_STEP}  # an ARMT's (role_for: any kind)
 GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
-ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}
+ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}  # the schedules' roles
+DECODE_ROLES_OF_KIND = {"armt": (DECODE, MEMORY_WRITE), "rmt": (RMT_DECODE,)}  # generation's roles
 DIAGONAL_REFUSAL = ("diagonal batching does not apply to an RMT (segment s+1's first layer needs segment s's "
                     "last layer): use --schedule sequential")
 
@@ -56,6 +61,16 @@ DIAGONAL_REFUSAL = ("diagonal batching does not apply to an RMT (segment s+1's f
 def roles_of(cfg: ModelConfig) -> tuple[str, ...]:
     """The graph roles a model of this kind is exported to."""
     return ROLES_OF_KIND[cfg.kind]
+
+
+def decode_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The generation graph roles of a model of this kind (exported unless told otherwise)."""
+    return DECODE_ROLES_OF_KIND[cfg.kind]
+
+
+def all_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every graph role an export of this model may hold."""
+    return roles_of(cfg) + decode_roles_of(cfg)
 
 
 def schedules_of(cfg: ModelConfig) -> tuple[str, ...]:
@@ -318,18 +333,86 @@ def rmt_segment_contract(cfg: ModelConfig, precision: str) -> GraphContract:
                          cfg, _rmt_segment_mask)
 
 
+# ------------------------------------------------------------------------------------------ generation
+def _cache(cfg: ModelConfig, precision: str, suffix: str) -> tuple[TensorSpec, ...]:
+    """The KV cache (L, batch, H_kv, capacity, hd) in the compute dtype (graphs/kv_cache.py)."""
+    b = cfg.base
+    hkv = b.n_kv_heads if b.architecture == "llama" else b.n_heads
+    cd = compute_dtype(precision)
+    shape = (b.n_layers, "batch", hkv, "capacity", b.head_dim)
+    kind = "cache" if suffix == "out" else ""
+    return TensorSpec(f"k_cache_{suffix}", cd, shape, kind), TensorSpec(f"v_cache_{suffix}", cd, shape, kind)
+
+
+CACHE_FEEDBACK = {"k_cache_out": "k_cache_in", "v_cache_out": "v_cache_in"}
+
+
+def _decode_mask(c: GraphContract, name: str, feeds) -> Any:
+    """logits: every place (the decoder picks each row's real ones); caches: the places below each
+    row's length plus the n new ones (beyond: never read before they are overwritten)."""
+    if name in ("k_cache_out", "v_cache_out"):
+        lengths = _host(feeds["lengths"])
+        n = _host(feeds["input_ids"]).shape[1] + (c.cfg.armt.num_mem_tokens if c.role == RMT_DECODE else 0)
+        C = _host(feeds[name.replace("_out", "_in")]).shape[3]
+        keep = np.arange(C)[None, :] < (lengths[:, None] + n)  # (B, C)
+        return keep[None, :, None, :, None]
+    return None
+
+
+def decode_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """ARMT generation step: n new tokens per row (positions (B, n)) appended to each row's cache at
+    places lengths[b] .. lengths[b]+n-1; every layer reads the memory (A, z) first (never writes)."""
+    V = cfg.base.vocab_size
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("positions", "int64", ("batch", "width")),
+              TensorSpec("lengths", "int64", ("batch",)),
+              *_cache(cfg, precision, "in"), *_state(cfg, "in"))
+    outputs = (TensorSpec("logits", "float32", ("batch", "width", V), "logits"), *_cache(cfg, precision, "out"))
+    return GraphContract(DECODE, precision, inputs, outputs, dict(CACHE_FEEDBACK), {}, cfg, _decode_mask)
+
+
+def memory_write_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """ARMT segment boundary while generating: the M memory places (positions (B, M)) attend to each
+    row's cached segment and every layer writes its (A, z) where `write`; the cache is not kept."""
+    M = cfg.armt.num_mem_tokens
+    inputs = (TensorSpec("positions", "int64", ("batch", M)),
+              TensorSpec("lengths", "int64", ("batch",)),
+              *_cache(cfg, precision, "in"),
+              TensorSpec("write", "bool", ("batch",)), *_state(cfg, "in"))
+    return GraphContract(MEMORY_WRITE, precision, inputs, _state(cfg, "out"), dict(STATE_FEEDBACK), {}, cfg, None)
+
+
+def rmt_decode_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """RMT generation step: rows with `read` start a segment, fed [read memory | n tokens]; the other
+    rows feed their n tokens (junk places behind them). positions (B, M + n) of those places; the
+    M + n places are stored at lengths[b] ..; logits (B, n, V) of the token places."""
+    M, d, V = cfg.armt.num_mem_tokens, cfg.base.d_model, cfg.base.vocab_size
+    cd = compute_dtype(precision)
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("positions", "int64", ("batch", "slot")),
+              TensorSpec("lengths", "int64", ("batch",)),
+              TensorSpec("read", "bool", ("batch",)),
+              *_cache(cfg, precision, "in"),
+              TensorSpec("memory_in", cd, ("batch", M, d)),
+              TensorSpec("written_in", "bool", ("batch",)))
+    outputs = (TensorSpec("logits", "float32", ("batch", "width", V), "logits"), *_cache(cfg, precision, "out"))
+    return GraphContract(RMT_DECODE, precision, inputs, outputs, dict(CACHE_FEEDBACK), {"slot": ("width", M)}, cfg,
+                         _decode_mask)
+
+
 BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
-    SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract, RMT_SEGMENT: rmt_segment_contract}
+    SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract, RMT_SEGMENT: rmt_segment_contract,
+    DECODE: decode_contract, MEMORY_WRITE: memory_write_contract, RMT_DECODE: rmt_decode_contract}
 
 
 def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContract:
     """The contract of graph `role` for a model config at an export precision."""
     if role not in BUILDERS:
         raise InputError(f"graph role must be one of {', '.join(BUILDERS)}, got {role!r}")
-    if role not in roles_of(cfg):
+    if role not in all_roles_of(cfg):
         if cfg.kind == "rmt" and role == DIAGONAL_STEP:
             raise InputError(DIAGONAL_REFUSAL)
-        raise InputError(f"an {cfg.kind.upper()} has no {role} graph (its graphs: {', '.join(roles_of(cfg))})")
+        raise InputError(f"an {cfg.kind.upper()} has no {role} graph (its graphs: {', '.join(all_roles_of(cfg))})")
     return BUILDERS[role](cfg, precision)
 
 
