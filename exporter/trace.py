@@ -63,17 +63,21 @@ def trace_capacity(model: ArmtModel, width: int) -> int:
 
 
 def decode_example_feeds(model: ArmtModel, role: str, precision: str, batch: int, width: int, capacity: int,
-                         seed: int = 0) -> dict[str, np.ndarray]:
+                         seed: int = 0, memory: bool = False) -> dict[str, np.ndarray]:
     """Feeds of a decode-role call (numpy, the contract's dtypes): row b's cache holds lengths[b]
-    places (row 0 the most that fit, row 1 none), small random keys/values, zero memory state,
-    positions following the cache."""
+    places (row 0 the most that fit, row 1 none, the others between), random keys/values, positions
+    following the cache. memory False: zero memory state (tracing); True: a random written one
+    (A ~ 0.1 N(0, 1), z in [1, 2), RMT memory ~ 0.5 N(0, 1); every row written but the last), so
+    validation sees the memory read matter."""
     from graphs.dtypes import numpy_dtype
     c = contract(model.cfg, role, precision)
     rng = np.random.default_rng(seed)
-    n = width if role != "memory_write" else model.cfg.armt.num_mem_tokens
+    n = model.cfg.armt.num_mem_tokens if role in ("memory_write", "rmt_memory_write") else width
     places = n + (model.cfg.armt.num_mem_tokens if role == "rmt_decode" else 0)
     lengths = np.zeros(batch, dtype=np.int64)
     lengths[0] = capacity - places
+    if batch > 2:
+        lengths[2:] = rng.integers(0, capacity - places + 1, batch - 2)
     dims = {"batch": batch, "width": width, "capacity": capacity, "slot": width + model.cfg.armt.num_mem_tokens}
     feeds: dict[str, np.ndarray] = {}
     for s in c.inputs:
@@ -88,6 +92,16 @@ def decode_example_feeds(model: ArmtModel, role: str, precision: str, batch: int
             feeds[s.name] = np.arange(batch) % 2 == 0
         elif s.name.startswith(("k_cache", "v_cache")):
             feeds[s.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32).astype(numpy_dtype(s.dtype))
+        elif memory and s.name == "A_in":
+            feeds[s.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif memory and s.name == "z_in":
+            feeds[s.name] = (1.0 + rng.random(shape)).astype(np.float32)
+        elif memory and s.name == "memory_in":
+            feeds[s.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32).astype(numpy_dtype(s.dtype))
+        elif memory and s.name == "written_in":
+            w = np.ones(shape, dtype=bool)
+            w[..., -1] = batch == 1
+            feeds[s.name] = w
         else:
             feeds[s.name] = np.zeros(shape, dtype=numpy_dtype(s.dtype))
     return feeds

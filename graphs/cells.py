@@ -12,6 +12,7 @@ call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
     MemoryWriteCell generation, recurrent: the M memory places against the cache write (A, z)
     RmtDecodeCell   generation on an RMT: [read memory | tokens] (rows that start a segment) or
                     tokens against a KV cache
+    RmtMemoryWriteCell  generation on an RMT, recurrent: the write block against the cache -> memory
 
 DiagonalStep data flow (one call = one step t):
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphs.contracts import DECODE, DIAGONAL_STEP, MEMORY_WRITE, RMT_DECODE, RMT_SEGMENT, SEGMENT
+from graphs.contracts import DECODE, DIAGONAL_STEP, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE, RMT_SEGMENT, SEGMENT
 from graphs.decode import armt_write_hook, decode_layers
 from graphs.model import ArmtModel
 from graphs.rmt import RmtModel
@@ -176,8 +177,27 @@ class RmtDecodeCell(nn.Module):
         return m.head(m.final_norm(h)).float(), k, v
 
 
+class RmtMemoryWriteCell(nn.Module):
+    """RMT segment boundary while generating: the write block against the cached segment."""
+
+    def __init__(self, model: RmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model
+
+    def forward(self, positions: torch.Tensor, lengths: torch.Tensor, k_cache_in: torch.Tensor,
+                v_cache_in: torch.Tensor, write: torch.Tensor, memory_in: torch.Tensor, written_in: torch.Tensor):
+        """positions (B, M); lengths (B,); k/v_cache_in (L, B, Hkv, C, hd); write (B,); memory_in
+        (B, M, d); written_in (B,) -> memory_out (B, M, d) (rows with write False: memory_in), written_out."""
+        m = self.model
+        x = _pos_embed(m, m.read_memory(memory_in, written_in), positions)  # (B, M, d)
+        h, _, _ = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, None)
+        new = m.final_norm(h)
+        return torch.where(write[:, None, None], new, memory_in), written_in | write
+
+
 CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep, RMT_SEGMENT: RmtSegmentCell,
-                                     DECODE: DecodeCell, MEMORY_WRITE: MemoryWriteCell, RMT_DECODE: RmtDecodeCell}
+                                     DECODE: DecodeCell, MEMORY_WRITE: MemoryWriteCell, RMT_DECODE: RmtDecodeCell,
+                                     RMT_MEMORY_WRITE: RmtMemoryWriteCell}
 
 
 def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False) -> nn.Module:

@@ -47,13 +47,14 @@ RMT_SEGMENT = "rmt_segment"
 DECODE = "decode"  # generation (docs/generation.md): new tokens against a KV cache, the memory read
 MEMORY_WRITE = "memory_write"  # generation, recurrent policy: the M memory places write (A, z)
 RMT_DECODE = "rmt_decode"  # generation on an RMT: [memory | tokens] against a KV cache
-ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, DECODE, MEMORY_WRITE, RMT_DECODE)  # every role of every kind
+RMT_MEMORY_WRITE = "rmt_memory_write"  # generation on an RMT, recurrent policy: the write block -> next memory
+ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, DECODE, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE)  # every role
 SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential",
-                    DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode"}
+                    DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode", RMT_MEMORY_WRITE: "decode"}
 ROLE_OF_SCHEDULE = {"sequential": SEGMENT, "diagonal": DIAGONAL_STEP}  # an ARMT's (role_for: any kind)
 GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
 ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}  # the schedules' roles
-DECODE_ROLES_OF_KIND = {"armt": (DECODE, MEMORY_WRITE), "rmt": (RMT_DECODE,)}  # generation's roles
+DECODE_ROLES_OF_KIND = {"armt": (DECODE, MEMORY_WRITE), "rmt": (RMT_DECODE, RMT_MEMORY_WRITE)}  # generation's roles
 DIAGONAL_REFUSAL = ("diagonal batching does not apply to an RMT (segment s+1's first layer needs segment s's "
                     "last layer): use --schedule sequential")
 
@@ -340,7 +341,7 @@ def _cache(cfg: ModelConfig, precision: str, suffix: str) -> tuple[TensorSpec, .
     hkv = b.n_kv_heads if b.architecture == "llama" else b.n_heads
     cd = compute_dtype(precision)
     shape = (b.n_layers, "batch", hkv, "capacity", b.head_dim)
-    kind = "cache" if suffix == "out" else ""
+    kind = "hidden_out" if suffix == "out" else ""  # keys/values: compute-dtype activations, the carried hidden's bounds
     return TensorSpec(f"k_cache_{suffix}", cd, shape, kind), TensorSpec(f"v_cache_{suffix}", cd, shape, kind)
 
 
@@ -352,7 +353,7 @@ def _decode_mask(c: GraphContract, name: str, feeds) -> Any:
     row's length plus the n new ones (beyond: never read before they are overwritten)."""
     if name in ("k_cache_out", "v_cache_out"):
         lengths = _host(feeds["lengths"])
-        n = _host(feeds["input_ids"]).shape[1] + (c.cfg.armt.num_mem_tokens if c.role == RMT_DECODE else 0)
+        n = _host(feeds["positions"]).shape[1]  # the places stored (RMT: M + width)
         C = _host(feeds[name.replace("_out", "_in")]).shape[3]
         keep = np.arange(C)[None, :] < (lengths[:, None] + n)  # (B, C)
         return keep[None, :, None, :, None]
@@ -400,9 +401,26 @@ def rmt_decode_contract(cfg: ModelConfig, precision: str) -> GraphContract:
                          _decode_mask)
 
 
+def rmt_memory_write_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """RMT segment boundary while generating: the write block (the memory it read + positions (B, M))
+    attends to each row's cached segment; its final-norm hidden state is the next memory where `write`."""
+    M, d = cfg.armt.num_mem_tokens, cfg.base.d_model
+    cd = compute_dtype(precision)
+    inputs = (TensorSpec("positions", "int64", ("batch", M)),
+              TensorSpec("lengths", "int64", ("batch",)),
+              *_cache(cfg, precision, "in"),
+              TensorSpec("write", "bool", ("batch",)),
+              TensorSpec("memory_in", cd, ("batch", M, d)),
+              TensorSpec("written_in", "bool", ("batch",)))
+    outputs = (TensorSpec("memory_out", cd, ("batch", M, d), "memory"),
+               TensorSpec("written_out", "bool", ("batch",), "written"))
+    return GraphContract(RMT_MEMORY_WRITE, precision, inputs, outputs, dict(RMT_FEEDBACK), {}, cfg, None)
+
+
 BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
     SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract, RMT_SEGMENT: rmt_segment_contract,
-    DECODE: decode_contract, MEMORY_WRITE: memory_write_contract, RMT_DECODE: rmt_decode_contract}
+    DECODE: decode_contract, MEMORY_WRITE: memory_write_contract, RMT_DECODE: rmt_decode_contract,
+    RMT_MEMORY_WRITE: rmt_memory_write_contract}
 
 
 def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContract:

@@ -15,13 +15,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export an ARMT to ONNX graphs with a manifest (and validate them)",
                        description="Export the segment and diagonal-step graphs of an ARMT model directory "
                        "(or a synthetic random-weight model) to ONNX, with shared external weights, sample feeds, "
-                       "a Polygraphy data loader and manifest.json; validate on ONNX Runtime CPU.")
+                       "a Polygraphy data loader and manifest.json; validate on ONNX Runtime CPU. The generation "
+                       "graphs (decode, memory_write; RMT: rmt_decode, rmt_memory_write) are exported too "
+                       "unless --no-decode.")
     p.add_argument("model_dir", nargs="?", help="model directory (config.json, armt_config.json, model.safetensors)")
     p.add_argument("-o", "--output", required=True, help="export directory to write")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="compute dtype of layers, embeddings and head (memory state stays fp32)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs torch check")
+    p.add_argument("--no-decode", dest="decode", action="store_false",
+                   help="skip the generation graphs (`armt generate --backend ort` then refuses the export)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 17..22)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
                    "a directory inside it or one holding it)")
@@ -102,7 +106,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = export_model(model, args.output, precision=args.precision, opset=args.opset or DEFAULT_OPSET,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
-                              source=source, report=lambda text: print(text + "\n"), free_model=True)
+                              source=source, report=lambda text: print(text + "\n"), free_model=True,
+                              decode=args.decode)
     m = result.manifest
     status = m.validation.get("status")
     print(f"exported {source} -> {result.export_dir} ({m.precision}, opset {m.opset}): "
