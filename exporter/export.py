@@ -109,7 +109,7 @@ def _versions() -> dict[str, str]:
 
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
-                 free_model: bool = False, decode: bool = True) -> ExportResult:
+                 free_model: bool = False, decode: bool = False) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the

@@ -10,7 +10,7 @@ rmt_memory_write for an RMT). Needs only onnxruntime and numpy (no torch).
     complete  the memory-write graph at a segment boundary (recurrent policy), then those rows'
               cache is reset
 
-An export without decode graphs (exported with --no-decode, or by an older armt) is refused with
+An export without decode graphs (exported without --decode) is refused with
 one line (exit 2). Only ONNX Runtime runs the decode graphs here: `--backend trt` is refused.
 """
 
@@ -42,7 +42,7 @@ def open_decoder(export_dir: str | Path, backend: str, device: str = "cpu", prec
     missing = [r for r in DECODE_ROLES[kind] if r not in manifest.graphs]
     if missing:
         raise InputError(f"export {manifest.root} has no decode graphs ({', '.join(missing)}; it has: "
-                         f"{', '.join(manifest.graphs)}): export it again without --no-decode, or generate "
+                         f"{', '.join(manifest.graphs)}): export it again with `armt export --decode`, or generate "
                          "with --backend torch on the model directory")
     if backend != "ort":
         raise InputError(f"generation on --backend {backend} is not implemented yet; use --backend ort or torch")

@@ -33,7 +33,7 @@ def exports(tmp_path_factory):
     out = {}
     for name in NAMES:
         model = official_model(name)
-        res = export_model(copy.deepcopy(model), tmp_path_factory.mktemp("gen_ort") / name, precision="fp32")
+        res = export_model(copy.deepcopy(model), tmp_path_factory.mktemp("gen_ort") / name, precision="fp32", decode=True)
         out[name] = (model, res.export_dir, res.manifest)
     return out
 
