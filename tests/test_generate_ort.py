@@ -126,3 +126,35 @@ def test_cli_generate_on_ort(exports, tmp_path):
 def test_trt_backend_refused_with_one_line(exports):
     with pytest.raises(InputError, match="--backend trt is not implemented"):
         open_decoder(exports["llama"][1], "trt")
+
+
+def _have_trt_rtx() -> bool:
+    try:
+        import tensorrt_rtx  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not _have_trt_rtx(), reason="tensorrt_rtx is not installed (pip install '.[trt]')")
+def test_build_decode_engines_with_tensorrt_rtx(exports, tmp_path):
+    """`armt build` builds the decode graphs (ahead of time: no GPU needed); their profiles carry the
+    KV-cache capacity range. Running them (a TensorRT decoder) is not implemented."""
+    import shutil
+
+    from exporter.manifest import load_manifest
+    d = tmp_path / "export"
+    shutil.copytree(exports["llama"][1], d)
+    assert main(["build", str(d), "--builder", "tensorrt_rtx", "--max-batch", "2", "--compute-capability", "8.9",
+                 "--graph", "decode", "--graph", "memory_write", "--max-capacity", "40"]) == 0
+    m = load_manifest(d, verify_checksums=True)
+    T, M = m.dims["segment_size"], m.dims["mem_tokens"]
+    for role in ("decode", "memory_write"):
+        (e,) = m.graph(role).engines
+        prof = e.profiles[0]
+        assert prof["k_cache_in"].max[1] == 2 and prof["k_cache_in"].max[3] == 40
+        assert (d / e.file).stat().st_size > 1000
+    assert m.graph("decode").engines[0].profiles[0]["input_ids"].opt == (1, 1)
+    assert m.graph("decode").engines[0].profiles[0]["input_ids"].max == (2, T)
+    assert m.graph("memory_write").engines[0].profiles[0]["positions"].max == (2, M)

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--opt-batch", type=int, default=1, help="batch the builder tunes for (default 1)")
     b.add_argument("--max-width", type=int, default=None, help="largest segment width (default: segment size)")
     b.add_argument("--opt-width", type=int, default=None, help="width the builder tunes for (default: max width)")
+    b.add_argument("--max-capacity", type=int, default=None,
+                   help="decode graphs: largest KV cache (places; default max width + 2 x mem tokens + 256)")
     b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt_rtx"])
     b.add_argument("--graph", action="append", choices=list(ROLES),
                    help="build only this graph (repeatable; default all)")
@@ -131,7 +133,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     ccs = tuple(c.strip() for c in args.compute_capability.split(",") if c.strip())
     limits = ShapeLimits(max_batch=args.max_batch, opt_batch=args.opt_batch, max_width=args.max_width,
-                         opt_width=args.opt_width)
+                         opt_width=args.opt_width, max_capacity=args.max_capacity)
     t0 = time.perf_counter()
     manifest = build_engines(args.export_dir, precision=args.precision, compute_capability=ccs,
                              workspace=args.workspace, limits=limits, prefer=args.builder,
