@@ -13,29 +13,66 @@ without torch never imports torch.
 
 Exit codes (graphs/errors.py): 0 ok; 1 a parity miss, or non-finite values under --strict; 2 bad
 input (one line on stderr); 3 a backend or resource that cannot run here (also: out of memory);
-4 an internal error (a bug; `-v` shows the traceback); 130 interrupted.
+4 an internal error (a bug; `-v` shows the traceback); 130 interrupted; 141 stdout closed by its reader
+(`armt schedule | head`: no message, as a Unix tool stopped by SIGPIPE).
+
+A missing optional package (torch, onnxruntime, tensorrt_rtx, matplotlib, ...) is one line naming the
+extra that installs it, exit 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from armt import demo
 from armt.bench import cli as bench_cli
 from armt.commands import convert, export, generate, run
+from graphs import __version__
 from graphs.errors import EXIT_INTERNAL, EXIT_UNAVAILABLE, ArmtError
 
 log = logging.getLogger("armt")
 
-COMMAND_MODULES = (convert, export, run, generate, bench_cli)
+COMMAND_MODULES = (convert, export, run, generate, bench_cli, demo)
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+
+# top-level import name -> the extra (pyproject.toml) that installs it
+EXTRA_OF_MODULE = {
+    "torch": "torch", "safetensors": "torch", "onnxscript": "torch", "onnx_ir": "torch",
+    "onnxruntime": "ort", "tensorrt_rtx": "trt", "tensorrt": "trt", "polygraphy": "trt",
+    "matplotlib": "plot", "tokenizers": "text", "transformers": "test",
+}
+BASE_MODULES = ("numpy", "ml_dtypes", "onnx", "tqdm")
+# Loggers whose INFO lines (one per folded initializer while tracing) drown ours: the command (an
+# application, not the libraries) quiets them for its own duration unless -v, and restores them.
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx",
+                  "torch._dynamo", "torch.utils._sympy")
+
+
+def missing_module_line(exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra for a missing optional package; None for any other missing module."""
+    top = (exc.name or "").split(".")[0]
+    if top in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_MODULE[top]
+        hint = "'armt-deploy[ort]' (CPU) or 'armt-deploy[ort-gpu]' (CUDA), never both" if extra == "ort" else \
+            f"'armt-deploy[{extra}]'"
+        return f"this needs {top}, which is not installed here: pip install {hint}"
+    if top in BASE_MODULES:
+        return f"{top} is missing: the base install of armt-deploy is incomplete (pip install armt-deploy)"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="armt", description="Deploy Associative Recurrent Memory "
                                      "Transformers: convert, export to ONNX/TensorRT, run, verify, bench.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument("--progress", action="store_true",
+                        help="progress bars on stderr also when it is not a terminal (default: on a terminal only)")
+    parser.add_argument("--version", action="version", version=f"armt-deploy {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMAND_MODULES:
@@ -48,8 +85,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    from graphs.progress import get_mode, set_mode
+    previous = get_mode()
+    set_mode("off" if args.quiet else "on" if args.progress else "auto")
+    levels = {name: logging.getLogger(name).level for name in CHATTY_LOGGERS}
+    if not args.verbose:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
+    finally:  # main() is also called in-process (tests, python -m armt.demo): leave things as found
+        set_mode(previous)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its errors mapped to exit codes (the module docstring)."""
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except ArmtError as exc:
         if args.verbose:
             log.exception("armt %s failed", args.command)
@@ -61,15 +119,42 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print(f"armt {args.command}: error: out of memory", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except ModuleNotFoundError as exc:
+        line = missing_module_line(exc)
+        if line is None or args.verbose:
+            if args.verbose:
+                raise
+            return _internal(args, exc)
+        print(f"armt {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except Exception as exc:  # a bug, not bad input: still one line unless -v
         if args.verbose:
             raise
         if exc.__class__.__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch not imported here)
             print(f"armt {args.command}: error: out of device memory", file=sys.stderr)
             return EXIT_UNAVAILABLE
-        print(f"armt {args.command}: internal error: {exc.__class__.__name__}: {exc} "
-              "(run with -v for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(args, exc)
+
+
+def _internal(args, exc: BaseException) -> int:
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    what = (f"missing key {key!r}" if key is not None and not (isinstance(key, str) and " " in key)
+            else str(key) if key is not None else str(exc))
+    print(f"armt {args.command}: internal error: {exc.__class__.__name__}: {what} "
+          "(run with -v for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _closed_pipe() -> int:
+    """stdout's reader went away (`| head`): stop quietly; point stdout at devnull so the interpreter's
+    final flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_CLOSED_PIPE
+
 
 if __name__ == "__main__":
     sys.exit(main())

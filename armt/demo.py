@@ -1,4 +1,4 @@
-"""`make demo`: the project's main job end to end on the shipped trained model (models/armt-recall).
+"""`armt demo` (`make demo`): the project's main job end to end on the shipped trained model.
 
     models/armt-recall (trained ARMT, associative recall; docs/demo-model.md)
       |-- exporter.export_model ------> out/demo/export-fp32, out/demo/export-fp16 (ONNX + manifest)
@@ -7,7 +7,11 @@
       |-- runtimes.verify ------------> per-segment parity vs the PyTorch sequential reference
       '-- memory-zeroed control ------> the query segment alone, from an empty memory: ~chance
 
-    python -m armt.demo [--rows 64] [--out out/demo] [--no-engines] [--full]
+    armt demo [--out DIR] [--rows 64] [--no-engines] [--quick] [--full]      (also: python -m armt.demo)
+
+The model ships inside the wheel (armt/models/armt-recall, copied there by setup.py) and is read from
+models/armt-recall in a checkout. The exports go to --out (default ./armt-demo in the current
+directory, never into the installed package).
 
 Exit status: 0 when every check passed, 1 when one missed (parity, fp32 answers, or accuracy targets).
 """
@@ -17,20 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from graphs.contracts import DIAGONAL_STEP
-from graphs.errors import ArmtError, BackendUnavailable, ParityFailure
-
 log = logging.getLogger("armt.demo")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = ROOT / "models" / "armt-recall"
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "armt-recall"  # in an installed wheel
+CHECKOUT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "armt-recall"  # in the repository
+MODEL_DIR = PACKAGED_MODEL_DIR if PACKAGED_MODEL_DIR.is_dir() else CHECKOUT_MODEL_DIR
+DEFAULT_OUT = "armt-demo"  # relative to the current directory
 TASK_FILE = "recall_task.json"
 PRECISIONS = ("fp32", "fp16")
 TARGETS = {"trained": 0.99, "4x": 0.95}  # accuracy the shipped model must reach (issue 5)
@@ -49,6 +51,8 @@ def load_demo_model(model_dir: Path = MODEL_DIR):
 
 def eval_batches(task, segments: int, rows: int, seed: int = 1234) -> dict:
     """The demo's evaluation sets: at the trained length and at 4x the segments (same pairs, spread out)."""
+    import numpy as np
+
     from graphs.recall import make_batch
     pairs = task.max_pairs(segments)
     return {"trained": make_batch(task, rows, segments, pairs, np.random.default_rng(seed)),
@@ -57,6 +61,9 @@ def eval_batches(task, segments: int, rows: int, seed: int = 1234) -> dict:
 
 def run_backend(backend: str, path, precision: str, batch, threads: int | None = None):
     """Diagonal schedule on one backend: (logits (B, N, V) fp32, seconds)."""
+    import torch
+
+    from graphs.contracts import DIAGONAL_STEP
     from runtimes.execute import run_schedule
     from runtimes.base import make_runner
     opts = {"threads": threads} if backend == "ort" and threads else {}
@@ -68,6 +75,8 @@ def run_backend(backend: str, path, precision: str, batch, threads: int | None =
 
 def zeroed_memory_accuracy(model, batch) -> float:
     """The control: only the query segment, from an empty MemoryState (nothing of the pairs is seen)."""
+    import torch
+
     from graphs.recall import accuracy
     last = batch.last_segment()
     with torch.no_grad():
@@ -79,6 +88,7 @@ def zeroed_memory_accuracy(model, batch) -> float:
 def try_build_engines(export_dir: Path) -> str:
     """Build TensorRT(-RTX) engines for the export's graphs; a one-line outcome."""
     from exporter.engines import build_engines, engine_sizes
+    from graphs.errors import BackendUnavailable
     t0 = time.perf_counter()
     try:
         manifest = build_engines(export_dir)
@@ -89,31 +99,67 @@ def try_build_engines(export_dir: Path) -> str:
     return f"built in {time.perf_counter() - t0:.1f} s: {names}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m armt.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(MODEL_DIR), help="trained recall model directory")
-    p.add_argument("--out", default=str(ROOT / "out" / "demo"), help="where the exports go")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(MODEL_DIR), help="trained recall model directory (default: the shipped one)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"where the exports go (default ./{DEFAULT_OUT}; replaced)")
     p.add_argument("--rows", type=int, default=64, help="evaluation rows per length (6 queries each)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT engine builds")
+    p.add_argument("--quick", action="store_true", help="fp32 only, no engines: the export, the task on torch "
+                   "and ONNX Runtime, and parity, in about a third of the time")
     p.add_argument("--full", action="store_true", help="also run torch fp16 on the long set (slow on a CPU)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job end to end on the shipped trained model (export, run, verify)",
+                       description="Export the shipped trained ARMT (associative recall), build engines where a "
+                       "TensorRT builder is installed, run the task on torch and ONNX Runtime with the diagonal "
+                       "schedule, check parity per segment. Needs the [torch,ort] extras. Exit 0: every check "
+                       "passed; 1: one missed.")
+    add_arguments(p)
+    p.set_defaults(func=demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m armt.demo`: the same as `armt demo`."""
+    from armt.cli import main as armt_main
+    return armt_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+
+def armt_command() -> str:
+    """How to call `armt` from here: on PATH, else the script next to this Python (a venv's bin)."""
+    if shutil.which("armt"):
+        return "armt"
+    script = Path(sys.executable).parent / ("armt.exe" if os.name == "nt" else "armt")
+    if script.is_file():
+        return _shown(script)
+    return f"{Path(sys.executable).name} -m armt"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory where that is shorter (another drive on Windows: as is)."""
     try:
-        return demo(args)
-    except ArmtError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if len(rel) < len(str(path)) else str(path)
 
 
 def demo(args) -> int:
     import copy
+
+    import torch
+
+    from graphs.errors import InputError, ParityFailure
 
     from graphs.recall import accuracy, predictions
     from runtimes.validation import export_model
     from runtimes.verify import given_case, verify
 
     t_all = time.perf_counter()
+    if args.rows < 1:
+        raise InputError(f"--rows must be >= 1, got {args.rows}")
+    precisions = ("fp32",) if args.quick else PRECISIONS
+    engines = not (args.no_engines or args.quick)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, task, S = load_demo_model(Path(args.model))
     b, a = model.cfg.base, model.cfg.armt
@@ -128,7 +174,7 @@ def demo(args) -> int:
     # ------------------------------------------------------------------ export (+ engines)
     out = Path(args.out)
     exports = {}
-    for prec in PRECISIONS:
+    for prec in precisions:
         t0 = time.perf_counter()
         try:
             res = export_model(copy.deepcopy(model), out / f"export-{prec}", precision=prec, overwrite=True,
@@ -145,8 +191,8 @@ def demo(args) -> int:
             note = "NOT validated at export (see the warning); parity is checked below"
         exports[prec] = res.export_dir
         print(f"exported {prec}: {res.export_dir} ({time.perf_counter() - t0:.1f} s, {note})")
-    if not args.no_engines:
-        for prec in PRECISIONS:
+    if engines:
+        for prec in precisions:
             print(f"TensorRT engines {prec}: {try_build_engines(exports[prec])}")
         print("  (engines are built ahead of time only: no GPU here, and TensorRT-RTX engines do not run on "
               "the H100 either; `armt run --backend trt` runs them on a supported GPU)")
@@ -154,7 +200,7 @@ def demo(args) -> int:
     # ------------------------------------------------------------------ the task on every backend
     rows = []  # (backend, precision, set, accuracy, seconds)
     preds = {}
-    for prec in PRECISIONS:
+    for prec in precisions:
         for backend, path in (("torch", args.model), ("ort", exports[prec])):
             for name, batch in sets.items():
                 if backend == "torch" and prec != "fp32" and name != "trained" and not args.full:
@@ -184,7 +230,7 @@ def demo(args) -> int:
             ok = False
     probe = sets["trained"]
     case = given_case(torch.from_numpy(probe.input_ids[:2]), None)
-    for prec in PRECISIONS:
+    for prec in precisions:
         report = verify(model, exports[prec], ["ort"], ["sequential", "diagonal"], [case])
         print(f"parity {prec} (ONNX Runtime vs torch sequential reference, per segment, logits/hidden/A/z): "
               f"{report.summary()}")
@@ -197,12 +243,20 @@ def demo(args) -> int:
         n = sets[name].input_ids.size
         print(f"  {backend:8s} {prec:9s} {name:8s} {n:8d} {secs:8.3f} {n / secs:9.0f}")
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.perf_counter() - t_all:.0f} s")
-    print("\nnext, on your own checkpoint (a model directory: config.json, armt_config.json, model.safetensors):\n"
-          "  armt export MODEL_DIR -o out/my-export [--precision fp16]\n"
-          "  armt build out/my-export                         # TensorRT engines, where a builder is installed\n"
-          "  armt run out/my-export --backend ort --input-ids ids.npy --output logits.npy\n"
-          "  armt verify out/my-export --model MODEL_DIR      # parity per segment vs the PyTorch reference\n"
-          "  retrain this demo model: python scripts/train_recall.py --out models/armt-recall (docs/demo-model.md)")
+    armt = armt_command()
+    activate = Path(sys.executable).parent / "activate"
+    note = ("" if armt == "armt" else
+            f"  (`armt` is not on PATH here: {armt} below"
+            + (f", or `source {_shown(activate)}` first to call it `armt`" if activate.is_file() else "")
+            + ")\n")
+    print(f"\nnext, on your own checkpoint (a model directory: config.json, armt_config.json, model.safetensors):\n"
+          f"{note}"
+          f"  {armt} export MODEL_DIR -o my-export [--precision fp16]\n"
+          f"  {armt} build my-export                         # TensorRT engines, where a builder is installed\n"
+          f"  {armt} run my-export --backend ort --input-ids ids.npy --output logits.npy\n"
+          f"  {armt} verify my-export --model MODEL_DIR      # parity per segment vs the PyTorch reference\n"
+          "  retrain the demo model (in a checkout): python scripts/train_recall.py --out my-armt-recall "
+          "(docs/demo-model.md)")
     return 0 if ok else 1
 
 

@@ -42,6 +42,18 @@ QUANTILE = 0.999
 class Bound:
     rel: float
     q_rel: float
+    atol: float = 0.0  # absolute slack: passes when err <= atol + rel * max|ref| (0 in the table)
+    given: bool = False  # set on the command line (`armt verify --rtol/--atol/--bound`), never widened
+
+    def label(self) -> str:
+        text = f"{self.rel:.1e}/{self.q_rel:.1e}" + (f"+{self.atol:.1e}abs" if self.atol else "")
+        return text + (" (set)" if self.given else "")
+
+    def passes(self, rel: float, q_rel: float, scale: float) -> bool:
+        """rel, q_rel: the errors relative to max|ref| = scale (see the module docstring)."""
+        if not self.atol:
+            return rel <= self.rel and q_rel <= self.q_rel
+        return rel * scale <= self.atol + self.rel * scale and q_rel * scale <= self.atol + self.q_rel * scale
 
 
 _FP32 = Bound(rel=1e-5, q_rel=1e-5)
@@ -80,13 +92,53 @@ class Comparison:
                 f"{self.bound.rel:.2g}/{self.bound.q_rel:.2g}", "ok" if self.ok else "MISS"]
 
 
-def compare(name: str, kind: str, precision: str, got, ref, mask=None) -> Comparison:
-    """Compare one output (numpy arrays or torch tensors) against its reference under the table.
+def given_bounds(precision: str, rtol: float | None = None, atol: float | None = None,
+                 per_kind: dict[str, tuple[float, float]] | None = None) -> dict[str, Bound]:
+    """The bounds of `precision` with command-line overrides applied (only the kinds they change):
+    `rtol` sets rel and q99.9 rel of every float kind, `atol` adds absolute slack to every float kind,
+    `per_kind` {kind: (rel, q_rel)} sets one kind (after `rtol`). Exact kinds (`written`) stay exact."""
+    out: dict[str, Bound] = {}
+    for kind in KINDS:
+        base = BOUNDS.get((precision, kind))
+        if base is None or base.rel == 0:
+            continue
+        b = base
+        if rtol is not None:
+            b = dataclasses.replace(b, rel=rtol, q_rel=rtol, given=True)
+        if per_kind and kind in per_kind:
+            b = dataclasses.replace(b, rel=per_kind[kind][0], q_rel=per_kind[kind][1], given=True)
+        if atol is not None:
+            b = dataclasses.replace(b, atol=atol, given=True)
+        if b.given:
+            out[kind] = b
+    return out
+
+
+def parse_bound(text: str) -> tuple[str, tuple[float, float]]:
+    """`KIND=REL` or `KIND=REL/Q` (command line) -> (kind, (rel, q_rel)); ValueError with the reason."""
+    kind, sep, value = text.partition("=")
+    kind = kind.strip()
+    floats = [k for k in KINDS if k != "written"]
+    if not sep or kind not in floats:
+        raise ValueError(f"--bound {text!r}: expected KIND=REL or KIND=REL/Q with KIND one of {', '.join(floats)}")
+    try:
+        parts = [float(v) for v in value.split("/")]
+    except ValueError:
+        raise ValueError(f"--bound {text!r}: {value!r} is not a number (or REL/Q)") from None
+    if len(parts) not in (1, 2) or not all(math.isfinite(v) and v >= 0 for v in parts):
+        raise ValueError(f"--bound {text!r}: expected one or two finite numbers >= 0")
+    return kind, (parts[0], parts[-1])
+
+
+def compare(name: str, kind: str, precision: str, got, ref, mask=None,
+            bounds: dict[str, Bound] | None = None) -> Comparison:
+    """Compare one output (numpy arrays or torch tensors) against its reference under the table
+    (or `bounds[kind]` where given: see given_bounds).
 
     `mask` (bool, broadcastable to the output; see GraphContract.output_mask, graphs/contracts.py) limits the comparison
     to the entries that carry meaning; None compares everything."""
     got, ref = _np(got), _np(ref)
-    bound = bound_for(precision, kind)
+    bound = bounds[kind] if bounds and kind in bounds else bound_for(precision, kind)
     if got.shape != ref.shape:
         return Comparison(name, kind, math.inf, math.inf, math.inf, bound, False,
                           f"shape {got.shape} != reference {ref.shape}")
@@ -109,7 +161,7 @@ def compare(name: str, kind: str, precision: str, got, ref, mask=None) -> Compar
     max_abs = float(err.max())
     rel = max_abs / scale
     q_rel = float(np.quantile(err, QUANTILE)) / scale
-    return Comparison(name, kind, max_abs, rel, q_rel, bound, rel <= bound.rel and q_rel <= bound.q_rel)
+    return Comparison(name, kind, max_abs, rel, q_rel, bound, bound.passes(rel, q_rel, scale))
 
 
 # Conditioning: the memory update can amplify rounding (k.z + eps denominators, the gamma clamp), so on
@@ -127,10 +179,11 @@ def widen(c: Comparison, noise: Comparison | None, describe: bool = True) -> Com
     (bool) tensors, failed shape/NaN checks and a non-finite spread are never widened. `describe`
     puts the widening into the comparison's note (tables that mark it otherwise pass False)."""
     b = c.bound
-    if noise is None or b.rel == 0 or c.note or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel)):
+    if (noise is None or b.rel == 0 or b.given or c.note
+            or not (math.isfinite(noise.rel) and math.isfinite(noise.q_rel))):
         return c
-    eff = Bound(rel=min(max(b.rel, NOISE_FACTOR * noise.rel), NOISE_CAP * b.rel),
-                q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))
+    eff = dataclasses.replace(b, rel=min(max(b.rel, NOISE_FACTOR * noise.rel), NOISE_CAP * b.rel),
+                              q_rel=min(max(b.q_rel, NOISE_FACTOR * noise.q_rel), NOISE_CAP * b.q_rel))
     if eff == b:
         return c
     note = f"bound widened: reference spread rel {noise.rel:.1e}" if describe else c.note

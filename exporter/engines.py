@@ -29,6 +29,7 @@ from pathlib import Path
 from graphs.atomic import atomic_write_bytes
 from graphs.contracts import contract
 from graphs.errors import BackendUnavailable, ExportError
+from graphs.progress import Progress
 
 from exporter.manifest import EngineRecord, FileRecord, GraphRecord, Manifest, ProfileRange, load_manifest, write_manifest
 
@@ -55,13 +56,18 @@ def import_builder(prefer: str = "auto"):
     order = {"auto": ("tensorrt", "tensorrt_rtx"), "tensorrt": ("tensorrt",),
              "tensorrt_rtx": ("tensorrt_rtx",)}[prefer]
     import importlib
+    import importlib.util
     for name in order:
         try:
             return importlib.import_module(name), name
         except ImportError:
             continue
+    others = [n for n in ENGINE_TAGS if n not in order and importlib.util.find_spec(n) is not None]
+    if others:  # e.g. --builder tensorrt with only TensorRT-RTX installed
+        raise BackendUnavailable(f"--builder {prefer}: {' or '.join(order)} is not installed; {others[0]} is "
+                                 f"(use --builder {others[0]} or --builder auto)")
     raise BackendUnavailable("no TensorRT builder is installed: pip install 'armt-deploy[trt]' "
-                             "(TensorRT-RTX) or NVIDIA's tensorrt")
+                             "(TensorRT-RTX for CUDA 13; 'armt-deploy[trt-cu12]' for CUDA 12) or NVIDIA's tensorrt")
 
 
 def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
@@ -80,9 +86,11 @@ def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
         raise ExportError(f"--opt-batch {limits.opt_batch} must lie in 1..--max-batch {limits.max_batch}")
     if max_w < 1:
         raise ExportError(f"--max-width must be positive, got {max_w}")
-    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M, "capacity": 1},
-              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M, "capacity": max_c},
-              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M, "capacity": max_c}}
+    # "rows": the lm_head graph's hidden rows (every token place of a segment at most, or one per row);
+    # "capacity": the decode graphs' KV cache
+    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M, "rows": 1, "capacity": 1},
+              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M, "rows": opt_w, "capacity": max_c},
+              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M, "rows": max_w, "capacity": max_c}}
     return {t.name: ProfileRange(*(t.concrete_shape(points[k]) for k in ("min", "opt", "max")))
             for t in graph.inputs}
 
@@ -168,28 +176,32 @@ def build_engines(export_dir: str | Path, precision: str | None = None, compute_
     graphs = dict(manifest.graphs)
     files = dict(manifest.files)
     try:
-        for role in roles:
-            graph = manifest.graph(role)
-            c = contract(manifest.model_config(), role, manifest.precision)
-            slot_extra = c.derived_dims["slot"][1] if "slot" in c.derived_dims else None
-            profile = profile_for(graph, manifest.dims, limits, slot_extra, decode=c.schedule == "decode")
-            log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
-                     limits.max_batch, profile.get("input_ids", profile["positions"]).max[1])
-            t0 = time.perf_counter()
-            blob = build_engine(trt, builder_name, manifest.path(graph.file), graph, profile,
-                                tuple(compute_capability), workspace)
-            digest = hashlib.sha256(blob).hexdigest()
-            name = f"{role}.{ENGINE_TAGS.get(builder_name, builder_name)}-{digest[:8]}.engine"
-            atomic_write_bytes(export_dir / name, blob)
-            new_files.append(export_dir / name)
-            log.info("built %s (%.1f MB) in %.1f s", name, len(blob) / 1e6, time.perf_counter() - t0)
-            record = EngineRecord(file=name, builder=builder_name, builder_version=version,
-                                  precision=manifest.precision, compute_capability=tuple(compute_capability),
-                                  profiles=(profile,))
-            # one engine per graph and builder: a rebuild replaces the previous record
-            kept = tuple(e for e in graph.engines if e.builder != builder_name and e.file != name)
-            graphs[role] = dataclasses.replace(graph, engines=(*kept, record))
-            files[name] = FileRecord(sha256=digest, bytes=len(blob))
+        with Progress(len(roles), "building engines") as bar:
+            for role in roles:
+                bar.describe(role)
+                graph = manifest.graph(role)
+                c = contract(manifest.model_config(), role, manifest.precision)
+                derived = c.derived_dims
+                slot_extra = derived["slot"][1] if "slot" in derived else 0  # lm_head has no slot dim
+                profile = profile_for(graph, manifest.dims, limits, slot_extra, decode=c.schedule == "decode")
+                log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
+                         limits.max_batch, profile[graph.inputs[0].name].max[1])  # input_ids (B, W) / hidden (B, R, d)
+                t0 = time.perf_counter()
+                blob = build_engine(trt, builder_name, manifest.path(graph.file), graph, profile,
+                                    tuple(compute_capability), workspace)
+                digest = hashlib.sha256(blob).hexdigest()
+                name = f"{role}.{ENGINE_TAGS.get(builder_name, builder_name)}-{digest[:8]}.engine"
+                atomic_write_bytes(export_dir / name, blob)
+                new_files.append(export_dir / name)
+                log.info("built %s (%.1f MB) in %.1f s", name, len(blob) / 1e6, time.perf_counter() - t0)
+                record = EngineRecord(file=name, builder=builder_name, builder_version=version,
+                                      precision=manifest.precision, compute_capability=tuple(compute_capability),
+                                      profiles=(profile,))
+                # one engine per graph and builder: a rebuild replaces the previous record
+                kept = tuple(e for e in graph.engines if e.builder != builder_name and e.file != name)
+                graphs[role] = dataclasses.replace(graph, engines=(*kept, record))
+                files[name] = FileRecord(sha256=digest, bytes=len(blob))
+                bar.update()
     except BaseException:
         for f in new_files:
             if not any(f.name == e.file for g in manifest.graphs.values() for e in g.engines):

@@ -38,6 +38,7 @@ from exporter.polygraphy_loader import write_script
 from exporter.portability import check_portable, op_counts
 from exporter.provenance import graph_metadata
 from exporter.trace import DEFAULT_OPSET, check_opset, trace_graph
+from graphs.progress import Progress
 from exporter.weights import SharedWeights
 
 log = logging.getLogger("armt.export")
@@ -130,28 +131,32 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
-        for role in roles:  # ARMT: segment, diagonal_step (+ decode, memory_write); RMT: rmt_segment (+ rmt_decode)
-            c = contract(cfg, role, precision)
-            path = stage / c.file
-            traced = trace_graph(model, role, precision, opset)
+        with Progress(len(roles), "tracing graphs") as bar:
+            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_decode, rmt_memory_write)
+                bar.describe(role)
+                c = contract(cfg, role, precision)
+                path = stage / c.file
+                traced = trace_graph(model, role, precision, opset)
 
-            def edit(proto: onnx.ModelProto, c=c) -> None:
-                fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
-                check_portable(proto, c.role)
-                onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
-                    model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles))
+                def edit(proto: onnx.ModelProto, c=c) -> None:
+                    fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
+                    check_portable(proto, c.role)
+                    onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
+                        model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles))
 
-            proto = shared.adopt_ir(traced, path, edit)
-            del traced
-            try:
-                onnx.checker.check_model(str(path), full_check=True)
-            except onnx.checker.ValidationError as exc:
-                raise ExportError(f"{role} graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-            graphs[role] = GraphRecord(role=role, file=c.file, data_files=(shared.name,), inputs=c.inputs,
-                                       outputs=c.outputs, precision=precision, opset=opset, op_counts=op_counts(proto))
-            del proto
-            log.info("wrote %s (%d nodes); %s is %.1f MB", c.file, sum(graphs[role].op_counts.values()),
-                     shared.name, shared.size / 1e6)
+                proto = shared.adopt_ir(traced, path, edit)
+                del traced
+                try:
+                    onnx.checker.check_model(str(path), full_check=True)
+                except onnx.checker.ValidationError as exc:
+                    raise ExportError(f"{role} graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+                graphs[role] = GraphRecord(role=role, file=c.file, data_files=(shared.name,), inputs=c.inputs,
+                                           outputs=c.outputs, precision=precision, opset=opset,
+                                           op_counts=op_counts(proto))
+                del proto
+                log.info("wrote %s (%d nodes); %s is %.1f MB", c.file, sum(graphs[role].op_counts.values()),
+                         shared.name, shared.size / 1e6)
+                bar.update()
         parameters = shared.index_parameters(model)
 
         draft = Draft(stage, model, precision, model_id, graphs, versions=_versions())

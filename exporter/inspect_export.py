@@ -24,6 +24,15 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+FUSED_OPS = ("Attention", "RMSNormalization", "RotaryEmbedding")  # the opset-23 fused standard ops (issue 10)
+
+
+def fused_ops(op_counts: dict[str, int]) -> str:
+    """The fused standard ops a graph holds, with counts ("-": none, attention written out of primitives)."""
+    held = [f"{op} {op_counts[op]}" for op in FUSED_OPS if op_counts.get(op)]
+    return ", ".join(held) or "-"
+
+
 def describe(manifest: Manifest, top_ops: int = 8) -> str:
     m = manifest
     cfg = m.model_config()
@@ -42,8 +51,8 @@ def describe(manifest: Manifest, top_ops: int = 8) -> str:
         nodes = sum(g.op_counts.values())
         ops = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts.items(), key=lambda kv: -kv[1])[:top_ops])
         data = ", ".join(f"{f} {_mb(m.files[f].bytes)}" for f in g.data_files if f in m.files)
-        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), ops])
-    lines += _table(["graph", "file", "size", "external data", "nodes", "top ops"], rows)
+        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), fused_ops(g.op_counts), ops])
+    lines += _table(["graph", "file", "size", "external data", "nodes", "fused ops", "top ops"], rows)
     for role, g in m.graphs.items():
         lines += ["", f"{role} inputs / outputs:"]
         lines += _table(["", "name", "dtype", "shape"],
@@ -92,3 +101,40 @@ def inspect_export(export_dir: str | Path, verify_checksums: bool = False) -> tu
         lines.append(f"check: every file's sha256 and every manifest field (config, armt config, dims, model id, "
                      f"precision, graphs) agree with what the {len(manifest.graphs)} graphs record")
     return "\n".join(lines), [line for _, line in problems]
+
+
+def inspect_data(export_dir: str | Path, verify_checksums: bool = False) -> dict:
+    """What `describe` shows, as plain data (`armt inspect --json`), plus the stale leftovers and, with
+    `verify_checksums`, the problems check_export lists (an empty list: every check agreed)."""
+    if verify_checksums:
+        manifest, found = check_export(export_dir)
+        problems = [{"what": what, "problem": line} for what, line in found]
+    else:
+        manifest, problems = load_manifest(export_dir, verify_checksums=False), None
+    m = manifest
+    try:
+        cfg = m.model_config()
+        a = cfg.armt
+        model = {"kind": cfg.kind, "architecture": cfg.base.architecture, "layers": cfg.base.n_layers,
+                 "d_model": cfg.base.d_model, "vocab_size": cfg.base.vocab_size, "segment_size": a.segment_size,
+                 "memory_tokens": a.num_mem_tokens, "d_mem": getattr(a, "d_mem", None), "wrap_pos": a.wrap_pos,
+                 "model_id": m.model_id}
+    except ArmtError as exc:  # an edited config that no longer parses (the problems say why)
+        model = {"error": str(exc)}
+    graphs = {}
+    for role, g in m.graphs.items():
+        graphs[role] = {
+            "file": g.file, "bytes": m.files[g.file].bytes if g.file in m.files else None,
+            "data_files": {f: m.files[f].bytes for f in g.data_files if f in m.files},
+            "nodes": sum(g.op_counts.values()), "op_counts": dict(g.op_counts),
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in g.inputs],
+            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in g.outputs],
+            "engines": [{"file": e.file, "bytes": m.files[e.file].bytes if e.file in m.files else None,
+                         "builder": e.builder, "builder_version": e.builder_version,
+                         "compute_capability": list(e.compute_capability)} for e in g.engines]}
+    from graphs.atomic import stale_entries
+    return {"export_dir": str(m.root), "format_version": m.format_version, "precision": m.precision,
+            "opset": m.opset, "versions": dict(m.versions), "validation": m.validation.get("status", "unknown"),
+            "model": model, "graphs": graphs, "files": {f: r.bytes for f, r in m.files.items()},
+            "total_bytes": sum(r.bytes for r in m.files.values()),
+            "stale": [str(x) for x in stale_entries(export_dir)], "problems": problems}

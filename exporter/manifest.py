@@ -25,7 +25,6 @@ lists whose entries are ints (fixed) or strings (named dynamic dims "batch", "wi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from graphs.contracts import ROLES, TensorSpec, spec_by_name
 from graphs.dtypes import DTYPES, PRECISIONS
 from graphs.errors import ExportError
 
+from exporter.checksums import POLICIES, ChecksumCache, file_digest, sha256_file
 from exporter.provenance import provenance_problems
 
 log = logging.getLogger("armt.export")
@@ -215,14 +215,6 @@ class Manifest:
 
 
 # ------------------------------------------------------------------------------------------ files
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_record(path: Path) -> FileRecord:
     return FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
 
@@ -246,17 +238,29 @@ def write_manifest(export_dir: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def load_manifest(export_dir: str | Path, verify_checksums: bool = True) -> Manifest:
+def checksum_policy(verify_checksums: bool | str) -> str:
+    """True -> "cached" (a file hashed before with the same stat is not hashed again), False ->
+    "sizes", or a policy name of exporter/checksums.py ("full", "cached", "sizes")."""
+    if verify_checksums is True:
+        return "cached"
+    if verify_checksums is False:
+        return "sizes"
+    if verify_checksums not in POLICIES:
+        raise ValueError(f"checksum policy must be one of {POLICIES}, got {verify_checksums!r}")
+    return verify_checksums
+
+
+def load_manifest(export_dir: str | Path, verify_checksums: bool | str = True) -> Manifest:
     """Read and check an export directory's manifest.
 
     Raises ExportError (one line) when the directory or manifest is missing or malformed, the format
     version is not this one, a referenced file has no checksum entry, a listed file is missing, of
-    another size or (with `verify_checksums`) of another sha256, or a manifest field disagrees with
-    what its graphs record (exporter/provenance.py: config, armt config, dims, model id, precision,
-    graph entries).
+    another size or of another sha256 (`verify_checksums`: the policy of exporter/checksums.py; True
+    is "cached", False "sizes"), or a manifest field disagrees with what its graphs record
+    (exporter/provenance.py: config, armt config, dims, model id, precision, graph entries).
     """
     manifest = _parse(export_dir)
-    for _, problem in _file_problems(manifest, verify_checksums):
+    for _, problem in _file_problems(manifest, checksum_policy(verify_checksums)):
         raise ExportError(problem)
     for what, problem in provenance_problems(manifest):
         raise ExportError(_field_line(manifest.root, what, problem))
@@ -267,7 +271,7 @@ def check_export(export_dir: str | Path) -> tuple[Manifest, list[tuple[str, str]
     """Every problem of an export, not just the first (`armt inspect --verify`): (what, line) for each
     altered or missing file (sha256 verified) and each manifest field its graphs contradict."""
     manifest = _parse(export_dir)
-    problems = list(_file_problems(manifest, True))
+    problems = list(_file_problems(manifest, "full"))
     problems += [(field, _field_line(manifest.root, field, p)) for field, p in provenance_problems(manifest)]
     return manifest, problems
 
@@ -300,9 +304,11 @@ def _parse(export_dir: str | Path) -> Manifest:
     return manifest
 
 
-def _file_problems(manifest: Manifest, verify_checksums: bool):
-    """(file, line) for each listed file that is missing, of another size or (verified) sha256."""
+def _file_problems(manifest: Manifest, policy: str):
+    """(file, line) for each listed file that is missing, of another size or (under `policy`) sha256.
+    Sizes first, every file, so a cut-off file is named before anything is hashed."""
     root = manifest.root
+    sized = []
     for name, rec in manifest.files.items():
         f = root / name
         if not f.is_file():
@@ -311,8 +317,17 @@ def _file_problems(manifest: Manifest, verify_checksums: bool):
         size = f.stat().st_size
         if size != rec.bytes:
             yield name, f"export {root}: {name} was altered ({size} bytes, manifest says {rec.bytes})"
-        elif verify_checksums and sha256_file(f) != rec.sha256:
-            yield name, f"export {root}: {name} was altered (sha256 does not match the manifest)"
+        else:
+            sized.append((name, f, rec))
+    if policy == "sizes":
+        return
+    cache = ChecksumCache.load()
+    try:
+        for name, f, rec in sized:
+            if file_digest(f, policy, cache) != rec.sha256:
+                yield name, f"export {root}: {name} was altered (sha256 does not match the manifest)"
+    finally:
+        cache.save()
 
 
 def _check_consistent(m: Manifest, path: Path) -> None:

@@ -34,8 +34,6 @@ log = logging.getLogger("armt.export")
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 22  # opset 23+ lets the optimizer fuse RotaryEmbedding/Attention (not portable)
 TRACE_BATCH = 2
-QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx",
-                 "torch._dynamo", "torch.utils._sympy")
 MAX_BATCH, MAX_WIDTH = 1 << 16, 1 << 20
 
 
@@ -118,6 +116,8 @@ def example_args(model: ArmtModel, role: str, precision: str = "fp32") -> tuple[
         feeds = decode_example_feeds(model, role, precision, B, W, trace_capacity(model, W))
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=np.float32)).to(torch_dtype(s.dtype))
                      if s.dtype in FLOATS else torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in c.inputs)
+    if c.schedule is None:  # lm_head: final-norm hidden rows (any values trace the same graph)
+        return tuple(torch.zeros(s.concrete_shape(c.dims_for(B, W)), dtype=torch_dtype(s.dtype)) for s in c.inputs)
     ids = np.zeros((B, W), dtype=np.int64)
     slots = make_slots(model.cfg, ids, np.full(B, W), uniform=True, segment_size=W)
     L = model.cfg.base.n_layers
@@ -135,7 +135,7 @@ def dynamic_shapes(model: ArmtModel, role: str) -> dict[str, dict[int, object]]:
     from torch.export import Dim
     c = contract(model.cfg, role, "fp32")
     base = {"batch": Dim("batch", min=1, max=MAX_BATCH), "width": Dim("width", min=1, max=MAX_WIDTH),
-            "capacity": Dim("capacity", min=1, max=MAX_WIDTH)}
+            "capacity": Dim("capacity", min=1, max=MAX_WIDTH), "rows": Dim("rows", min=1, max=MAX_WIDTH)}
     for name, (of, offset) in c.derived_dims.items():
         base[name] = base[of] + offset
     return {spec.name: {axis: base[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
@@ -158,8 +158,6 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int = DEFAUL
     check_opset(opset)
     c = contract(model.cfg, role, precision)
     args = example_args(model, role, precision)
-    for name in QUIET_LOGGERS:  # their INFO lines (one per folded initializer) drown ours
-        logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.perf_counter()
     log.info("tracing %s graph (torch.onnx dynamo exporter, opset %d, %s) ...", role, opset, precision)
     with warnings.catch_warnings(), torch.no_grad():

@@ -8,18 +8,23 @@ call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
     SegmentCell     one slot through all L layers (sequential schedule)
     DiagonalStep    one anti-diagonal: L slots, one per layer, idle layers masked by `active`
     RmtSegmentCell  an RMT's [memory | tokens | memory] slot through all L layers (graphs/rmt.py)
+    LmHeadCell      final-norm hidden rows -> logits (either kind; logits on demand)
     DecodeCell      generation: new tokens against a KV cache, the memory read (graphs/decode.py)
     MemoryWriteCell generation, recurrent: the M memory places against the cache write (A, z)
     RmtDecodeCell   generation on an RMT: [read memory | tokens] (rows that start a segment) or
                     tokens against a KV cache
     RmtMemoryWriteCell  generation on an RMT, recurrent: the write block against the cache -> memory
 
+The step cells output the final-norm hidden state (float32) and no logits (the decode cells do
+output the logits of their new places): a caller that wants
+logits runs LmHeadCell on the rows it wants (runtimes/execute.py).
+
 DiagonalStep data flow (one call = one step t):
 
     input_ids --embed--> x[0]            hidden_in[0..L-2] --> x[1..L-1]   (the shift is in-graph)
     x (L, B, P, d) --read / block / write, per layer--> y (L, B, P, d)
     hidden_out = where(active, y, hidden_in);  state_out = where(active & write, new, old)
-    logits, hidden = head(hidden_out[L-1])       (the segment that leaves the pipeline)
+    hidden = final_norm(hidden_out[L-1])         (the segment that leaves the pipeline)
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphs.contracts import DECODE, DIAGONAL_STEP, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE, RMT_SEGMENT, SEGMENT
+from graphs.contracts import (DECODE, DIAGONAL_STEP, LM_HEAD, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE,
+                              RMT_SEGMENT, SEGMENT)
 from graphs.decode import armt_write_hook, decode_layers
 from graphs.model import ArmtModel
 from graphs.rmt import RmtModel
@@ -44,7 +50,7 @@ class SegmentCell(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 write: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor, written_in: torch.Tensor):
         """input_ids (B, W); positions, key_valid (B, P); write (B,); A_in (L, B, K, d); z_in (L, B, K);
-        written_in (L, B) -> logits (B, W, V) f32, hidden (B, W, d) f32, A_out, z_out, written_out."""
+        written_in (L, B) -> hidden (B, W, d) f32 (after the final norm), A_out, z_out, written_out."""
         m = self.model
         width = input_ids.shape[1]
         h = m.embed(input_ids, positions)[None]  # (1, B, P, d)
@@ -56,8 +62,8 @@ class SegmentCell(nn.Module):
             A.append(a_l)
             z.append(z_l)
             wr.append(w_l)
-        logits, hidden = m.head(h[0, :, :width])
-        return logits.float(), hidden.float(), torch.cat(A), torch.cat(z), torch.cat(wr)
+        hidden = m.final_norm(h[0, :, :width])  # (B, W, d)
+        return hidden.float(), torch.cat(A), torch.cat(z), torch.cat(wr)
 
 
 class DiagonalStep(nn.Module):
@@ -73,7 +79,7 @@ class DiagonalStep(nn.Module):
                 z_in: torch.Tensor, written_in: torch.Tensor):
         """input_ids (B, W); hidden_in (L, B, P, d); positions, key_valid (L, B, P); active (L,);
         write (L, B); A_in (L, B, K, d); z_in (L, B, K); written_in (L, B)
-        -> hidden_out (L, B, P, d), logits (B, W, V) f32, hidden (B, W, d) f32, A_out, z_out, written_out."""
+        -> hidden_out (L, B, P, d), hidden (B, W, d) f32 (after the final norm), A_out, z_out, written_out."""
         m = self.model
         L = m.cfg.base.n_layers
         width = input_ids.shape[1]
@@ -83,8 +89,8 @@ class DiagonalStep(nn.Module):
         live = write & active[:, None]  # (L, B): idle layers never write
         y, A, z, wr = m.cells(0, L, x, rope, allowed, A_in, z_in, written_in, live, self.fused)
         hidden_out = torch.where(active[:, None, None, None], y, hidden_in)  # (L, B, P, d)
-        logits, hidden = m.head(hidden_out[L - 1, :, :width])
-        return hidden_out, logits.float(), hidden.float(), A, z, wr
+        hidden = m.final_norm(hidden_out[L - 1, :, :width])  # (B, W, d)
+        return hidden_out, hidden.float(), A, z, wr
 
 
 class RmtSegmentCell(nn.Module):
@@ -98,11 +104,10 @@ class RmtSegmentCell(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 write: torch.Tensor, memory_in: torch.Tensor, written_in: torch.Tensor):
         """input_ids (B, W); positions, key_valid (B, W + 2M); write (B,); memory_in (B, M, d) compute
-        dtype; written_in (B,) -> logits (B, W, V) f32, hidden (B, W, d) f32, memory_out (B, M, d),
-        written_out (B,)."""
-        logits, hidden, memory, written = self.model.segment(input_ids, positions, key_valid, write, memory_in,
-                                                             written_in, self.fused)
-        return logits.float(), hidden.float(), memory, written
+        dtype; written_in (B,) -> hidden (B, W, d) f32, memory_out (B, M, d), written_out (B,)."""
+        _, hidden, memory, written = self.model.segment(input_ids, positions, key_valid, write, memory_in,
+                                                        written_in, self.fused, head=False)
+        return hidden.float(), memory, written
 
 
 def _pos_embed(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -195,9 +200,22 @@ class RmtMemoryWriteCell(nn.Module):
         return torch.where(write[:, None, None], new, memory_in), written_in | write
 
 
+class LmHeadCell(nn.Module):
+    """LM head graph: final-norm hidden rows (float32, as the step graphs output them) -> logits."""
+
+    def __init__(self, model: ArmtModel | RmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model  # `fused` does not apply (no attention)
+
+    def forward(self, hidden: torch.Tensor):
+        """hidden (B, R, d) f32 -> logits (B, R, V) f32: the hidden state back in the compute dtype
+        (exact: it was produced in it), times the head weight, as float32."""
+        return (self.model.lm_head(hidden.to(self.model.dtype)).float(),)
+
+
 CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep, RMT_SEGMENT: RmtSegmentCell,
-                                     DECODE: DecodeCell, MEMORY_WRITE: MemoryWriteCell, RMT_DECODE: RmtDecodeCell,
-                                     RMT_MEMORY_WRITE: RmtMemoryWriteCell}
+                                     LM_HEAD: LmHeadCell, DECODE: DecodeCell, MEMORY_WRITE: MemoryWriteCell,
+                                     RMT_DECODE: RmtDecodeCell, RMT_MEMORY_WRITE: RmtMemoryWriteCell}
 
 
 def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False) -> nn.Module:

@@ -26,11 +26,14 @@ model's own keys, unrenamed, and the learned initial memory:
 With ``wrap_pos`` (GPT-2) its position table has n_positions + 2M rows (the original rows at M..M+P-1),
 kept as is. A checkpoint of the other kind is refused with a hint (--kind armt / --kind rmt).
 
-Loading is data-only: ``.pt``/``.bin``/``.pth`` through ``torch.load(weights_only=True)`` (a pickle that
+Loading is data-only and streaming: ``.pt``/``.bin``/``.pth`` through ``torch.load(weights_only=True,
+mmap=True)`` (memory-mapped: tensors are paged in as they are converted; a pickle that
 asks for any Python object other than tensors and containers is refused before anything runs) and
-``.safetensors`` through safetensors. A state dict saved from the memory cell itself (names without
-the ``memory_cell.`` prefix), or under a DataParallel ``module.`` prefix, or nested in a training
-checkpoint under ``state_dict`` / ``model_state_dict`` / ``model``, is accepted too.
+``.safetensors`` mapped tensor by tensor (graphs/tensorfile.py). The model keeps the checkpoint's
+dtype (a bf16 checkpoint gives a bf16 model directory; the ARMT memory weights are fp32). A state
+dict saved from the memory cell itself (names without the ``memory_cell.`` prefix), or under a
+DataParallel ``module.`` prefix, or nested in a training checkpoint under ``state_dict`` /
+``model_state_dict`` / ``model``, is accepted too.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error path speaks for itself
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _torch_load(path)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to parse the user's file is a bad checkpoint
@@ -88,6 +91,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
                               f"({exc.__class__.__name__}: {text.splitlines()[0][:120] if text else ''})") from None
     return _flat_tensors(data, path)
+
+
+def _torch_load(path: Path):
+    """torch.load, data only, memory-mapped (tensors are paged in when used, so a checkpoint larger
+    than memory opens); a file in the legacy (pre-zip) format cannot be mapped and is read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _flat_tensors(data: object, path: Path) -> dict[str, torch.Tensor]:
@@ -209,10 +223,17 @@ def official_to_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: s
             raise CheckpointError(f"{source}: {name} differs from {primary}, the tensor it aliases ({detail}); "
                                   "the checkpoint is inconsistent")
     _untie(cfg, out, origin)
+    _check_finite(out, origin, source)
+    return out, origin
+
+
+def _check_finite(out: dict[str, torch.Tensor], origin: dict[str, str], source: str) -> None:
+    """Refuse NaN/Inf weights; pages of a mapped file read for the check are dropped again (tensorfile.release)."""
+    from graphs.tensorfile import release
     for hf, t in out.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{source}: {origin[hf]} holds NaN or Inf values")
-    return out, origin
+        release(t)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -333,16 +354,14 @@ def rmt_official_to_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sourc
             raise CheckpointError(f"{source}: {name} and {origin[hf]} both map to {hf}")
         out[hf], origin[hf] = t, name
     _untie(cfg, out, origin)
-    for hf, t in out.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{source}: {origin[hf]} holds NaN or Inf values")
+    _check_finite(out, origin, source)
     return out, origin
 
 
 # ------------------------------------------------------------------------------------------- building
 def model_from_official(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"):
-    """An fp32 model of the config's kind (ArmtModel or graphs.rmt.RmtModel, eval mode) from an
-    official state_dict."""
+    """A model of the config's kind (ArmtModel or graphs.rmt.RmtModel, eval mode, in the checkpoint's
+    dtype: graphs/hf_layout.stored_dtype) from an official state_dict."""
     from graphs.modeldir import model_from_tensors
     rmt = cfg.kind == "rmt"
     hf, origin = (rmt_official_to_hf if rmt else official_to_hf)(cfg, tensors, source)
@@ -386,7 +405,7 @@ def official_config(base_config: str | Path, segment_size: int, num_mem_tokens: 
 def load_official(checkpoint: str | Path, base_config: str | Path, segment_size: int, num_mem_tokens: int,
                   d_mem: int | None = None, wrap_pos: bool = False, correction: bool = True, nu: int = 3,
                   kind: str = "armt"):
-    """Read an official checkpoint and return the model it describes (fp32, eval mode): an ArmtModel,
+    """Read an official checkpoint and return the model it describes (its stored dtype, eval mode): an ArmtModel,
     or with kind="rmt" a graphs.rmt.RmtModel.
 
     `base_config`: directory holding the base model's HF config.json. The other arguments are the
@@ -399,8 +418,8 @@ def load_official(checkpoint: str | Path, base_config: str | Path, segment_size:
 
 def load_official_rmt(checkpoint: str | Path, base_config: str | Path, segment_size: int, num_mem_tokens: int,
                       wrap_pos: bool = False):
-    """An official RMT checkpoint (RecurrentWrapper(MemoryCell(base, num_mem_tokens, wrap_pos))) as an
-    fp32 graphs.rmt.RmtModel."""
+    """An official RMT checkpoint (RecurrentWrapper(MemoryCell(base, num_mem_tokens, wrap_pos))) as a
+    graphs.rmt.RmtModel (in the checkpoint's dtype)."""
     return load_official(checkpoint, base_config, segment_size, num_mem_tokens, wrap_pos=wrap_pos, kind="rmt")
 
 
@@ -415,9 +434,10 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
 
 def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: str | Path, *,
                      segment_size: int, num_mem_tokens: int, d_mem: int | None = None, wrap_pos: bool = False,
-                     correction: bool = True, nu: int = 3, overwrite: bool = False, kind: str = "armt") -> Path:
-    """Official checkpoint (ARMT, or with kind="rmt" RMT) -> model directory (written atomically).
-    Returns the directory."""
+                     correction: bool = True, nu: int = 3, overwrite: bool = False, kind: str = "armt",
+                     shard_bytes: int | None = None) -> Path:
+    """Official checkpoint (ARMT, or with kind="rmt" RMT) -> model directory (written atomically, in
+    the checkpoint's dtype; `shard_bytes`: safetensors shards of at most that size). Returns the directory."""
     from graphs.modeldir import save_model_dir
     from graphs.paths import OutputPath, check_paths
     # before the (possibly long) load: never write over, into or around the inputs; the settings; the output
@@ -429,4 +449,5 @@ def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: s
                           correction, nu, kind)
     card = (f"Converted from the official {kind.upper()} checkpoint {Path(checkpoint).name} by "
             f"`armt convert-official{' --kind rmt' if kind == 'rmt' else ''}`.\n")
-    return save_model_dir(model, out_dir, overwrite=overwrite, extra_files={"CONVERTED.md": card})
+    return save_model_dir(model, out_dir, overwrite=overwrite, extra_files={"CONVERTED.md": card},
+                          shard_bytes=shard_bytes)

@@ -25,8 +25,14 @@ The roles (see docs/architecture.md for the tables), by model kind:
     RMT   rmt_segment     one [memory | tokens | memory] slot     (sequential schedule; the diagonal
                           through all L layers, memory (B, M, d)   schedule does not apply to an RMT)
                           in and out
+    both  lm_head         final-norm hidden rows -> logits         (no schedule: run on the rows asked
+                          (B, R, d) f32 -> (B, R, V) f32            for, logits on demand)
 
-`roles_of(cfg)` lists a model's roles, `role_for(cfg, schedule)` picks the one a schedule runs (and
+The step graphs (segment, diagonal_step, rmt_segment) output the final-norm hidden states, never
+logits: the loop runs lm_head only on the positions a caller asks for (runtimes/execute.py).
+
+`roles_of(cfg)` lists a model's roles (the graphs it is exported to), `step_roles_of(cfg)` the
+schedule-driven ones, `role_for(cfg, schedule)` picks the one a schedule runs (and
 refuses `diagonal` for an RMT with one line).
 """
 
@@ -44,17 +50,20 @@ from graphs.errors import ExportError, InputError
 SEGMENT = "segment"
 DIAGONAL_STEP = "diagonal_step"
 RMT_SEGMENT = "rmt_segment"
+LM_HEAD = "lm_head"
 DECODE = "decode"  # generation (docs/generation.md): new tokens against a KV cache, the memory read
 MEMORY_WRITE = "memory_write"  # generation, recurrent policy: the M memory places write (A, z)
 RMT_DECODE = "rmt_decode"  # generation on an RMT: [memory | tokens] against a KV cache
 RMT_MEMORY_WRITE = "rmt_memory_write"  # generation on an RMT, recurrent policy: the write block -> next memory
-ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, DECODE, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE)  # every role
-SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential",
+ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, LM_HEAD, DECODE, MEMORY_WRITE, RMT_DECODE,
+         RMT_MEMORY_WRITE)  # every role of every kind
+SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential",  # lm_head: none
                     DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode", RMT_MEMORY_WRITE: "decode"}
 ROLE_OF_SCHEDULE = {"sequential": SEGMENT, "diagonal": DIAGONAL_STEP}  # an ARMT's (role_for: any kind)
 GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
-ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}  # the schedules' roles
-DECODE_ROLES_OF_KIND = {"armt": (DECODE, MEMORY_WRITE), "rmt": (RMT_DECODE, RMT_MEMORY_WRITE)}  # generation's roles
+STEP_ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}
+ROLES_OF_KIND = {kind: (*roles, LM_HEAD) for kind, roles in STEP_ROLES_OF_KIND.items()}  # every export's
+DECODE_ROLES_OF_KIND = {"armt": (DECODE, MEMORY_WRITE), "rmt": (RMT_DECODE, RMT_MEMORY_WRITE)}  # with --decode
 DIAGONAL_REFUSAL = ("diagonal batching does not apply to an RMT (segment s+1's first layer needs segment s's "
                     "last layer): use --schedule sequential")
 
@@ -64,8 +73,13 @@ def roles_of(cfg: ModelConfig) -> tuple[str, ...]:
     return ROLES_OF_KIND[cfg.kind]
 
 
+def step_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The schedule-driven graph roles of this kind (every role but lm_head)."""
+    return STEP_ROLES_OF_KIND[cfg.kind]
+
+
 def decode_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
-    """The generation graph roles of a model of this kind (exported unless told otherwise)."""
+    """The generation graph roles of a model of this kind (exported with --decode)."""
     return DECODE_ROLES_OF_KIND[cfg.kind]
 
 
@@ -76,7 +90,7 @@ def all_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
 
 def schedules_of(cfg: ModelConfig) -> tuple[str, ...]:
     """The schedules a model of this kind runs: ARMT sequential and diagonal, RMT sequential."""
-    return tuple(dict.fromkeys(SCHEDULE_OF_ROLE[r] for r in roles_of(cfg)))
+    return tuple(dict.fromkeys(SCHEDULE_OF_ROLE[r] for r in step_roles_of(cfg)))
 
 
 def default_schedule(cfg: ModelConfig) -> str:
@@ -88,7 +102,7 @@ def role_for(cfg: ModelConfig, schedule: str) -> str:
     """The graph role that runs `schedule` for this model; InputError (one line) where it does not apply."""
     if schedule not in ROLE_OF_SCHEDULE:
         raise InputError(f"schedule must be one of {', '.join(ROLE_OF_SCHEDULE)}, got {schedule!r}")
-    for role in roles_of(cfg):
+    for role in step_roles_of(cfg):
         if SCHEDULE_OF_ROLE[role] == schedule:
             return role
     if cfg.kind == "rmt" and schedule == "diagonal":
@@ -141,8 +155,9 @@ class GraphContract:
     _mask: Callable[["GraphContract", str, Mapping[str, Any]], Any] = field(compare=False, repr=False, default=None)
 
     @property
-    def schedule(self) -> str:
-        return SCHEDULE_OF_ROLE[self.role]
+    def schedule(self) -> str | None:
+        """The schedule that drives this role (None for lm_head, which is run on the rows asked for)."""
+        return SCHEDULE_OF_ROLE.get(self.role)
 
     @property
     def file(self) -> str:
@@ -169,8 +184,11 @@ class GraphContract:
         """Refuse a graph whose I/O names differ from the contract (a swapped or foreign graph)."""
         got_in, got_out = tuple(s.name for s in inputs), tuple(s.name for s in outputs)
         if set(got_in) != set(self.input_names) or set(got_out) != set(self.output_names):
+            old = " (made before logits on demand: its step graphs output logits; export it again)" if (
+                "logits" in got_out and "logits" not in self.output_names) else ""
             raise ExportError(f"{where}: graph {self.role} has inputs {list(got_in)} and outputs {list(got_out)}, "
-                              f"the {self.role} contract needs {list(self.input_names)} -> {list(self.output_names)}")
+                              f"the {self.role} contract needs {list(self.input_names)} -> {list(self.output_names)}"
+                              f"{old}")
 
     def resolve_dims(self, feeds: Mapping[str, Any], specs: tuple[TensorSpec, ...] | None = None) -> dict[str, int]:
         """Check feeds (numpy arrays, torch tensors: anything with .shape and .dtype) against the input
@@ -207,7 +225,7 @@ class GraphContract:
         return dims
 
     def dims_for(self, batch: int, width: int) -> dict[str, int]:
-        dims = {"batch": batch, "width": width}
+        dims = {"batch": batch, "width": width, "rows": width}
         for name, (base, offset) in self.derived_dims.items():
             dims[name] = dims[base] + offset
         return dims
@@ -247,17 +265,17 @@ def _state(cfg: ModelConfig, suffix: str) -> tuple[TensorSpec, ...]:
 
 
 def _head(cfg: ModelConfig) -> tuple[TensorSpec, ...]:
-    return (TensorSpec("logits", "float32", ("batch", "width", cfg.base.vocab_size), "logits"),
-            TensorSpec("hidden", "float32", ("batch", "width", cfg.base.d_model), "hidden"))
+    """The step graphs' per-token output: the final-norm hidden state (logits come from lm_head)."""
+    return (TensorSpec("hidden", "float32", ("batch", "width", cfg.base.d_model), "hidden"),)
 
 
 STATE_FEEDBACK = {"A_out": "A_in", "z_out": "z_in", "written_out": "written_in"}
 
 
 def _segment_mask(c: GraphContract, name: str, feeds) -> Any:
-    """logits, hidden: real token places only (padding places and rows with no tokens are junk).
+    """hidden: real token places only (padding places and rows with no tokens are junk).
     A, z, written: everything (rows that do not write keep their state bit for bit)."""
-    if name in ("logits", "hidden"):
+    if name == "hidden":
         kv = _host(feeds["key_valid"]).astype(bool)
         W = _host(feeds["input_ids"]).shape[-1]
         return kv[:, :W, None]  # (B, W, 1)
@@ -265,14 +283,14 @@ def _segment_mask(c: GraphContract, name: str, feeds) -> Any:
 
 
 def _diagonal_mask(c: GraphContract, name: str, feeds) -> Any:
-    """logits, hidden: the last layer's real token places (nothing when it is idle); hidden_out:
+    """hidden: the last layer's real token places (nothing when it is idle); hidden_out:
     active layers, rows that hold tokens in that layer's segment, real places and memory tokens (an
     ended row's slot is never read again); A, z, written: everything."""
     kv = _host(feeds["key_valid"]).astype(bool)
     active = _host(feeds["active"]).astype(bool)
     write = _host(feeds["write"]).astype(bool)
     W = _host(feeds["input_ids"]).shape[-1]
-    if name in ("logits", "hidden"):
+    if name == "hidden":
         return (kv[-1, :, :W] & write[-1][:, None] & active[-1])[:, :, None]  # (B, W, 1)
     if name == "hidden_out":
         return (kv & write[:, :, None] & active[:, None, None])[..., None]  # (L, B, P, 1)
@@ -303,9 +321,9 @@ def diagonal_contract(cfg: ModelConfig, precision: str) -> GraphContract:
 
 
 def _rmt_segment_mask(c: GraphContract, name: str, feeds) -> Any:
-    """logits, hidden: real token places only (the token places sit behind the M read places);
+    """hidden: real token places only (the token places sit behind the M read places);
     memory, written: everything (rows that do not write keep their memory bit for bit)."""
-    if name in ("logits", "hidden"):
+    if name == "hidden":
         kv = _host(feeds["key_valid"]).astype(bool)
         W = _host(feeds["input_ids"]).shape[-1]
         M = c.cfg.armt.num_mem_tokens
@@ -417,10 +435,21 @@ def rmt_memory_write_contract(cfg: ModelConfig, precision: str) -> GraphContract
     return GraphContract(RMT_MEMORY_WRITE, precision, inputs, outputs, dict(RMT_FEEDBACK), {}, cfg, None)
 
 
+def lm_head_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """LM head graph: final-norm hidden rows (B, R, d) float32 -> logits (B, R, V) float32. The rows
+    are whatever the caller asks logits for (every token place, each row's last one); inside, the
+    hidden state is cast to the compute dtype (exact: it was produced in it) and multiplied by the
+    head weight, so the logits equal the step graph's former logits output."""
+    d, V = cfg.base.d_model, cfg.base.vocab_size
+    return GraphContract(LM_HEAD, precision, (TensorSpec("hidden", "float32", ("batch", "rows", d)),),
+                         (TensorSpec("logits", "float32", ("batch", "rows", V), "logits"),), {}, {}, cfg)
+
+
 BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
     SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract, RMT_SEGMENT: rmt_segment_contract,
     DECODE: decode_contract, MEMORY_WRITE: memory_write_contract, RMT_DECODE: rmt_decode_contract,
-    RMT_MEMORY_WRITE: rmt_memory_write_contract}
+    RMT_MEMORY_WRITE: rmt_memory_write_contract,
+    LM_HEAD: lm_head_contract}
 
 
 def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContract:

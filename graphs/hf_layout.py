@@ -73,16 +73,34 @@ def _memory_keys(i: int) -> dict[str, str]:
     return {ours: f"armt.layers.{i}.{theirs}" for theirs, ours in MEMORY_KEYS.items()}
 
 
+def is_memory_weight(name: str) -> bool:
+    """An ARMT memory weight (armt.layers.{i}.W_m*): kept fp32 whatever the base weights' dtype."""
+    return name.startswith("armt.layers.")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a model keeps from its tensors: that of the base weights (and memory tokens) when they
+    share one of fp32 / fp16 / bf16, else fp32. The ARMT memory weights do not count (always fp32)."""
+    kinds = {t.dtype for k, t in tensors.items()
+             if t.is_floating_point() and not is_memory_weight(k) and not k.endswith(IGNORED_SUFFIXES)}
+    return kinds.pop() if len(kinds) == 1 and next(iter(kinds)) in FLOAT_DTYPES else torch.float32
+
+
 class _Reader:
-    """Takes tensors out of a state dict by name, checking shapes; reports leftovers."""
+    """Takes tensors out of a state dict by name, checking shapes; reports leftovers. Tensors it
+    handed out are released (graphs/tensorfile.release) once their values were copied."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
         self.used: set[str] = set()
         self.missing: list[str] = []
         self.misshaped: list[str] = []
+        self.taken: list[torch.Tensor] = []
 
-    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if key not in self.tensors:
             self.missing.append(key)
             return None
@@ -91,7 +109,14 @@ class _Reader:
         if tuple(t.shape) != tuple(shape):
             self.misshaped.append(f"{key} {tuple(t.shape)} (expected {tuple(shape)})")
             return None
-        return t.float()
+        self.taken.append(t)
+        return t.to(dtype)
+
+    def release_taken(self) -> None:
+        from graphs.tensorfile import release
+        for t in self.taken:
+            release(t)
+        self.taken.clear()
 
     def finish(self, source: str) -> None:
         unexpected = sorted(k for k in self.tensors if k not in self.used and not k.endswith(IGNORED_SUFFIXES))
@@ -106,11 +131,41 @@ class _Reader:
             raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
-                   ) -> dict[str, dict[str, torch.Tensor]]:
-    """HF-named tensors (+ armt.*) -> {'globals': ..., 'layers': ..., 'mem': ...} stacked, fp32."""
+class _Stacks:
+    """Stacked (L, ...) parameters, allocated once and filled layer by layer (no list of copies to
+    stack at the end, so loading needs one copy of the weights, not two)."""
+
+    def __init__(self, L: int, dtype: torch.dtype):
+        self.L, self.dtype, self.out = L, dtype, {}
+
+    def put(self, name: str, i: int, parts: list[torch.Tensor], dim: int = 0, transpose: bool = False) -> None:
+        """Layer i of `name`: `parts` concatenated along `dim` (then transposed when asked), copied in place."""
+        rows = sum(p.shape[dim] for p in parts)
+        shape = list(parts[0].shape)
+        shape[dim] = rows
+        if transpose:
+            shape = shape[::-1]
+        if name not in self.out:
+            self.out[name] = torch.empty((self.L, *shape), dtype=self.dtype)
+        target = self.out[name][i]
+        at = 0
+        for p in parts:
+            n = p.shape[dim]
+            if transpose:  # rows of the part become columns of the target
+                target[:, at:at + n].copy_(p.t())
+            else:
+                target.narrow(dim, at, n).copy_(p)
+            at += n
+
+
+def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                   dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """HF-named tensors (+ armt.*) -> {'globals': ..., 'layers': ..., 'mem': ...} stacked; base weights
+    and memory tokens in `dtype` (default: `stored_dtype(tensors)`), the memory weights in fp32.
+    Every returned tensor is a fresh allocation (none is a view of `tensors`)."""
     b, a = cfg.base, cfg.armt
     d, L = b.d_model, b.n_layers
+    dtype = dtype or stored_dtype(tensors)
     r = _Reader(tensors)
     if b.tie_word_embeddings and "lm_head.weight" in tensors:
         r.used.add("lm_head.weight")  # a tied copy; the embedding is used
@@ -118,67 +173,84 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: s
               "final_norm_b": (d,), "lm_head": (b.vocab_size, d), "memory": (a.num_mem_tokens, d)}
     glob = {}
     for ours, key in _global_keys(cfg).items():
-        t = r.take(key, shapes[ours])
+        t = r.take(key, shapes[ours], dtype)
         if t is not None:
-            glob[ours] = t.t().contiguous() if ours == "lm_head" else t
-    per_layer: dict[str, list[torch.Tensor]] = {}
-    mem: dict[str, list[torch.Tensor]] = {}
+            glob[ours] = t.t().contiguous() if ours == "lm_head" else t.clone(memory_format=torch.contiguous_format)
+        r.release_taken()
+    layers = _Stacks(L, dtype)
+    mem = _Stacks(L, torch.float32)
     hq, hkv = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim
     for i in range(L):
         if b.architecture == "llama":
             k = _llama_layer_keys(i, cfg)
             F_ = b.d_ff
-            w = {n: r.take(k[n], s) for n, s in (("q", (hq, d)), ("k", (hkv, d)), ("v", (hkv, d)),
-                                                  ("o", (d, hq)), ("gate", (F_, d)), ("up", (F_, d)),
-                                                  ("down", (d, F_)), ("attn_norm", (d,)), ("mlp_norm", (d,)))}
+            w = {n: r.take(k[n], s, dtype) for n, s in (("q", (hq, d)), ("k", (hkv, d)), ("v", (hkv, d)),
+                                                         ("o", (d, hq)), ("gate", (F_, d)), ("up", (F_, d)),
+                                                         ("down", (d, F_)), ("attn_norm", (d,)), ("mlp_norm", (d,)))}
             if b.attention_bias:
-                w.update({n: r.take(k[n], s) for n, s in (("q_b", (hq,)), ("k_b", (hkv,)), ("v_b", (hkv,)),
-                                                          ("o_b", (d,)))})
+                w.update({n: r.take(k[n], s, dtype) for n, s in (("q_b", (hq,)), ("k_b", (hkv,)), ("v_b", (hkv,)),
+                                                                 ("o_b", (d,)))})
             if b.mlp_bias:
-                w.update({n: r.take(k[n], s) for n, s in (("gate_b", (F_,)), ("up_b", (F_,)), ("down_b", (d,)))})
-            layer = None
+                w.update({n: r.take(k[n], s, dtype) for n, s in (("gate_b", (F_,)), ("up_b", (F_,)),
+                                                                 ("down_b", (d,)))})
             if all(v is not None for v in w.values()):
-                layer = {"attn_norm": w["attn_norm"], "mlp_norm": w["mlp_norm"],
-                         "qkv": torch.cat([w["q"], w["k"], w["v"]], 0).t(), "o": w["o"].t(),
-                         "gate_up": torch.cat([w["gate"], w["up"]], 0).t(), "down": w["down"].t()}
-            if layer is not None and b.attention_bias:
-                layer.update(qkv_bias=torch.cat([w["q_b"], w["k_b"], w["v_b"]]), o_bias=w["o_b"])
-            if layer is not None and b.mlp_bias:
-                layer.update(gate_up_bias=torch.cat([w["gate_b"], w["up_b"]]), down_bias=w["down_b"])
+                layers.put("attn_norm", i, [w["attn_norm"]])
+                layers.put("mlp_norm", i, [w["mlp_norm"]])
+                layers.put("qkv", i, [w["q"], w["k"], w["v"]], transpose=True)
+                layers.put("o", i, [w["o"]], transpose=True)
+                layers.put("gate_up", i, [w["gate"], w["up"]], transpose=True)
+                layers.put("down", i, [w["down"]], transpose=True)
+                if b.attention_bias:
+                    layers.put("qkv_bias", i, [w["q_b"], w["k_b"], w["v_b"]])
+                    layers.put("o_bias", i, [w["o_b"]])
+                if b.mlp_bias:
+                    layers.put("gate_up_bias", i, [w["gate_b"], w["up_b"]])
+                    layers.put("down_bias", i, [w["down_b"]])
         else:
             k = _gpt2_layer_keys(i)
             F_ = b.d_ff
             shapes_l = {"ln1_w": (d,), "ln1_b": (d,), "qkv": (d, 3 * d), "qkv_bias": (3 * d,), "o": (d, d),
                         "o_bias": (d,), "ln2_w": (d,), "ln2_b": (d,), "fc": (d, F_), "fc_bias": (F_,),
                         "proj": (F_, d), "proj_bias": (d,)}
-            layer = {n: r.take(k[n], s) for n, s in shapes_l.items()}  # Conv1D weights are already (in, out)
-            if any(v is None for v in layer.values()):
-                layer = None
+            layer = {n: r.take(k[n], s, dtype) for n, s in shapes_l.items()}  # Conv1D weights are already (in, out)
+            if all(v is not None for v in layer.values()):
+                for n, t in layer.items():
+                    layers.put(n, i, [t])
         # an incomplete layer is reported by the reader; its memory tensors are still taken (so they
         # are not also reported as unexpected)
-        for n, t in (layer or {}).items():
-            per_layer.setdefault(n, []).append(t.contiguous())
-        if cfg.kind == "rmt":
-            continue  # no memory weights per layer
-        mshapes = {"w_q": (a.d_mem, d), "w_k": (a.d_mem, d), "w_v": (d, d), "w_b": (1, d), "b_b": (1,)}
-        for ours, key in _memory_keys(i).items():
-            t = r.take(key, mshapes[ours])
-            if t is not None:
-                mem.setdefault(ours, []).append(t if ours == "b_b" else t.t().contiguous())
+        if cfg.kind != "rmt":  # an RMT has no memory weights per layer
+            mshapes = {"w_q": (a.d_mem, d), "w_k": (a.d_mem, d), "w_v": (d, d), "w_b": (1, d), "b_b": (1,)}
+            for ours, key in _memory_keys(i).items():
+                t = r.take(key, mshapes[ours], torch.float32)
+                if t is not None:
+                    mem.put(ours, i, [t], transpose=ours != "b_b")
+        r.release_taken()
     r.finish(source)
-    return {"globals": glob, "layers": {n: torch.stack(v) for n, v in per_layer.items()},
-            "mem": {n: torch.stack(v) for n, v in mem.items()}}
+    return {"globals": glob, "layers": layers.out, "mem": mem.out}
 
 
-def hf_from_params(model) -> dict[str, torch.Tensor]:
-    """The reverse of params_from_hf: HF-named tensors (fp32, contiguous) for a model directory."""
+def base_dtype(model) -> torch.dtype:
+    """The dtype a model's base weights and memory tokens are stored in: theirs when they share one of
+    fp32 / fp16 / bf16, else fp32 (what `stored_dtype` loads such a file as)."""
+    base = [*model.globals.values(), *model.layers.values()]
+    kinds = {p.dtype for p in base}
+    return base[0].dtype if len(kinds) == 1 and base[0].dtype in FLOAT_DTYPES else torch.float32
+
+
+def hf_tensors(model) -> dict[str, torch.Tensor]:
+    """The reverse of params_from_hf, as views: HF-named tensors of the model's parameters in their own
+    dtype (the base weights and memory tokens in the model's, the memory weights fp32), transposed
+    or sliced views where the layout differs (graphs/tensorfile.write_dir makes each contiguous only
+    while writing it). A model whose globals and layers differ in dtype is written fp32 (what
+    `stored_dtype` would load it as)."""
     cfg: ModelConfig = model.cfg
     b = cfg.base
     out: dict[str, torch.Tensor] = {}
-    g = {k: v.detach().float() for k, v in model.globals.items()}
+    dtype = base_dtype(model)
+    g = {k: v.detach().to(dtype) for k, v in model.globals.items()}
     for ours, key in _global_keys(cfg).items():
         out[key] = g[ours].t() if ours == "lm_head" else g[ours]
-    lay = {k: v.detach().float() for k, v in model.layers.items()}
+    lay = {k: v.detach().to(dtype) for k, v in model.layers.items()}
     mem = {k: v.detach().float() for k, v in model.mem.items()} if cfg.kind == "armt" else {}
     hq, hkv, F_ = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim, b.d_ff
     for i in range(b.n_layers):
@@ -204,4 +276,9 @@ def hf_from_params(model) -> dict[str, torch.Tensor]:
                 out[key] = lay[ours][i]
         for ours, key in (_memory_keys(i) if mem else {}).items():
             out[key] = mem[ours][i] if ours == "b_b" else mem[ours][i].t()
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    return out
+
+
+def hf_from_params(model) -> dict[str, torch.Tensor]:
+    """hf_tensors as contiguous copies (for safetensors.torch.save_file and transformers)."""
+    return {k: v.contiguous().clone() for k, v in hf_tensors(model).items()}

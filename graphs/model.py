@@ -88,12 +88,16 @@ class ArmtModel(nn.Module):
     """Associative Recurrent Memory Transformer over a LLaMA or GPT-2 decoder."""
 
     def __init__(self, cfg: ModelConfig, init_std: float = 0.02, mem_init_std: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, empty: bool = False):
+        """`empty`: parameters on the meta device, no values and no initialisation (a loader assigns
+        the stored tensors: graphs/modeldir.py, `load_state_dict(..., assign=True)`)."""
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
         def init(shape: tuple[int, ...], name: str, std: float) -> nn.Parameter:
+            if empty:
+                return nn.Parameter(torch.empty(shape, device="meta"))
             if name.endswith(("norm", "norm_w", "ln1_w", "ln2_w")):
                 t = torch.ones(shape)
             elif name.endswith(("_bias", "_b", "b_b")):
@@ -156,14 +160,21 @@ class ArmtModel(nn.Module):
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm and LM head. h (B, R, d) -> logits (B, R, V), normed hidden (B, R, d)."""
+        x = self.final_norm(h)
+        return self.lm_head(x), x
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The base model's final norm: h (B, R, d) -> (B, R, d)."""
         g = self.globals
         eps = self.cfg.base.norm_eps
         if self.cfg.base.architecture == "llama":
-            x = rms_norm(h[None], g["final_norm_w"][None], eps)[0]
-        else:
-            x = layer_norm(h[None], g["final_norm_w"][None], g["final_norm_b"][None], eps)[0]
-        w = g["embed"].t() if self.cfg.base.tie_word_embeddings else g["lm_head"]
-        return x @ w, x
+            return rms_norm(h[None], g["final_norm_w"][None], eps)[0]
+        return layer_norm(h[None], g["final_norm_w"][None], g["final_norm_b"][None], eps)[0]
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """LM head on final-norm hidden states: x (B, R, d) -> logits (B, R, V), the model's dtype."""
+        g = self.globals
+        return x @ (g["embed"].t() if self.cfg.base.tie_word_embeddings else g["lm_head"])
 
     def geometry(self, positions: torch.Tensor, key_valid: torch.Tensor
                  ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:

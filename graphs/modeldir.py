@@ -1,4 +1,5 @@
-"""Model directories: ``config.json`` (base HF config), ``armt_config.json``, ``model.safetensors``.
+"""Model directories: ``config.json`` (base HF config), ``armt_config.json``, ``model.safetensors``
+(or shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``: graphs/tensorfile.py).
 
 ``armt_config.json`` records the model kind ("kind": "armt" or "rmt"; a file without it is an ARMT,
 as every directory written before RMT support is), so one loader serves both: `load_model_dir`
@@ -8,13 +9,18 @@ The model id (graphs/identity.py: config and every weight, either kind) is compu
 directory is written and recorded in the safetensors header (metadata key ``armt_model_id``);
 loading reads it from the header and sets the model's ``recorded_model_id`` (no hashing). A weights
 file without it (written by another tool) gets its id computed from the tensors when one is needed.
+The id does not depend on the file layout: the same tensors sharded or not have the same id.
+
+Large models: loading maps the files (no read until a tensor is used), builds the model on the meta
+device (no random initialisation) and assigns the stacked tensors (`load_state_dict(assign=True)`),
+each allocated once and filled layer by layer; the stored dtype is kept (a bf16 directory loads as
+bf16; the ARMT memory weights are always fp32). Saving writes each tensor in its own dtype, tensor by
+tensor (`shard_bytes`: shards of at most that many bytes, with an index).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import struct
 from pathlib import Path
 
 import torch
@@ -22,8 +28,9 @@ import torch
 from graphs.atomic import atomic_directory
 from graphs.config import ModelConfig, parse_base_config, wrapper_config_file, wrapper_config_from_dict
 from graphs.errors import CheckpointError, ConfigError
-from graphs.hf_layout import hf_from_params, params_from_hf
+from graphs.hf_layout import hf_tensors, params_from_hf
 from graphs.model import ArmtModel
+from graphs import tensorfile
 
 CONFIG = "config.json"
 ARMT_CONFIG = "armt_config.json"
@@ -58,71 +65,67 @@ def model_class(cfg: ModelConfig) -> type:
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    """Every tensor of one safetensors file, mapped lazily (graphs/tensorfile.read_file)."""
+    return tensorfile.read_file(path)
 
 
-def model_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> ArmtModel:
-    """Build a model of the config's kind (fp32, eval mode) from HF-named tensors."""
-    params = params_from_hf(cfg, tensors, source)
-    model = model_class(cfg)(cfg)
-    with torch.no_grad():
-        for group, values in params.items():
-            if not values:
-                continue  # an RMT has no memory weights
-            target = getattr(model, group)
-            for name, tensor in values.items():
-                target[name].copy_(tensor)
+def model_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str,
+                       dtype: torch.dtype | None = None) -> ArmtModel:
+    """Build a model of the config's kind (eval mode) from HF-named tensors: built on the meta device,
+    the stacked tensors assigned (no initialisation, one copy of the weights). `dtype`: of the base
+    weights (default: the stored one, graphs/hf_layout.stored_dtype); memory weights stay fp32."""
+    params = params_from_hf(cfg, tensors, source, dtype)
+    model = model_class(cfg)(cfg, empty=True)
+    state = {f"{group}.{name}": t for group, values in params.items() for name, t in values.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (8-byte length, then JSON), {} when it has none."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                return {}
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def recorded_model_id(model_dir: str | Path) -> str | None:
     """The model id recorded when the directory was written (None for weights written elsewhere)."""
-    return safetensors_metadata(Path(model_dir) / WEIGHTS).get(MODEL_ID_KEY) or None
+    return tensorfile.dir_metadata(model_dir).get(MODEL_ID_KEY) or None
+
+
+def weights_source(model_dir: Path) -> str:
+    """The weights of a model directory, as error messages name them."""
+    index = model_dir / tensorfile.INDEX
+    return str(index if index.is_file() else model_dir / WEIGHTS)
 
 
 def load_model_dir(model_dir: str | Path) -> ArmtModel:
+    """The model of a directory (either kind), in its stored dtype."""
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
-    model = model_from_tensors(cfg, load_safetensors(model_dir / WEIGHTS), str(model_dir / WEIGHTS))
+    model = model_from_tensors(cfg, tensorfile.read_dir(model_dir), weights_source(model_dir))
     recorded = recorded_model_id(model_dir)
     # the id covers the config too: a config edited after writing makes the recorded id stale
     model.recorded_model_id = recorded if recorded and recorded.split("-")[0] == cfg.fingerprint() else None
     return model
 
 
-def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = False,
-                   extra_files: dict[str, str] | None = None) -> Path:
-    """Write a model directory atomically. `extra_files`: name -> text (a model card, say)."""
-    from safetensors.torch import save_file
+def stored_model_id(model) -> str:
+    """The id of `model` as save_model_dir stores it and load_model_dir gives it back (the base weights
+    in one dtype, the memory weights fp32; graphs/hf_layout.hf_tensors)."""
+    from graphs.hf_layout import base_dtype
+    from graphs.identity import config_json, weights_id
     cfg = model.cfg
-    # the id of the weights as they will load (fp32)
-    model_id = (model if model.dtype == torch.float32 else copy.deepcopy(model).cast(torch.float32)).model_id()
+    dtype = base_dtype(model)
+    named = [(n, p.detach().float() if n.startswith("mem.") else p.detach().to(dtype))
+             for n, p in model.named_parameters()]
+    return weights_id(cfg.fingerprint(), config_json(cfg.base.hf_config, cfg.armt.to_dict()), named)
+
+
+def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = False,
+                   extra_files: dict[str, str] | None = None, shard_bytes: int | None = None) -> Path:
+    """Write a model directory atomically, the weights in the model's own dtype (no fp32 copy of a
+    bf16 model). `extra_files`: name -> text (a model card, say). `shard_bytes`: split the weights
+    into shards of at most that many bytes, with model.safetensors.index.json (None: one file)."""
+    cfg = model.cfg
+    model_id = stored_model_id(model)  # of the weights as they will load
     with atomic_directory(model_dir, overwrite=overwrite) as stage:
         (stage / CONFIG).write_text(json.dumps(cfg.base.hf_config, indent=2, sort_keys=True) + "\n")
         (stage / ARMT_CONFIG).write_text(json.dumps(wrapper_config_file(cfg.armt), indent=2) + "\n")
-        save_file(hf_from_params(model), str(stage / WEIGHTS),
-                  metadata={"format": "pt", MODEL_ID_KEY: model_id})
+        tensorfile.write_dir(stage, hf_tensors(model), {"format": "pt", MODEL_ID_KEY: model_id}, shard_bytes)
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
     return Path(model_dir)

@@ -63,7 +63,8 @@ class RmtOutput:
 class RmtModel(nn.Module):
     """Recurrent Memory Transformer over a LLaMA or GPT-2 decoder (no memory weights: M learned vectors)."""
 
-    def __init__(self, cfg: ModelConfig, init_std: float = 0.02, seed: int | None = None):
+    def __init__(self, cfg: ModelConfig, init_std: float = 0.02, seed: int | None = None, empty: bool = False):
+        """`empty`: parameters on the meta device, no values and no initialisation (graphs/modeldir.py)."""
         super().__init__()
         if cfg.kind != "rmt":
             raise ConfigError(f"RmtModel needs an RMT config, got kind {cfg.kind!r}")
@@ -71,6 +72,8 @@ class RmtModel(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
         def init(shape: tuple[int, ...], name: str) -> nn.Parameter:
+            if empty:
+                return nn.Parameter(torch.empty(shape, device="meta"))
             if name.endswith(("norm", "norm_w", "ln1_w", "ln2_w")):
                 return nn.Parameter(torch.ones(shape))
             if name.endswith(("_bias", "_b")):
@@ -156,6 +159,8 @@ class RmtModel(nn.Module):
         """LM head on normed hidden states: x (B, R, d) -> logits (B, R, V)."""
         g = self.globals
         return x @ (g["embed"].t() if self.cfg.base.tie_word_embeddings else g["lm_head"])
+
+    lm_head = head  # the name graphs/cells.py's LmHeadCell calls on either kind
 
     def segment(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, write: torch.Tensor,
                 memory: torch.Tensor, written: torch.Tensor, fused: bool = False, head: bool = True

@@ -157,6 +157,11 @@ class Runner(abc.ABC):
     def synchronize(self) -> None:
         """Wait until every call issued so far has finished."""
 
+    def companion(self, role: str) -> "Runner":
+        """A runner (not active) of another graph role of the same model, backend, device and
+        precision: the loop opens the `lm_head` runner this way when logits are asked for."""
+        raise InputError(f"runner {self.name} cannot open the {role} graph of its model; pass a {role} runner")
+
 
 def make_runner(backend: str, path, role: str, device: str = "cpu", precision: str | None = None,
                 **options) -> Runner:

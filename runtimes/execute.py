@@ -6,7 +6,8 @@
     for step in steps:                                   (iter_steps: one graph call per step)
         out = runner.infer(step feeds + carried)
         carried <- out's buffers                         (contract.recurrent: output -> next input)
-        step.leaving is not None -> copy the finished segment's logits/hidden to the host result
+        step.leaving is not None -> the finished segment's hidden rows asked for -> host; logits of them
+                                    through the lm_head runner (logits on demand: all / each row's last)
         a cell (s, l) that ends a row's last complete segment -> keep layer l's state of that row
     the final state (host), with each row's unfinished segment (graphs.state.Pending)
 
@@ -44,11 +45,38 @@ from graphs.dtypes import numpy_dtype
 from graphs.state import (STATE_CLASSES, MemoryState, Pending, RecurrentState, RmtState, check_state, empty_state,
                           to_numpy)
 from runtimes.base import Runner
-from runtimes.progress import Progress
+from graphs.progress import Progress
 
 log = logging.getLogger("armt.run")
 
-COLLECTABLE = ("logits", "hidden")
+COLLECTABLE = ("logits", "last_logits", "hidden")
+LOGITS_MODES = ("all", "last", "none")  # armt run --logits
+HEAD_ROWS_PER_CALL = 1024  # hidden rows per lm_head call when all logits are asked for
+
+
+def collect_for(logits: str = "all", hidden: bool = False) -> tuple[str, ...]:
+    """The `collect` of run_schedule for `armt run --logits MODE [--hidden-out]`: all -> "logits"
+    (B, N, V), last -> "last_logits" (B, V), none -> nothing; `hidden` adds "hidden" (B, N, d)."""
+    if logits not in LOGITS_MODES:
+        raise InputError(f"--logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
+    want = {"all": ("logits",), "last": ("last_logits",), "none": ()}[logits]
+    return want + (("hidden",) if hidden else ())
+
+
+def wants_head(collect: tuple[str, ...]) -> bool:
+    return "logits" in collect or "last_logits" in collect
+
+
+def head_logits(head: Runner, hidden: np.ndarray, rows_per_call: int = HEAD_ROWS_PER_CALL) -> np.ndarray:
+    """Logits of final-norm hidden rows on an active lm_head runner: hidden (B, R, d) float32 ->
+    (B, R, V) float32, `rows_per_call` rows of every batch row per graph call."""
+    hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+    B, R = hidden.shape[:2]
+    out = np.zeros((B, R, head.cfg.base.vocab_size), np.float32)
+    for lo in range(0, R, rows_per_call):
+        hi = min(R, lo + rows_per_call)
+        out[:, lo:hi] = head.to_numpy(head.infer({"hidden": hidden[:, lo:hi]})["logits"])
+    return out
 PROGRESS_MIN_STEPS = 16  # shorter runs draw no progress bar
 
 
@@ -182,7 +210,7 @@ class StepCall:
 @dataclass
 class RunResult:
     logits: np.ndarray | None  # (B, N, V) fp32, zero at padding places (None if not collected)
-    hidden: np.ndarray | None  # (B, N, d) fp32, after the final norm
+    hidden: np.ndarray | None  # (B, N, d) fp32, after the final norm (None if not collected)
     state: MemoryState | RmtState  # final memory state (numpy), of the model's kind, with the rows' unfinished segments
     schedule: Schedule
     seconds: float  # wall time of the loop, synchronized
@@ -190,6 +218,9 @@ class RunResult:
     # of the effective input (a resumed call's segment 0 is the one its state left unfinished)
     segment_states: list[MemoryState | RmtState] = field(default_factory=list)
     skip: np.ndarray | None = None  # (B,) pending tokens each row ran again before the call's own
+    # "last_logits": (B, V) fp32, each row's last real position of this call (zeros for a row without tokens)
+    last_logits: np.ndarray | None = None
+    last_index: np.ndarray | None = None  # (B,) that position in the call's input, -1 for a row without tokens
 
 
 def plan_run(runner: Runner, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
@@ -227,23 +258,32 @@ def iter_steps(runner: Runner, plan: RunPlan) -> Iterator[StepCall]:
 
 
 def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
-                 collect: tuple[str, ...] = COLLECTABLE, trace: bool = False, progress: bool = False,
-                 segment_size: int | None = None) -> RunResult:
+                 collect: tuple[str, ...] = ("logits", "hidden"), trace: bool = False, progress: bool = False,
+                 segment_size: int | None = None, head: Runner | None = None) -> RunResult:
     """Run `runner` (active) over a right-padded batch of token ids (B, N), from `state` (default:
     empty), continuing its unfinished segments: two calls equal one call at any split point.
 
-    `collect`: which of logits/hidden to gather (host arrays (B, N, ...) of this call's positions);
+    `collect`: what to gather of this call's positions: "logits" (B, N, V), "last_logits" (B, V:
+    each row's last real position), "hidden" (B, N, d) (see collect_for); () gathers nothing.
+    Logits come from `head`, an active lm_head runner (default: the runner's companion lm_head
+    runner, opened for this call); only the rows asked for are fed to it.
     `trace`: also keep the state after every segment (for per-segment comparisons)."""
     bad = sorted(set(collect) - set(COLLECTABLE))
     if bad:
         raise InputError(f"cannot collect {bad}; choose from {COLLECTABLE}")
+    if wants_head(collect) and head is None:
+        from graphs.contracts import LM_HEAD
+        with runner.companion(LM_HEAD) as own_head:
+            return run_schedule(runner, input_ids, attention_mask, state, collect, trace, progress, segment_size,
+                                own_head)
     plan = plan_run(runner, input_ids, attention_mask, state, segment_size)
     cont = plan.continuation
     cfg = runner.cfg
     B, N = plan.ids.shape[0], cont.new_width
     L = cfg.base.n_layers
-    result = {"logits": np.zeros((B, N, cfg.base.vocab_size), np.float32) if "logits" in collect else None,
-              "hidden": np.zeros((B, N, cfg.base.d_model), np.float32) if "hidden" in collect else None}
+    hidden_all = "hidden" in collect or "logits" in collect
+    result = {"hidden": np.zeros((B, N, cfg.base.d_model), np.float32) if hidden_all else None}
+    last = _LastRows(cont, cfg.base.d_model) if "last_logits" in collect else None
     cls = STATE_CLASSES[cfg.kind]
     per_layer = cls.LAYER_AXIS is not None  # an RMT's state is not per layer: one state per segment
     traced: list = [[None] * L if per_layer else None for _ in plan.slots] if trace else []
@@ -255,13 +295,18 @@ def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemorySt
     with Progress(len(plan.schedule.steps), f"{plan.schedule.kind} steps", enabled=show) as bar:
         for call in iter_steps(runner, plan):
             if call.step.leaving is not None:
-                _emit(runner, plan.slots[call.step.leaving], call.outputs, result, cont.skip)
+                slot = plan.slots[call.step.leaving]
+                _emit(runner, slot, call.outputs, result, cont.skip)
+                if last is not None:
+                    last.take(runner, slot, call.outputs)
             if trace:
                 _record(runner, call, traced, cls)
             if wanted:
                 _record_before(runner, call, wanted, recorded, cls)
             bar.update()
     runner.synchronize()
+    logits = _all_logits(head, result["hidden"], cont) if "logits" in collect else None
+    last_logits = last.logits(head) if last is not None else None
     final = plan.final
     state_out = cls(**{name: _host(runner, final[inp]) for name, inp in cls.INPUTS.items()})
     state_out = cont.resume_state(state_out, cls(**recorded) if wanted else None)
@@ -269,7 +314,46 @@ def run_schedule(runner: Runner, input_ids, attention_mask=None, state: MemorySt
                          if per_layer else row)) for row in traced]
     seconds = time.perf_counter() - start
     log.debug("%s: %d %s steps in %.3f s", runner.name, len(plan.schedule.steps), plan.schedule.kind, seconds)
-    return RunResult(result["logits"], result["hidden"], state_out, plan.schedule, seconds, seg_states, cont.skip)
+    return RunResult(logits, result["hidden"] if "hidden" in collect else None, state_out, plan.schedule, seconds,
+                     seg_states, cont.skip, last_logits, last.index if last is not None else None)
+
+
+def last_positions(cont: Continuation) -> np.ndarray:
+    """(B,) each row's last real position in the call's own input, -1 for a row without tokens."""
+    return cont.new_lengths.astype(np.int64) - 1
+
+
+class _LastRows:
+    """Each row's final-norm hidden state at its last real position of the call, taken from the
+    step whose leaving segment holds it (one (B, d) array, never (B, N, d))."""
+
+    def __init__(self, cont: Continuation, d: int):
+        self.index = last_positions(cont)  # (B,) in the call's positions
+        self.effective = np.where(self.index >= 0, cont.skip + self.index, -1)  # (B,) in the effective input
+        self.hidden = np.zeros((len(self.index), d), np.float32)  # (B, d)
+
+    def take(self, runner: Runner, slot: Slot, out: dict[str, Any]) -> None:
+        rows = [b for b, c in enumerate(slot.counts.tolist())
+                if c and slot.start <= self.effective[b] < slot.start + c]
+        if not rows:
+            return
+        src = runner.to_numpy(out["hidden"])  # (B, W, d)
+        for b in rows:
+            self.hidden[b] = src[b, self.effective[b] - slot.start]
+
+    def logits(self, head: Runner) -> np.ndarray:
+        """(B, V) fp32; zeros for a row without tokens in this call."""
+        out = head_logits(head, self.hidden[:, None, :])[:, 0]  # (B, V)
+        out[self.index < 0] = 0.0
+        return out
+
+
+def _all_logits(head: Runner, hidden: np.ndarray, cont: Continuation) -> np.ndarray:
+    """(B, N, V) logits of the collected hidden rows, zero at padding places (as the rows are)."""
+    logits = head_logits(head, hidden)
+    real = np.arange(hidden.shape[1])[None, :] < cont.new_lengths[:, None]  # (B, N)
+    logits[~real] = 0.0
+    return logits
 
 
 def _state_shapes(plan: RunPlan, cls: type[RecurrentState]) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -289,7 +373,7 @@ def _emit(runner: Runner, slot: Slot, out: dict[str, Any], result: dict[str, np.
     """Copy a finished segment's real tokens into the (B, N, ...) host results: effective position
     p of row b is the call's position p - skip[b] (pending tokens, p < skip[b], are not returned)."""
     counts = slot.counts.tolist()
-    for name in COLLECTABLE:
+    for name in ("hidden",):
         dst = result[name]
         if dst is None or not max(counts, default=0):
             continue

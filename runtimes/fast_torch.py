@@ -444,6 +444,18 @@ class FastArmt:
             final = MemoryState(self.A.clone(), self.z.clone(), self.written.clone())
         return FastResult(state=final, hidden=hidden, last_hidden=last[0], logits=logits)
 
+    def steady_step(self, B: int = 1):
+        """A callable running one steady diagonal step (layers 0..L-1, the entering slot embedded) on
+        this executor's buffers of B rows (state zeroed once): what a long diagonal run repeats,
+        for timing it alone (armt bench --steady-step)."""
+        self._buffers(B)
+        self._reset(None, B)
+
+        def step() -> None:
+            with torch.no_grad(), self._precision():
+                self._step(0, self.L - 1, True)
+        return step
+
     def _reset(self, state: MemoryState | None, B: int) -> None:
         if state is None:
             self.A.zero_()

@@ -1,6 +1,7 @@
 """Non-finite detection: which tensor of a run holds NaN or Inf first, and from which segment.
 
-    find_nonfinite(result, T)     logits / hidden: the first segment with a NaN/Inf at a real token
+    find_nonfinite(result, T)     logits / hidden: the first segment with a NaN/Inf at a real token;
+                                  last_logits: the row and the segment of its last token
                                   (row and token named); the memory state (A / z of an ARMT, memory
                                   of an RMT: graphs.state.RecurrentState.memory_tensors): the first
                                   segment after which the state holds one (from result.segment_states
@@ -26,7 +27,7 @@ log = logging.getLogger("armt.run")
 
 @dataclass(frozen=True)
 class NonFinite:
-    tensor: str  # "logits", "hidden", or a state tensor: "A", "z" (ARMT), "memory" (RMT)
+    tensor: str  # "logits", "last_logits", "hidden", or a state tensor: "A", "z" (ARMT), "memory" (RMT)
     segment: int | None  # the first segment where it appears (None: not localized)
     detail: str = ""
 
@@ -69,6 +70,13 @@ def find_nonfinite(result, segment_size: int) -> list[NonFinite]:
             hit = first_bad_token(values, segment_size, getattr(result, "skip", None))
             if hit is not None:
                 found.append(NonFinite(name, hit.segment, hit.detail))
+    last = getattr(result, "last_logits", None)
+    if last is not None and not np.isfinite(to_numpy(last)).all():
+        row = int(np.flatnonzero(~np.isfinite(to_numpy(last)).all(-1))[0])
+        pos = int(result.last_index[row])
+        skip = 0 if getattr(result, "skip", None) is None else int(result.skip[row])
+        found.append(NonFinite("last_logits", (pos + skip) // segment_size,
+                               f"row {row}, its last token {pos} of this call"))
     for name in type(result.state).memory_tensors():
         if not _finite(getattr(result.state, name)):
             seg = first_bad_segment_state(result.segment_states, name) if result.segment_states else None

@@ -30,8 +30,9 @@ def import_onnxruntime():
 
 
 def open_export(export: str | Path | Manifest, precision: str | None = None,
-                verify_checksums: bool = True) -> Manifest:
-    """The export's manifest (checksums verified unless told otherwise); refuse a precision mismatch."""
+                verify_checksums: bool | str = True) -> Manifest:
+    """The export's manifest (checksums verified unless told otherwise: exporter/checksums.py, True is
+    "cached"); refuse a precision mismatch."""
     manifest = export if isinstance(export, Manifest) else load_manifest(export, verify_checksums=verify_checksums)
     if precision is not None and precision != manifest.precision:
         raise InputError(f"export {manifest.root} holds {manifest.precision} graphs, not {precision} "
@@ -41,6 +42,17 @@ def open_export(export: str | Path | Manifest, precision: str | None = None,
 
 class NotRunnable(BackendUnavailable):
     """ONNX Runtime has no kernel for some node of the graph on this provider (e.g. bf16 on the CPU)."""
+
+
+class CaptureRefused(BackendUnavailable):
+    """ONNX Runtime refused CUDA-graph capture for a session (a node not on the CUDA execution provider,
+    Memcpy nodes for shape computations on the CPU, control flow): the runner falls back to plain runs."""
+
+
+def capture_refused(exc: Exception) -> bool:
+    """Is this ONNX Runtime error its refusal of graph capture ("This session cannot use the graph
+    capture feature as requested by the user as ...")?"""
+    return "graph capture feature" in str(exc).lower() or "cuda graph feature" in str(exc).lower()
 
 
 def raise_if_not_runnable(exc: Exception, what: str) -> None:
@@ -59,12 +71,15 @@ class OrtSessionLoader:
     CPU: weight prepacking off (it would copy every weight once more). CUDA: TF32 off (fp32 products at
     full precision: the fp32 parity promise, and the memory state's fp32 arithmetic in fp16/bf16
     graphs); `cuda_graph=True` asks the CUDA provider to capture CUDA graphs (run options then pick
-    the graph by `gpu_graph_id`)."""
+    the graph by `gpu_graph_id`). `fixed_dims` pins the graph's symbolic dims ("batch", "width", ...)
+    with ONNX Runtime's free-dimension overrides: shape arithmetic then folds to constants at load
+    (no Shape nodes left for the CPU, which would make the CUDA provider refuse capture)."""
 
     path: Path
     device: Device = field(default_factory=lambda: Device("cpu"))
     threads: int | None = None
     cuda_graph: bool = False
+    fixed_dims: dict[str, int] | None = None  # symbolic dims pinned (free-dimension overrides)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -89,11 +104,15 @@ class OrtSessionLoader:
             options.intra_op_num_threads = self.threads
         if self.device.type == "cpu":
             options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in (self.fixed_dims or {}).items():
+            options.add_free_dimension_override_by_name(name, int(value))
         try:
             session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers(ort))
         except BackendUnavailable:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            if self.cuda_graph and capture_refused(exc):
+                raise CaptureRefused(str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__) from None
             raise_if_not_runnable(exc, f"{self.path.name} on {self.device.type}")
             first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             raise ExportError(f"onnxruntime cannot load {self.path}: {first}") from None

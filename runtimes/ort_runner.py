@@ -9,12 +9,26 @@ their staging OrtValue (`update_inplace`); outputs are read back only when the l
 stream before it returns (ONNX Runtime's default), so a staging buffer is never rewritten while a
 call still reads it.
 
+CUDA graphs (`cuda_graph`, default on for CUDA): calls run on a session made for their shape (the
+graph's symbolic dims pinned by free-dimension overrides, so shape arithmetic folds away and every
+node can stay on the CUDA provider; at most MAX_SHAPE_SESSIONS shapes, further shapes run plainly on
+one dynamic session) with the CUDA provider's `enable_cuda_graph`, and each call runs with the run
+option `gpu_graph_id` of its call key
+(runtimes/cuda_graphs.py: shapes and addresses of every bound buffer; ramp-up, steady and ramp-down
+steps, each ping-pong parity and each segment shape get their own id). ONNX Runtime runs a new id
+once plainly (allocations), captures it on the same call, and replays it from then on; since inputs
+and outputs never share a buffer, running a call twice gives the same outputs. Where ONNX Runtime
+refuses capture for the graph (a node not on the CUDA provider, Memcpy nodes, control flow) or a
+capture fails, the runner warns once, reopens the session without CUDA graphs and runs every call
+plainly (`cuda_graph_reason` says why).
+
     OrtRunner(export_dir, role, device="cuda")                 from an export directory (manifest)
     OrtRunner(OrtSessionLoader(path), contract=c, model_id=i)  from a loader (export-time validation)
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,9 +41,13 @@ from graphs.dtypes import ONNX_ELEMENT_TYPES, ORT_TYPE_NAMES
 from graphs.errors import ExportError
 from runtimes.base import Runner, parse_device
 from runtimes.buffers import Buffer, BufferSet
-from runtimes.loaders import OrtSessionLoader, import_onnxruntime, open_export, raise_if_not_runnable
+from runtimes.cuda_graphs import SKIP, GraphIds, call_key, resolve_cuda_graph
+from runtimes.loaders import (CaptureRefused, OrtSessionLoader, import_onnxruntime, open_export,
+                              raise_if_not_runnable)
 
 log = logging.getLogger("armt.ort")
+
+MAX_SHAPE_SESSIONS = 2  # sessions with pinned dims per runner (each holds the weights once more)
 
 
 class OrtStorage:
@@ -61,11 +79,15 @@ class OrtRunner(Runner):
 
     def __init__(self, source: str | Path | Manifest | OrtSessionLoader, role: str | None = None, *,
                  device: str = "cpu", precision: str | None = None, verify_checksums: bool = True,
-                 threads: int | None = None, contract: GraphContract | None = None, model_id: str | None = None):
+                 threads: int | None = None, contract: GraphContract | None = None, model_id: str | None = None,
+                 cuda_graph: bool | None = None):
         """`source`: an export directory (its manifest and checksums are checked now), a loaded
         Manifest, or an OrtSessionLoader together with `contract` and `model_id`.
-        `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice)."""
+        `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
+        `cuda_graph`: capture and replay CUDA graphs (default: on for CUDA, off on the CPU; True on the
+        CPU is refused)."""
         dev = parse_device(device)
+        use_graphs = resolve_cuda_graph(cuda_graph, dev.type)
         if isinstance(source, OrtSessionLoader):
             if contract is None or model_id is None:
                 raise ExportError("an OrtRunner made from a session loader needs the graph's contract and model id")
@@ -83,19 +105,84 @@ class OrtRunner(Runner):
         super().__init__(contract, dev, model_id)
         self.loader.device = dev
         self.loader.threads = threads if threads is not None else self.loader.threads
+        self.loader.cuda_graph = use_graphs
+        self.graphs = GraphIds(enabled=use_graphs)
+        self._cuda_graph_option = use_graphs  # what was asked (companions get the same)
+        self._captured: set[int] = set()  # graph ids whose capture run succeeded (replayed since)
+        self._run_options: dict[int, Any] = {}
         self._session = self._binding = self._buffers = None
+        self._threads = threads
+
+    def companion(self, role: str) -> "OrtRunner":
+        """The export's `role` graph on the same device (an export-directory runner only)."""
+        if self.manifest is None:
+            return super().companion(role)
+        return OrtRunner(self.manifest, role, device=str(self.device), threads=self._threads,
+                         cuda_graph=self._cuda_graph_option)
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Are calls captured and replayed as CUDA graphs (False after a refusal or failed capture)?"""
+        return self.graphs.enabled
+
+    @property
+    def cuda_graph_reason(self) -> str | None:
+        """Why CUDA graphs are off (None while they are on)."""
+        return None if self.graphs.enabled else self.graphs.reason
 
     # ---------------------------------------------------------------- session
     def _activate(self) -> None:
-        self._session = self.loader()
-        self._check_session_io()
-        self._binding = self._session.io_binding()
+        self._shape_sessions: dict[tuple, tuple[Any, Any]] = {}  # pinned dims -> (session, binding)
+        self._open_session()  # the dynamic session: every load error surfaces here, graphs or not
         self._buffers = BufferSet(self.contract, OrtStorage(self.device.type, self.device.id))
 
-    def _check_session_io(self) -> None:
+    def _open_session(self) -> None:
+        """The dynamic session (no pinned dims, no CUDA graphs)."""
+        loader = copy.copy(self.loader)
+        loader.cuda_graph, loader.fixed_dims = False, None
+        self._session = loader()
+        self._check_session_io(self._session)
+        self._binding = self._session.io_binding()
+
+    def _session_for(self, dims: dict[str, int]) -> tuple[Any, Any, bool]:
+        """(session, binding, captures) for a call of these dims."""
+        if self.graphs.enabled:
+            key = tuple(sorted(dims.items()))
+            got = self._shape_sessions.get(key)
+            if got is not None:
+                return (*got, True)
+            if len(self._shape_sessions) < MAX_SHAPE_SESSIONS:
+                loader = copy.copy(self.loader)
+                loader.cuda_graph, loader.fixed_dims = True, dict(dims)
+                try:
+                    session = loader()
+                except CaptureRefused as exc:
+                    self._graphs_off(f"ONNX Runtime refused CUDA-graph capture: {exc}")
+                else:
+                    self._check_session_io(session)
+                    got = self._shape_sessions[key] = (session, session.io_binding())
+                    self._session = self._binding = None  # its weights freed; reopened if a call needs it
+                    return (*got, True)
+            elif self._session is None:
+                log.info("%s: more than %d call shapes; further shapes run without CUDA graphs",
+                         self.loader.path.name, MAX_SHAPE_SESSIONS)
+        if self._session is None:
+            self._open_session()
+        return self._session, self._binding, False
+
+    def _graphs_off(self, reason: str) -> None:
+        """Plain runs on the dynamic session from now on (one warning)."""
+        if self.graphs.disable(reason):
+            log.warning("%s: CUDA graphs off, every call runs plainly (%s)", self.loader.path.name, reason)
+        self.graphs.clear()
+        self._captured.clear()
+        self._run_options.clear()
+        self._shape_sessions.clear()
+
+    def _check_session_io(self, session) -> None:
         """The graph file must carry the contract's I/O with its dtypes (a swapped graph does not)."""
-        got = {v.name: ORT_TYPE_NAMES.get(v.type, v.type) for v in (*self._session.get_inputs(),
-                                                                     *self._session.get_outputs())}
+        got = {v.name: ORT_TYPE_NAMES.get(v.type, v.type) for v in (*session.get_inputs(),
+                                                                     *session.get_outputs())}
         want = {s.name: s.dtype for s in (*self.contract.inputs, *self.contract.outputs)}
         if got != want:
             raise ExportError(f"{self.loader.path.name} does not have the inputs/outputs its manifest entry lists "
@@ -103,6 +190,10 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self._binding = self._session = self._buffers = None
+        self._shape_sessions = {}
+        self.graphs.clear()  # the session's graphs go with it
+        self._captured.clear()
+        self._run_options.clear()
 
     def owns(self, value: Any) -> bool:
         return self._buffers is not None and self._buffers.owns(value)
@@ -111,18 +202,47 @@ class OrtRunner(Runner):
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
         inputs = self._buffers.bind_inputs(feeds)
         outputs = self._buffers.bind_outputs(dims, inputs)
+        session, binding, captures = self._session_for(dims)
+        gid = self.graphs.id_for(call_key(inputs, outputs)) if captures else SKIP
+        try:
+            self._run(session, binding, inputs, outputs, gid, captures)
+        except Exception as exc:
+            if not captures or gid in self._captured:
+                raise
+            # the first call of this graph id (ONNX Runtime's plain run + capture) failed: no graphs
+            self._graphs_off(f"capture failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+            session, binding, _ = self._session_for(dims)
+            self._run(session, binding, inputs, outputs, SKIP, False)
+            return outputs
+        if gid != SKIP:
+            self._captured.add(gid)
+        return outputs
+
+    def _run(self, session, b, inputs: dict[str, Buffer], outputs: dict[str, Buffer], gid: int,
+             captures: bool) -> None:
         dev_type, dev_id = self.device.type, self.device.id
-        b = self._binding
         for name, buf in inputs.items():
             b.bind_input(name, dev_type, dev_id, ONNX_ELEMENT_TYPES[buf.dtype], list(buf.shape), buf.ptr)
         for name, buf in outputs.items():
             b.bind_output(name, dev_type, dev_id, ONNX_ELEMENT_TYPES[buf.dtype], list(buf.shape), buf.ptr)
         try:
-            self._session.run_with_iobinding(b)
+            if not captures:
+                session.run_with_iobinding(b)
+            else:
+                session.run_with_iobinding(b, self._options(gid))
         except Exception as exc:
+            if captures and gid not in self._captured:
+                raise  # a capture run: the caller falls back
             raise_if_not_runnable(exc, f"{self.loader.path.name} on {dev_type}")
             raise ExportError(f"onnxruntime failed to run {self.loader.path.name}: {str(exc).splitlines()[0]}") from None
-        return outputs
+
+    def _options(self, gid: int):
+        """RunOptions selecting CUDA graph `gid` (SKIP: a plain run in a capturing session)."""
+        opts = self._run_options.get(gid)
+        if opts is None:
+            opts = self._run_options[gid] = import_onnxruntime().RunOptions()
+            opts.add_run_config_entry("gpu_graph_id", str(gid))
+        return opts
 
     def to_numpy(self, value: Buffer) -> np.ndarray:
         return self._buffers.read(value)

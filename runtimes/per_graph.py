@@ -106,8 +106,9 @@ def _trt_runner(manifest, role):
     return TrtRunner(EngineFromBytes(BytesFromPath(str(manifest.path(engine.file)))), name="trt")
 
 
-def compare_graphs(manifest, backends: list[str], device: str = "cpu") -> Report:
-    """Each graph's outputs on its sample feed: every backend against the recorded torch reference."""
+def compare_graphs(manifest, backends: list[str], device: str = "cpu", bounds: dict | None = None) -> Report:
+    """Each graph's outputs on its sample feed: every backend against the recorded torch reference
+    (under the bounds table, or `bounds` {kind: Bound} where given: exporter.bounds.given_bounds)."""
     pc, BaseRunner = _polygraphy()
     Comparator = pc.Comparator
     simple = getattr(pc, "SimpleCompareFunc", None) or pc.CompareFunc.simple  # the class from Polygraphy 0.50 on
@@ -133,7 +134,10 @@ def compare_graphs(manifest, backends: list[str], device: str = "cpu") -> Report
                 text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
                 raise ExportError(f"polygraphy could not run graph {role}: {text}") from None
         ref_iter = results[0][1][0]
-        atol = {name: bound_for(manifest.precision, c.kind(name)).rel * (
+        def bound_of(name):
+            kind = c.kind(name)
+            return bounds[kind] if bounds and kind in bounds else bound_for(manifest.precision, kind)
+        atol = {name: bound_of(name).atol + bound_of(name).rel * (
                     float(np.abs(ref_iter[name].astype(np.float64)).max()) if ref_iter[name].size else 0.0)
                 for name in c.output_names}
         for name, iters in list(results)[1:]:
@@ -142,7 +146,8 @@ def compare_graphs(manifest, backends: list[str], device: str = "cpu") -> Report
                     _pair(results, 0, name), compare_func=simple(atol=atol, rtol=0.0, check_error_stat="max"))
             per_output = _verdicts(verdict)  # output -> Polygraphy passed it on every sample
             for out_name in c.output_names:
-                cmp = compare(out_name, c.kind(out_name), manifest.precision, iters[0][out_name], ref_iter[out_name])
+                cmp = compare(out_name, c.kind(out_name), manifest.precision, iters[0][out_name], ref_iter[out_name],
+                              bounds=bounds)
                 polygraphy_ok = per_output.get(out_name, False)
                 ok = cmp.ok and polygraphy_ok
                 report.rows.append(Row(name, f"graph {role}", "samples (1)", out_name, cmp, 0,

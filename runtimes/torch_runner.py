@@ -15,7 +15,7 @@ import torch
 from graphs.cells import cell_for
 from graphs.contracts import contract
 from graphs.dtypes import check_precision, compute_dtype, dtype_name, torch_dtype
-from graphs.errors import BackendUnavailable
+from graphs.errors import BackendUnavailable, InputError
 from graphs.model import ArmtModel
 from graphs.rmt import RmtModel
 from graphs.state import MemoryState, RmtState, to_numpy
@@ -89,6 +89,10 @@ class TorchRunner(Runner):
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
 
+    def companion(self, role: str) -> "TorchRunner":
+        return TorchRunner(self._model, role, device=str(self.torch_device), precision=self.precision,
+                           fused=self.fused)
+
 
 # ------------------------------------------------------------------------------------------ whole runs
 def fast_executor_applies(model: ArmtModel, input_ids, attention_mask) -> str | None:
@@ -110,17 +114,22 @@ def fast_executor_applies(model: ArmtModel, input_ids, attention_mask) -> str | 
 
 def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state: MemoryState | RmtState | None = None,
               schedule: str = "diagonal", device: str = "cpu", precision: str = "fp32",
-              collect: tuple[str, ...] = ("logits", "hidden"), progress: bool = False):
+              collect: tuple[str, ...] = ("logits", "hidden"), progress: bool = False,
+              cuda_graph: bool | None = None):
     """A whole run on torch: the fast executor where it applies, the schedule loop on a TorchRunner
-    elsewhere (logged at debug level). Returns a runtimes.execute.RunResult (numpy). Both continue
+    elsewhere (logged at debug level). Returns a runtimes.execute.RunResult (numpy); `collect` as
+    run_schedule's ("logits", "last_logits", "hidden"; runtimes.execute.collect_for). Both continue
     the state's unfinished segments (runtimes.execute.Continuation): the fast executor runs the rows'
     complete segments and their unfinished one as two pieces, the state between them being the one
-    the next call continues from."""
+    the next call continues from. `cuda_graph`: the fast executor's CUDA graphs (default: on CUDA)."""
     import time
 
     from graphs.contracts import role_for
     from graphs.schedule import build_schedule
-    from runtimes.execute import RunResult, continue_input
+    from runtimes.execute import COLLECTABLE, RunResult, continue_input, last_positions
+    bad = sorted(set(collect) - set(COLLECTABLE))
+    if bad:
+        raise InputError(f"cannot collect {bad}; choose from {COLLECTABLE}")
     role_for(model.cfg, schedule)  # an RMT refuses the diagonal schedule here, before anything runs
     cont = continue_input(model.cfg, input_ids, attention_mask, state)
     why = fast_executor_applies(model, cont.ids, cont.mask())
@@ -131,7 +140,7 @@ def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state
         log.debug("torch backend: fast executor (%s schedule)", schedule)
         work = copy.deepcopy(model).to(dev)
         work.cast(torch_dtype(compute_dtype(precision)))
-        fast = FastArmt(work, exact_memory=True)
+        fast = FastArmt(work, cuda_graphs=cuda_graph, exact_memory=True)
         start = time.perf_counter()
         ids = to_torch(cont.ids, dev).to(torch.int64)  # (B, N'): every row the same length
         T, N = model.cfg.armt.segment_size, ids.shape[1]
@@ -144,12 +153,19 @@ def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state
                 return _reference_run(model, input_ids, attention_mask, state, schedule, device, precision,
                                       collect, progress, "a non-finite intermediate state")
             res = fast.run(ids[:, lo:hi], schedule, state=None if st is None else _torch_state(st, dev),
-                           collect=bool(collect), head="logits" in collect)
+                           collect="logits" in collect or "hidden" in collect, head="logits" in collect)
             st = res.state.numpy()
             if hi == k * T and u:
                 recorded = st  # the state before every row's unfinished segment
             logits.append(res.logits)
             hidden.append(res.hidden)
+            last_row = res.last_hidden[:, -1:]  # (B, 1, d): position N'-1, every row's last (rows are equal)
+        last_logits = last_index = None
+        if "last_logits" in collect:  # the lm_head graph's arithmetic: back to the compute dtype, @ head
+            with torch.no_grad():
+                last_logits = to_numpy(work.lm_head(last_row.to(work.dtype)).float()[:, 0])  # (B, V)
+            last_index = last_positions(cont)
+            last_logits[last_index < 0] = 0.0
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         cat = lambda parts: to_numpy(torch.cat(parts, 1)) if parts[0] is not None else None  # noqa: E731
@@ -157,7 +173,7 @@ def run_torch(model: ArmtModel | RmtModel, input_ids, attention_mask=None, state
         return RunResult(cont.take_new(cat(logits)) if "logits" in collect else None,
                          cont.take_new(cat(hidden)) if "hidden" in collect else None, cont.resume_state(st, recorded),
                          build_schedule(schedule, model.cfg.base.n_layers, S), time.perf_counter() - start,
-                         skip=cont.skip)
+                         skip=cont.skip, last_logits=last_logits, last_index=last_index)
     return _reference_run(model, input_ids, attention_mask, state, schedule, device, precision, collect, progress, why)
 
 

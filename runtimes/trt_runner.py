@@ -6,9 +6,11 @@ Same buffers as the ORT runner (runtimes/buffers.py: runner-owned, per shape, pi
 fed back as inputs). Per call: pick the optimization profile that holds the input shapes,
 `set_input_shape` for every input, `set_tensor_address` for every input and output,
 `execute_async_v3` on the runner's stream, then synchronize the stream (a staging buffer is never
-rewritten while a call still reads it). Where a call's profile, shapes and addresses repeat (every
-steady diagonal step, in two ping-pong parities), the call is captured once as a CUDA graph and
-replayed.
+rewritten while a call still reads it). CUDA graphs (`cuda_graph`, default on): the call key of
+runtimes/cuda_graphs.py (profile, shapes and addresses of every bound buffer; the ONNX Runtime
+runner's ids) runs plainly the first time, is captured on its second call (`execute_async_v3` inside
+cudaStreamBeginCapture .. EndCapture, relaxed mode) and replayed with cudaGraphLaunch from then on;
+a capture that fails turns graphs off for the runner with one warning (plain `execute_async_v3`).
 
 Engines come from `armt build` (manifest: graph -> engines, each with its builder `tensorrt` or
 `tensorrt_rtx`); the runner imports whichever of the two modules the engine needs and is installed.
@@ -34,6 +36,7 @@ from graphs.contracts import contract as contract_of
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.base import Runner, parse_device
 from runtimes.buffers import Buffer, BufferSet, HostStorage
+from runtimes.cuda_graphs import SKIP, GraphIds, call_key, resolve_cuda_graph
 from runtimes.loaders import EngineBytesLoader, open_export
 
 log = logging.getLogger("armt.trt")
@@ -167,7 +170,8 @@ class TrtRunner(Runner):
     backend = "trt"
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cuda",
-                 precision: str | None = None, verify_checksums: bool = True, cuda_graphs: bool = True):
+                 precision: str | None = None, verify_checksums: bool = True, cuda_graph: bool | None = None):
+        """`cuda_graph`: capture repeated calls as CUDA graphs and replay them (default on)."""
         if parse_device(device).type != "cuda":
             raise InputError("the trt backend runs TensorRT engines on a CUDA GPU: use --device cuda")
         self.manifest = open_export(export, precision, verify_checksums)
@@ -175,13 +179,17 @@ class TrtRunner(Runner):
         c = contract_of(self.manifest.model_config(), role, self.manifest.precision)
         c.check_io(graph.inputs, graph.outputs, f"export {self.manifest.root}")
         super().__init__(c, device, self.manifest.model_id)
-        self.cuda_graphs = cuda_graphs
+        self._cuda_graph_option = resolve_cuda_graph(cuda_graph, "cuda")
+        self.graphs = GraphIds(enabled=self._cuda_graph_option)
         self.engine_record = select_engine(graph.engines, role)
         self.loader = EngineBytesLoader(self.manifest.path(self.engine_record.file))
         self._runtime = self._engine = self._context = self._stream = self._buffers = self._storage = None
         self._profiles: list[dict] = []
-        self._seen: set = set()  # call keys run once: the second time they are captured
-        self._graphs: dict = {}  # call key -> CudaGraph (None: not capturable)
+        self._graphs: dict[int, CudaGraph] = {}  # graph id -> captured call
+
+    def companion(self, role: str) -> "TrtRunner":
+        """The export's `role` engine on the same GPU (the lm_head engine when logits are asked for)."""
+        return TrtRunner(self.manifest, role, device=str(self.device), cuda_graph=self._cuda_graph_option)
 
     # ---------------------------------------------------------------- engine
     def _activate(self) -> None:
@@ -222,7 +230,7 @@ class TrtRunner(Runner):
     def _deactivate(self) -> None:
         self.synchronize()
         self._graphs.clear()
-        self._seen.clear()
+        self.graphs.clear()
         if isinstance(self._storage, CudaStorage):
             self._storage.free()
         if self._stream is not None and hasattr(self._stream, "free"):
@@ -262,28 +270,29 @@ class TrtRunner(Runner):
             if got != buf.shape:
                 raise ExportError(f"engine output {name} has shape {got}, the graph contract says {buf.shape}")
             ctx.set_tensor_address(name, buf.ptr)
-        key = (profile, tuple(sorted((n, b.shape, b.ptr) for n, b in inputs.items())),
-               tuple(sorted((n, b.ptr) for n, b in outputs.items())))
-        self._execute(key)
+        key = call_key(inputs, outputs, profile)
+        self._execute(key, self.graphs.id_for(key))
         self.synchronize()
         return outputs
 
-    def _execute(self, key) -> None:
-        """execute_async_v3; a call whose key (profile, shapes, addresses) was seen before is captured
-        once as a CUDA graph and replayed from then on."""
-        ctx = self._context
-        graph = self._graphs.get(key)
+    @property
+    def cuda_graph(self) -> bool:
+        return self.graphs.enabled
+
+    def _execute(self, key: tuple, gid: int) -> None:
+        """execute_async_v3 the first time a call key is seen; its second call is captured as a CUDA
+        graph, which is launched then and replayed from then on."""
+        graph = self._graphs.get(gid) if gid != SKIP else None
         if graph is not None:
             graph.launch()
             return
-        if self.cuda_graphs and key in self._seen and key not in self._graphs:
+        if gid != SKIP and self.graphs.runs(key) >= 2:
             graph = self._capture()
-            self._graphs[key] = graph
             if graph is not None:
+                self._graphs[gid] = graph
                 graph.launch()
                 return
-        self._seen.add(key)
-        if not ctx.execute_async_v3(self._handle()):
+        if not self._context.execute_async_v3(self._handle()):
             raise ExportError(f"TensorRT failed to execute engine {self.engine_record.file}")
 
     def _handle(self) -> int:
@@ -295,5 +304,6 @@ class TrtRunner(Runner):
             return CudaGraph(self._storage.lib, self._handle(),
                              lambda: self._context.execute_async_v3(self._handle()))
         except Exception as exc:  # not capturable (e.g. an engine with data-dependent shapes): run plainly
-            log.debug("CUDA graph capture failed for %s: %s", self.name, exc)
+            if self.graphs.disable(f"capture failed: {exc}"):
+                log.warning("%s: CUDA graphs off, every call runs plainly (capture failed: %s)", self.name, exc)
             return None

@@ -41,6 +41,7 @@ from exporter.trace import DEFAULT_OPSET
 from graphs.contracts import contract, decode_roles_of, roles_of
 from graphs.errors import BackendUnavailable, ParityFailure
 from graphs.model import ArmtModel
+from graphs.progress import Progress
 from runtimes.execute import iter_steps, plan_run
 from runtimes.loaders import NotRunnable, OrtSessionLoader
 from runtimes.torch_runner import TorchRunner
@@ -90,25 +91,11 @@ class _Sampler:
         width = self.width or sample_width(model.cfg)
         ids, mask = sample_batch(model.cfg, width)
         feeds, reference = {}, {}
-        for role in roles_of(model.cfg):
-            c = contract(model.cfg, role, draft.precision)
-            ref = TorchRunner(model, role, precision=draft.precision).activate()
-            plan = plan_run(ref, ids, mask, segment_size=width)
-            # the sample call: the last layer works on segment 1 (its memory holds segment 0, so the
-            # logits depend on memory), every layer's state is non-zero, early layers idle (ramp-down)
-            sample = min(model.cfg.base.n_layers, len(plan.schedule.steps) - 1) if c.schedule == "diagonal" else 1
-            if self.validate:
-                log.info("validating %s on ONNX Runtime CPU against the torch cell (%d calls) ...", role,
-                         len(plan.schedule.steps))
-                result, call = self._validate(draft, c, ref, model, plan, sample)
-                self.results[role] = result
-                if self.report:
-                    self.report(result.table())
-                feeds[role] = {k: ref.to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in call.feeds.items()}
-                reference[role] = {k: ref.to_numpy(v) for k, v in call.outputs.items()}
-            else:
-                feeds[role], reference[role] = self._sample_only(model, c, draft.precision, ids, mask, width, sample)
-            ref.deactivate()
+        with Progress(len(roles_of(model.cfg)), "validating graphs" if self.validate else "sample feeds") as bar:
+            for role in roles_of(model.cfg):
+                bar.describe(role)
+                self._one_graph(draft, role, ids, mask, width, feeds, reference)
+                bar.update()
         for role in decode_roles_of(model.cfg):
             if role not in draft.graphs:
                 continue
@@ -126,6 +113,31 @@ class _Sampler:
         failed = [f"{r.role}.{c.name}: {_miss(c)}" for r in self.results.values() for c in r.rows if not c.ok]
         if failed:
             raise ParityFailure(f"export validation failed ({'; '.join(failed)}); nothing was written")
+
+    def _one_graph(self, draft: Draft, role: str, ids, mask, width: int, feeds: dict, reference: dict) -> None:
+        """Validate (or only sample) one graph role; its sample feed and torch outputs go into feeds/reference."""
+        model = draft.model
+        c = contract(model.cfg, role, draft.precision)
+        if c.schedule is None:  # lm_head: one call on the hidden rows a step graph produced
+            self._head(draft, c, model, feeds, reference)
+            return
+        ref = TorchRunner(model, role, precision=draft.precision).activate()
+        plan = plan_run(ref, ids, mask, segment_size=width)
+        # the sample call: the last layer works on segment 1 (its memory holds segment 0, so the
+        # logits depend on memory), every layer's state is non-zero, early layers idle (ramp-down)
+        sample = min(model.cfg.base.n_layers, len(plan.schedule.steps) - 1) if c.schedule == "diagonal" else 1
+        if self.validate:
+            log.info("validating %s on ONNX Runtime CPU against the torch cell (%d calls) ...", role,
+                     len(plan.schedule.steps))
+            result, call = self._validate(draft, c, ref, model, plan, sample)
+            self.results[role] = result
+            if self.report:
+                self.report(result.table())
+            feeds[role] = {k: ref.to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in call.feeds.items()}
+            reference[role] = {k: ref.to_numpy(v) for k, v in call.outputs.items()}
+        else:
+            feeds[role], reference[role] = self._sample_only(model, c, draft.precision, ids, mask, width, sample)
+        ref.deactivate()
 
     def _validate(self, draft: Draft, c, ref: TorchRunner, model: ArmtModel, plan, sample: int):
         from runtimes.ort_runner import OrtRunner
@@ -208,6 +220,32 @@ class _Sampler:
         rows = list(worst.values())
         status = "passed" if rows and all(x.ok for x in rows) else "failed"
         return GraphValidation(c.role, status, rows, calls=len(calls), seconds=time.perf_counter() - t0), calls[0], refs[0]
+
+    def _head(self, draft: Draft, c, model: ArmtModel, feeds: dict, reference: dict) -> None:
+        """lm_head: its sample feed is the first step graph's sample `hidden` output (real final-norm
+        rows of a run with memory; padding rows are junk but finite), validated as one call."""
+        step = next(role for role in feeds if "hidden" in reference[role])
+        feed = {"hidden": np.ascontiguousarray(reference[step]["hidden"], dtype=np.float32)}
+        with TorchRunner(model, c.role, precision=draft.precision) as ref:
+            want = {k: ref.to_numpy(v) for k, v in ref.infer(feed).items()}
+        feeds[c.role], reference[c.role] = feed, want
+        if not self.validate:
+            return
+        from runtimes.ort_runner import OrtRunner
+        t0 = time.perf_counter()
+        got = OrtRunner(OrtSessionLoader(draft.stage / c.file), contract=c, model_id=draft.model_id)
+        try:
+            with got:
+                out = {k: got.to_numpy(v) for k, v in got.infer(feed).items()}
+        except NotRunnable as exc:
+            result = GraphValidation(c.role, "not run", reason=str(exc))
+        else:
+            rows = [compare(name, c.kind(name), draft.precision, out[name], want[name]) for name in c.output_names]
+            result = GraphValidation(c.role, "passed" if all(x.ok for x in rows) else "failed", rows, calls=1,
+                                     seconds=time.perf_counter() - t0)
+        self.results[c.role] = result
+        if self.report:
+            self.report(result.table())
 
     @staticmethod
     def _sample_only(model: ArmtModel, c, precision: str, ids, mask, width: int, sample: int):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from exporter.bounds import NOISE_CAP, NOISE_FACTOR, Comparison, compare, widen
 from graphs.config import ModelConfig
 from graphs.contracts import role_for
 from graphs.errors import BackendUnavailable, ExportError, InputError
+from graphs.progress import Progress
 from graphs.state import to_numpy
 from runtimes.base import Runner, make_runner
 from runtimes.execute import RunResult, run_schedule
@@ -139,7 +141,8 @@ class Report:
             if c is None:
                 lines.append((r.backend, r.schedule, r.case, r.tensor, "", "", "", "", "", "", f"{r.status}: {r.note}"))
                 continue
-            bound = ("exact" if c.bound.rel == 0 else f"{c.bound.rel:.1e}/{c.bound.q_rel:.1e}*" if r.widened
+            bound = ("exact" if c.bound.rel == 0 else c.bound.label() if c.bound.given
+                     else f"{c.bound.rel:.1e}/{c.bound.q_rel:.1e}*" if r.widened
                      else f"{c.bound.rel:.0e}/{c.bound.q_rel:.0e}")
             note = r.note or c.note
             lines.append((r.backend, r.schedule, r.case, r.tensor, "" if r.segment is None else str(r.segment),
@@ -155,7 +158,29 @@ class Report:
         if any(r.widened for r in self.rows):
             out.append(f"* bound widened to {NOISE_FACTOR:g} x the reference's own spread (ref noise: plain vs fused "
                        f"attention, same precision), at most {NOISE_CAP:g} x the table bound")
+        if any(r.cmp is not None and r.cmp.bound.given for r in self.rows):
+            out.append("(set): bound given on the command line (--rtol/--atol/--bound), not the table's; "
+                       "+Xabs: absolute slack (passes when err <= atol + rel x max|ref|)")
         return "\n".join(out)
+
+    def to_dict(self) -> dict:
+        """The report as plain data (`armt verify --json`)."""
+        def num(x: float):
+            return x if math.isfinite(x) else str(x)  # JSON has no inf/nan
+        rows = []
+        for r in self.rows:
+            row = {"backend": r.backend, "schedule": r.schedule, "case": r.case, "tensor": r.tensor,
+                   "status": r.status, "segment": r.segment, "note": r.note or (r.cmp.note if r.cmp else "")}
+            if r.cmp is not None:
+                b = r.cmp.bound
+                row.update(max_abs=num(r.cmp.max_abs), rel=num(r.cmp.rel), q_rel=num(r.cmp.q_rel),
+                           bound={"rel": b.rel, "q_rel": b.q_rel, "atol": b.atol, "given": b.given,
+                                  "widened": r.widened},
+                           ref_noise_rel=None if r.noise is None else num(r.noise.rel))
+            rows.append(row)
+        return {"export_dir": self.export_dir, "precision": self.precision, "exit_code": self.exit_code,
+                "passed": not self.failed and not self.not_run, "failed": len(self.failed),
+                "not_run": sorted({r.backend for r in self.not_run}), "summary": self.summary(), "rows": rows}
 
     def summary(self) -> str:
         ran = [r for r in self.rows if r.status != "not run"]
@@ -214,7 +239,8 @@ def judge(c: Comparison, noise: Comparison | None) -> Comparison:
 
 
 def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: str,
-                 probe: RunResult | None = None) -> dict[str, tuple[Comparison, int, Comparison | None]]:
+                 probe: RunResult | None = None,
+                 bounds: dict | None = None) -> dict[str, tuple[Comparison, int, Comparison | None]]:
     """Per tensor kind: the worst segment's comparison, that segment's index and the reference's own
     spread there (`probe`: the reference run with fused attention). Logits and hidden are compared at
     the real (unpadded) tokens of each segment; the state (ARMT: A, z, written; RMT: memory, written)
@@ -230,7 +256,7 @@ def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: 
     def keep(kind: str, pick, s: int) -> None:
         got_t, ref_t = pick(got), pick(ref)
         noise = compare(kind, kind, precision, pick(probe), ref_t) if probe is not None else None
-        c = judge(compare(kind, kind, precision, got_t, ref_t), noise)
+        c = judge(compare(kind, kind, precision, got_t, ref_t, bounds=bounds), noise)
         if kind not in worst or _worse(c, worst[kind][0]):
             worst[kind] = (c, s, noise)
 
@@ -248,14 +274,15 @@ def compare_runs(got: RunResult, ref: RunResult, case: Case, T: int, precision: 
 
 
 def verify(model, export_dir, backends: list[str], schedules: list[str], cases: list[Case],
-           device: str = "cpu", manifest=None) -> Report:
+           device: str = "cpu", manifest=None, bounds: dict | None = None) -> Report:
     """Run every backend x schedule x case against the reference and fill a report.
 
+    `bounds`: {kind: Bound} replacing the table's (exporter.bounds.given_bounds: `verify --rtol/--atol/--bound`).
     `model`: the torch model (fp32, or already at the export precision); the reference is that model
     cast to the export's precision (the bounds table's reference), run by its own sequential loop."""
     from exporter.manifest import load_manifest
     from graphs.dtypes import compute_dtype, torch_dtype
-    manifest = manifest or load_manifest(export_dir, verify_checksums=True)
+    manifest = manifest or load_manifest(export_dir, verify_checksums="full")
     prec = manifest.precision
     report = Report(str(export_dir), prec)
     dtype = torch_dtype(compute_dtype(prec))
@@ -267,25 +294,29 @@ def verify(model, export_dir, backends: list[str], schedules: list[str], cases: 
     for case, ref in zip(cases, refs):
         for bad in find_nonfinite(ref, T):
             log.warning("%s", bad.line(f"torch reference, case {case.name}"))
-    for backend in backends:
-        for schedule in schedules:
-            role = role_for(model.cfg, schedule)  # an RMT refuses diagonal (InputError, exit 2)
-            try:
-                dev = "cuda" if backend == "trt" else device  # TensorRT engines run on a GPU only
-                runner = make_runner(backend, manifest, role, device=dev)
-                runner.activate()
-            except BackendUnavailable as exc:
-                report.rows.append(Row(backend, schedule, "*", "*", status="not run", note=str(exc)))
-                log.warning("%s %s not run: %s", backend, schedule, exc)
-                continue
-            try:
-                for case, ref, probe in zip(cases, refs, probes):
-                    got = backend_run(runner, case)
-                    for bad in find_nonfinite(got, T):  # the comparisons fail on them too (NaN never passes)
-                        log.warning("%s", bad.line(f"{backend} {schedule}, case {case.name}"))
-                    for kind, (c, seg, noise) in compare_runs(got, ref, case, T, prec, probe).items():
-                        report.rows.append(Row(backend, schedule, case.name, kind, c, seg,
-                                               "ok" if c.ok else "FAIL", noise=noise))
-            finally:
-                runner.deactivate()
+    with Progress(len(backends) * len(schedules) * len(cases), "verify runs") as bar:
+        for backend in backends:
+            for schedule in schedules:
+                role = role_for(model.cfg, schedule)  # an RMT refuses diagonal (InputError, exit 2)
+                try:
+                    dev = "cuda" if backend == "trt" else device  # TensorRT engines run on a GPU only
+                    runner = make_runner(backend, manifest, role, device=dev)
+                    runner.activate()
+                except BackendUnavailable as exc:
+                    report.rows.append(Row(backend, schedule, "*", "*", status="not run", note=str(exc)))
+                    log.warning("%s %s not run: %s", backend, schedule, exc)
+                    bar.update(len(cases))
+                    continue
+                try:
+                    for case, ref, probe in zip(cases, refs, probes):
+                        bar.describe(f"{backend} {schedule} {case.name}")
+                        got = backend_run(runner, case)
+                        for bad in find_nonfinite(got, T):  # the comparisons fail on them too (NaN never passes)
+                            log.warning("%s", bad.line(f"{backend} {schedule}, case {case.name}"))
+                        for kind, (c, seg, noise) in compare_runs(got, ref, case, T, prec, probe, bounds).items():
+                            report.rows.append(Row(backend, schedule, case.name, kind, c, seg,
+                                                   "ok" if c.ok else "FAIL", noise=noise))
+                        bar.update()
+                finally:
+                    runner.deactivate()
     return report

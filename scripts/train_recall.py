@@ -1,6 +1,7 @@
 """Train the demo ARMT (a small LLaMA-based ARMT) on associative recall across segments.
 
-    python scripts/train_recall.py --out models/armt-recall --device cuda --time-limit 480
+    python scripts/train_recall.py --out my-armt-recall --device cuda --time-limit 480
+    python scripts/train_recall.py --out models/armt-recall --overwrite ...   # replace the shipped model
     python scripts/train_recall.py --out /tmp/armt-recall --device cpu --steps 20      # smoke test
 
 The model must carry key-value pairs through its memory: the query segment holds no values (see
@@ -155,7 +156,9 @@ def save(model: ArmtModel, task: RecallTask, out: Path, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="model directory to write (replaced)")
+    p.add_argument("--out", required=True, help="model directory to write (an existing one only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (e.g. the shipped "
+                   "models/armt-recall); without it an existing directory is refused before training")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps")
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of each batch with the most pairs that fit (the rest: 1..most, uniform)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if Path(args.out).exists() and not args.overwrite:  # the shipped demo model is one `--out` away
+        print(f"train_recall.py: error: {args.out} exists (the shipped demo model is models/armt-recall); "
+              "choose another --out or pass --overwrite to replace it", file=sys.stderr)
+        return 2
 
     t_start = time.time()
     torch.manual_seed(args.seed)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from graphs.cells import DiagonalStep, SegmentCell
+from graphs.cells import DiagonalStep, LmHeadCell, SegmentCell
 from graphs.schedule import build_schedule, step_feeds
 from graphs.segments import make_slots, row_lengths
 from tests.helpers import rel_err, tiny_model
@@ -29,12 +29,13 @@ def _run_cells(model, ids, mask, schedule):
             c = int(slot.counts[r])
             logits[r, slot.start:slot.start + c] = lg[r, :c]
 
+    head = LmHeadCell(model)  # the step cells output hidden states; logits come from the lm_head cell
     if schedule == "sequential":
         cell = SegmentCell(model)
         for slot in slots:
             f = _t({"ids": slot.ids, "positions": slot.positions, "key_valid": slot.key_valid, "write": slot.write})
-            lg, _, A, z, wr = cell(f["ids"], f["positions"], f["key_valid"], f["write"], A, z, wr)
-            emit(slot, lg)
+            hid, A, z, wr = cell(f["ids"], f["positions"], f["key_valid"], f["write"], A, z, wr)
+            emit(slot, head(hid)[0])
     else:
         step = DiagonalStep(model)
         P = cfg.armt.segment_size + cfg.armt.num_mem_tokens
@@ -42,10 +43,10 @@ def _run_cells(model, ids, mask, schedule):
         sched = build_schedule("diagonal", L, len(slots))
         for st, feeds in zip(sched.steps, step_feeds(sched, slots)):
             f = _t(feeds)
-            hidden, lg, _, A, z, wr = step(f["input_ids"], hidden, f["positions"], f["key_valid"],
-                                           f["active"], f["write"], A, z, wr)
+            hidden, hid, A, z, wr = step(f["input_ids"], hidden, f["positions"], f["key_valid"],
+                                         f["active"], f["write"], A, z, wr)
             if st.leaving is not None:
-                emit(slots[st.leaving], lg)
+                emit(slots[st.leaving], head(hid)[0])
     return logits, A, z, wr
 
 
@@ -74,7 +75,7 @@ def test_idle_layers_cannot_leak_nan():
     sched = build_schedule("diagonal", L, len(slots))
     f = _t(step_feeds(sched, slots)[0])  # step 0: only layer 0 active
     with torch.no_grad():
-        out, lg, hid, A, z, wr = DiagonalStep(model)(f["input_ids"], hidden, f["positions"], f["key_valid"],
+        out, hid, A, z, wr = DiagonalStep(model)(f["input_ids"], hidden, f["positions"], f["key_valid"],
                                                      f["active"], f["write"], st.A, st.z, st.written)
     assert torch.isfinite(A).all() and torch.isfinite(z).all()
     assert torch.isfinite(out[0]).all()

@@ -232,11 +232,21 @@ def test_memory_cell_state_dict_without_wrapper_prefix():
     assert torch.equal(logits(build(sd)), logits(build(state_dict())))
 
 
-def test_bfloat16_checkpoint_loads_as_fp32():
+def test_bfloat16_checkpoint_stays_bfloat16():
+    """The stored dtype is kept (issue 12: no fp32 doubling); the ARMT memory weights are fp32 always."""
     sd = {k: v.to(torch.bfloat16) for k, v in state_dict().items()}
     model = build(sd)
-    assert model.dtype == torch.float32
-    assert torch.equal(model.layers["qkv"][0, :, :32].t(), sd[f"{LP}.0.layer.self_attn.q_proj.weight"].float())
+    assert model.dtype == torch.bfloat16
+    assert {p.dtype for p in model.globals.values()} == {torch.bfloat16}
+    assert {p.dtype for p in model.mem.values()} == {torch.float32}
+    assert torch.equal(model.layers["qkv"][0, :, :32].t(), sd[f"{LP}.0.layer.self_attn.q_proj.weight"])
+    assert torch.equal(model.mem["w_q"][0].t(), sd[f"{LP}.0.W_mq.weight"].float())
+
+
+def test_mixed_dtype_checkpoint_loads_as_fp32():
+    sd = state_dict()
+    sd["memory_cell.model.model.norm.weight"] = sd["memory_cell.model.model.norm.weight"].half()
+    assert build(sd).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------- model directories
@@ -274,7 +284,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
     def broken(model):
         raise CheckpointError("disk full (simulated)")
-    monkeypatch.setattr(modeldir, "hf_from_params", broken)
+    monkeypatch.setattr(modeldir, "hf_tensors", broken)
     with pytest.raises(CheckpointError, match="simulated"):
         convert_official(LLAMA / "checkpoint.pt", LLAMA, tmp_path / "m", **settings(LLAMA))
     assert list(tmp_path.iterdir()) == []

@@ -25,7 +25,7 @@ from exporter.samples import load_samples
 from exporter.trace import DEFAULT_OPSET
 from exporter.weights import WEIGHTS_FILE
 from graphs.cells import DiagonalStep, SegmentCell
-from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, contract
+from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, STEP_ROLES_OF_KIND, contract
 from graphs.dtypes import compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
@@ -39,8 +39,8 @@ def tensor_kind(name):
     return contract(tiny_model().cfg, "diagonal_step").kind(name)
 
 ARCHS = {"llama": {}, "gpt2": {"wrap_pos": True}}
-EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", WEIGHTS_FILE, "sample_feeds.npz",
-                  "polygraphy_data_loader.py"}
+EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", "lm_head.onnx", WEIGHTS_FILE,
+                  "sample_feeds.npz", "polygraphy_data_loader.py"}
 
 
 def reference_model(arch, precision):
@@ -71,6 +71,7 @@ def export_of(tmp_path_factory):
 
 
 ROLES = ROLES_OF_KIND["armt"]  # the graphs of an ARMT export (an RMT has its own: tests/test_rmt_ort.py)
+STEP_ROLES = STEP_ROLES_OF_KIND["armt"]  # the schedule-driven ones (lm_head: hidden rows -> logits)
 CASES = [(a, p) for a in ARCHS for p in ("fp32", "fp16")]
 
 
@@ -95,7 +96,7 @@ def test_export_writes_a_valid_directory(export_of, arch, precision):
     assert m.validation["status"] == "passed"
     for role in ROLES:
         v = m.validation["graphs"][role]
-        assert v["status"] == "passed" and v["calls"] >= 3
+        assert v["status"] == "passed" and v["calls"] >= (1 if role == "lm_head" else 3) and v["outputs"]
         assert all(o["ok"] and o["rel"] <= o["bound_rel"] for o in v["outputs"])
     assert m.model_config() == tiny_model(arch, **ARCHS[arch]).cfg
     assert m.model["model_id"] == tiny_model(arch, **ARCHS[arch]).model_id()  # of the fp32 weights as given
@@ -138,9 +139,12 @@ def test_fp16_precision_rules(export_of, arch):
     m = load_manifest(export_of(arch, "fp16"))
     step = m.graph("diagonal_step")
     assert step.input("hidden_in").dtype == "float16" and step.output("hidden_out").dtype == "float16"
-    for g in m.graphs.values():
+    for role, g in m.graphs.items():
+        if role == "lm_head":  # hidden rows in, logits out, both float32
+            assert g.input("hidden").dtype == "float32" and g.output("logits").dtype == "float32"
+            continue
         assert g.input("A_in").dtype == "float32" and g.output("z_out").dtype == "float32"
-        assert g.output("logits").dtype == "float32" and g.output("hidden").dtype == "float32"
+        assert g.output("hidden").dtype == "float32" and "logits" not in [s.name for s in g.outputs]
     proto = onnx.load(str(m.graph_path("diagonal_step")), load_external_data=False)
     big = [(t.data_type, tuple(t.dims)) for t in proto.graph.initializer if np.prod(t.dims) >= 64]
     cfg = m.model_config()
@@ -161,7 +165,7 @@ def _state_after_one_segment(model, B, width, seed):
     st = model.zero_state(B)
     t = torch.from_numpy
     with torch.no_grad():
-        _, _, A, z, wr = SegmentCell(model)(t(slot.ids), t(slot.positions), t(slot.key_valid), t(slot.write), st.A,
+        _, A, z, wr = SegmentCell(model)(t(slot.ids), t(slot.positions), t(slot.key_valid), t(slot.write), st.A,
                                             st.z, st.written)
     return A, z, wr
 
@@ -186,7 +190,7 @@ def test_graphs_match_torch_at_other_batches_and_widths(export_of, arch):
             with torch.no_grad():
                 ref = SegmentCell(model)(**feeds)
             got = seg.run(None, {k: _np(v) for k, v in feeds.items()})
-            for name, g, r in zip(("logits", "hidden", "A_out", "z_out", "written_out"), got, ref):
+            for name, g, r in zip(("hidden", "A_out", "z_out", "written_out"), got, ref):
                 c = compare(name, tensor_kind(name), "fp32", g, r)
                 assert c.ok, (B, W, c)
         # diagonal step with all layers active at width W = T and a narrower width
@@ -204,7 +208,7 @@ def test_graphs_match_torch_at_other_batches_and_widths(export_of, arch):
             with torch.no_grad():
                 ref = DiagonalStep(model)(**feeds)
             got = step.run(None, {k: _np(v) for k, v in feeds.items()})
-            for name, g, r in zip(("hidden_out", "logits", "hidden", "A_out", "z_out", "written_out"), got, ref):
+            for name, g, r in zip(("hidden_out", "hidden", "A_out", "z_out", "written_out"), got, ref):
                 c = compare(name, tensor_kind(name), "fp32", g, r)
                 assert c.ok, (B, W, c)
 
@@ -262,7 +266,9 @@ def test_idle_layers_cannot_leak_nan_on_onnxruntime(export_of, arch):
 def test_sample_feeds_are_realistic(export_of):
     d = export_of("llama", "fp32")
     m = load_manifest(d)
-    for role in ROLES:
+    head = load_samples(d / m.samples, "lm_head")  # a step graph's real hidden rows
+    assert set(head) == {"hidden"} and head["hidden"].dtype == np.float32 and np.abs(head["hidden"]).max() > 0
+    for role in STEP_ROLES:
         feeds = load_samples(d / m.samples, role)
         assert set(feeds) == {t.name for t in m.graph(role).inputs}
         assert not feeds["key_valid"].all()  # a padded row
@@ -328,7 +334,7 @@ def test_no_validate_export_then_failed_validation_keeps_it(tmp_path, monkeypatc
     assert "validation not run" in capsys.readouterr().out
     m = load_manifest(out)
     assert m.validation["status"] == "not run" and "onnxruntime" not in m.versions
-    for role in ROLES:
+    for role in STEP_ROLES:
         feeds = load_samples(out / m.samples, role)
         assert feeds["written_in"].any() and np.abs(feeds["A_in"]).max() > 0  # from a real multi-segment run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -428,6 +434,10 @@ def test_build_engines_for_every_graph(export_of, arch, precision, tmp_path, cap
         assert (d / e.file).stat().st_size > 1000 and e.file in m.files
         prof = e.profiles[0]
         T, M = m.dims["segment_size"], m.dims["mem_tokens"]
+        if role == "lm_head":  # rows 1 .. the max width (every token place of a segment, or one per row)
+            d_model = m.dims["d_model"]
+            assert prof["hidden"].min == (1, 1, d_model) and prof["hidden"].max == (4, T, d_model)
+            continue
         assert prof["input_ids"].min == (1, 1) and prof["input_ids"].max == (4, T)
         key = "positions"
         assert prof[key].max[-1] == T + M and prof["A_in"].max[1] == 4
@@ -438,7 +448,8 @@ def test_build_engines_for_every_graph(export_of, arch, precision, tmp_path, cap
     assert main(argv[:-2] + ["--max-width", "3"]) == 0
     m2 = load_manifest(d, verify_checksums=True)
     for role, g in m2.graphs.items():
-        assert len(g.engines) == 1 and g.engines[0].profiles[0]["input_ids"].max == (4, 3)
+        key = "hidden" if role == "lm_head" else "input_ids"
+        assert len(g.engines) == 1 and g.engines[0].profiles[0][key].max[:2] == (4, 3)
         assert g.engines[0].file != first[role] and not (d / first[role]).exists()
     assert main(["inspect", str(d)]) == 0
     assert "tensorrt_rtx" in capsys.readouterr().out

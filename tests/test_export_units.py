@@ -184,9 +184,9 @@ def test_plans_and_output_masks():
     seg = plan_run(TorchRunner(model, "segment"), ids, mask, segment_size=6)
     assert len(seg.feeds) == 3 and [f["input_ids"].shape[1] for f in seg.feeds] == [6, 6, 3]
     f0 = {**seg.feeds[0], **seg.initial}
-    m = seg_c.output_mask("logits", f0)
+    m = seg_c.output_mask("hidden", f0)
     assert m.shape == (2, 6, 1) and m[0].all() and m[1].sum() == 4  # row 1 holds 4 tokens, then padding
-    assert not seg_c.output_mask("logits", {**seg.feeds[1], **seg.initial})[1].any()  # row 1 ended
+    assert not seg_c.output_mask("hidden", {**seg.feeds[1], **seg.initial})[1].any()  # row 1 ended
     assert seg_c.output_mask("A_out", f0) is None
     diag_c = contract(model.cfg, "diagonal_step")
     diag = plan_run(TorchRunner(model, "diagonal_step"), ids, mask, segment_size=6)

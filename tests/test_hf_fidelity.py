@@ -23,9 +23,25 @@ T = 6  # segment size of tests.helpers.tiny_config
 CASES = {
     "llama-gqa-bias": ("llama", dict(attention_bias=True, rope_theta=500.0), {}),
     "llama-mlp-bias-tied": ("llama", dict(mlp_bias=True, num_key_value_heads=1, tie_word_embeddings=True), {}),
+    "llama3-rope": ("llama", dict(rope_theta=500000.0, rope_scaling=None, rope_parameters=None), {}),  # see LLAMA3
     "gpt2": ("gpt2", {}, {}),
     "gpt2-wrap-pos": ("gpt2", {}, dict(wrap_pos=True)),
 }
+
+
+# llama3 rope scaling (Llama 3.1/3.2): with head_dim 8 the four frequencies have wavelengths 6.3, 167,
+# 4440 and 118000 at theta 5e5; an original context of 512 with low/high factors 1/8 puts them in all
+# three bands (below 64: kept, 64..512: smoothed, above 512: divided by the factor)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+          "original_max_position_embeddings": 512}
+
+
+def _base_kw(base_kw: dict) -> dict:
+    """A case's base-config overrides, with the llama3 rope parameters filled in (both spellings:
+    transformers 5 reads rope_parameters, 4.x rope_scaling; ours reads either)."""
+    if "rope_parameters" not in base_kw:
+        return base_kw
+    return dict(base_kw, rope_parameters=dict(LLAMA3, rope_theta=base_kw["rope_theta"]), rope_scaling=dict(LLAMA3))
 
 
 def hf_model(model) -> torch.nn.Module:
@@ -55,7 +71,7 @@ def hf_model(model) -> torch.nn.Module:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_first_segment_equals_hf_base_model(case, n_tokens):
     arch, base_kw, armt_kw = CASES[case]
-    model = tiny_model(arch, seed=3, **armt_kw, **base_kw)
+    model = tiny_model(arch, seed=3, **armt_kw, **_base_kw(base_kw))
     hf = hf_model(model)
     cfg = model.cfg
     M = cfg.armt.num_mem_tokens
@@ -92,3 +108,16 @@ def test_rope_theta_is_honoured():
     model = tiny_model("llama", rope_theta=500.0)
     hf = hf_model(model)
     assert torch.allclose(model.inv_freq, hf.model.rotary_emb.inv_freq.float(), rtol=1e-6, atol=0)
+
+
+def test_llama3_rope_scaling_equals_transformers():
+    """llama3 rope scaling: our inverse frequencies equal transformers' in each of the three bands
+    (kept, smoothed, divided by the factor); the logits are checked by test_first_segment_equals_hf_base_model."""
+    model = tiny_model("llama", **_base_kw(CASES["llama3-rope"][1]))
+    assert dict(model.cfg.base.rope_scaling)["factor"] == 8.0
+    hf = hf_model(model)
+    theirs = hf.model.rotary_emb.inv_freq.float()
+    plain = tiny_model("llama", rope_theta=500000.0).inv_freq
+    assert torch.allclose(model.inv_freq, theirs, rtol=1e-6, atol=0)
+    ratio = (plain / model.inv_freq).tolist()
+    assert ratio[0] == 1.0 and 1.0 < ratio[1] < 8.0 and ratio[2] == pytest.approx(8.0) and ratio[3] == pytest.approx(8.0)

@@ -18,7 +18,7 @@ import pytest
 from tests.test_runtime_ort import exported
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST_PACKAGES = ("onnxruntime", "numpy", "numpy.libs", "ml_dtypes", "polygraphy")
+HOST_PACKAGES = ("onnxruntime", "numpy", "numpy.libs", "ml_dtypes", "tqdm", "polygraphy")  # base + [ort]
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,6 @@ def test_ort_only_host_runs_inspects_and_verifies_an_export(ort_host, tmp_path):
     assert "11/11 comparisons within bounds" in r.stdout
     r = _armt(ort_host, "verify", export_dir)  # the run comparisons need torch for the reference
     assert r.returncode == 3 and "needs torch" in r.stderr and "Traceback" not in r.stderr
+    r = _armt(ort_host, "export", "--synthetic", "tiny", "-o", tmp_path / "x")  # exporting needs the [torch] extra
+    assert r.returncode == 3 and "armt-deploy[torch]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

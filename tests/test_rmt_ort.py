@@ -54,7 +54,8 @@ def test_export_holds_one_rmt_segment_graph(exports):
     m = load_manifest(d)
     s = settings("rmt-llama")
     M = s["num_mem_tokens"]
-    assert list(m.graphs) == ["rmt_segment"] and (d / "rmt_segment.onnx").is_file()
+    assert list(m.graphs) == ["rmt_segment", "lm_head"] and (d / "rmt_segment.onnx").is_file()
+    assert "logits" not in [t.name for t in m.graph("rmt_segment").outputs]  # logits on demand: lm_head
     assert not (d / "segment.onnx").exists() and not (d / "diagonal_step.onnx").exists()
     assert m.model["armt_config"]["kind"] == "rmt" and m.model_config().kind == "rmt"
     assert "d_key" not in m.dims and m.dims["mem_tokens"] == M
@@ -182,6 +183,29 @@ def test_inspect_shows_the_rmt_graph(exports, capsys):
     out = capsys.readouterr().out
     assert "RMT segment 6, 3 memory tokens" in out and "wrap_pos" in out
     assert "memory_in" in out and "(batch, 3, 32)" in out and "diagonal_step" not in out
+    assert "fused ops" in out and "lm_head" in out  # fp32: attention written out, no fused op ("-")
+
+
+def test_ort_rmt_last_logits_and_none(exports, tmp_path):
+    """Logits on demand for the RMT: each row's last real position (padded batch, and a resumed call)
+    equals the all-positions logits there; --logits none computes no logits."""
+    d, _ = exports["rmt-llama"]
+    ids = official("rmt-llama", "input_ids").astype(np.int64)
+    B, N = ids.shape
+    mask = np.ones((B, N), np.int64)
+    mask[-1, N // 2:] = 0
+    lengths = mask.sum(1)
+    with OrtRunner(d, "rmt_segment") as runner:
+        full = run_schedule(runner, ids, mask, collect=("logits",))
+        last = run_schedule(runner, ids, mask, collect=("last_logits",))
+        none = run_schedule(runner, ids, mask, collect=())
+        first = run_schedule(runner, ids[:, :5], collect=("last_logits",))
+        rest = run_schedule(runner, ids[:, 5:], state=first.state, collect=("last_logits",))
+        whole = run_schedule(runner, ids, collect=("logits",))
+    want = np.stack([full.logits[b, n - 1] for b, n in enumerate(lengths)])
+    assert rel_err(last.last_logits, want) < TOL and none.logits is None and none.last_logits is None
+    assert rel_err(rest.last_logits, whole.logits[:, -1]) < TOL
+    assert rel_err(first.last_logits, whole.logits[:, 4]) < TOL
 
 
 def _have_trt_rtx() -> bool:

@@ -3,6 +3,11 @@
     armt bench --synthetic llama-1b --device cuda --precision bf16 \
         --lengths 4096,16384,131072 --schedules full,sequential,diagonal --backends torch \
         --output results/bench.json --plot results/bench.png
+
+    # issue 10: the export on ONNX Runtime CUDA next to the torch fast executor, same job
+    armt bench --synthetic llama-1b --device cuda --precision fp16 --mem-std 0.001 \
+        --backends torch,ort --schedules diagonal --lengths 32768,131072 --logits last \
+        --export-to /tmp/export-fp16 --steady-step --parity-length 8192 --output issue10_fp16.json
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ log = logging.getLogger("armt.bench")
 
 def _ints(text: str) -> list[int]:
     from graphs.errors import InputError
+    items = [v.strip() for v in text.split(",")]
+    if any(not v for v in items):  # `1,,2` or a trailing comma: a typo, not the list 1,2
+        raise InputError(f"expected comma-separated integers without empty items, got {text!r}")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         raise InputError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
@@ -30,11 +38,43 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     from graphs.errors import InputError
-    names = [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",")]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
         raise InputError(f"{what} must be among {', '.join(allowed)}, got {text!r}")
     return names
+
+
+def _ort_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def _steady(work, backends: list[str], batch: int, device, calls: int) -> list[dict]:
+    """One steady diagonal step alone, per backend that has one (torch fast executor, ort)."""
+    from armt.bench.steady import ort_step, time_step, torch_step
+    from graphs.errors import ArmtError
+    out = []
+    for backend in (b for b in backends if b in ("torch", "ort")):
+        row = {"backend": backend, "batch": batch, "precision": work.precision}
+        try:
+            if backend == "torch":
+                step = torch_step(work.fast, batch)
+            else:
+                runner = work.ort_runner("diagonal_step")
+                step = ort_step(runner, batch)
+            row.update(time_step(step, device, calls=calls))
+            if backend == "ort":
+                row.update(work.ort_cuda_graph("diagonal"))
+        except ArmtError as exc:
+            row["error"] = str(exc)
+        out.append(row)
+        log.info("steady diagonal step, %s: %s", backend, f"{row['step_ms']:.3f} ms" if "step_ms" in row
+                 else row["error"])
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,10 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-std", type=float, default=0.02, help="synthetic: std of the random weights (0.02)")
     p.add_argument("--mem-std", type=float, help="synthetic: std of the memory weights (default: --init-std); "
                    "smaller keeps the random memory well conditioned")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the random token ids (0)")
     p.add_argument("--lengths", default="4096,16384", help="comma-separated token counts")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"],
+                   help="compute precision of the timed runs (default bf16)")
     p.add_argument("--backends", default="torch", help="comma-separated: torch (fast executor), torch-ref "
                    "(graphs.model reference), ort (ONNX Runtime, needs --export-dir)")
     p.add_argument("--schedules", help="comma-separated: full, sequential, diagonal (default all of the model's: "
@@ -66,8 +107,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--export-dir", help="export directory for the ort backend (`armt export` of the same model)")
     p.add_argument("--export-to", help="ort backend without --export-dir: export the bench's model here first")
-    p.add_argument("--lm-head", action="store_true", help="torch backends: also compute the logits of every "
-                   "segment (default: base model without LM head, hidden states only)")
+    p.add_argument("--lm-head", action="store_true", help="the same as --logits all")
+    p.add_argument("--logits", choices=["none", "last", "all"], help="the LM head in the timed job, the same "
+                   "for every backend: none (hidden states only; the default), last (each row's last position: "
+                   "torch's head on that row, the export's lm_head graph for ort), all (every position; torch "
+                   "backends only)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="ort: CUDA graphs in ONNX Runtime (default on with --device cuda; falls back with one "
+                   "warning where capture is refused)")
+    p.add_argument("--steady-step", action="store_true", help="also time one steady diagonal step alone "
+                   "(every layer active, full slots) for the torch fast executor and ort")
+    p.add_argument("--step-calls", type=int, default=20, help="steps per timed block of --steady-step (20)")
     p.add_argument("--max-full", type=int, help="skip full attention above this many tokens")
     p.add_argument("--max-sequential", type=int, help="skip the sequential schedule above this many tokens")
     p.add_argument("--max-ref", type=int, default=131072, help="skip the torch-ref backend above this many tokens")
@@ -90,6 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphs.errors import ArmtError, InputError, NonFiniteError
     from armt.bench import report
     from armt.bench.parity import run_parity
+    from armt.bench import targets as target_eval
     from armt.bench.timing import measure
     from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
     from runtimes.torch_runner import check_torch_device
@@ -105,8 +156,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report.require_matplotlib()  # an optional need, checked up front (not after the whole bench)
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
     backends = _names(args.backends, BACKENDS, "--backends")
-    if args.warmup < 0 or args.repeats < 1:
-        raise InputError("--warmup must be >= 0 and --repeats >= 1")
+    if args.warmup < 0 or args.repeats < 1 or args.step_calls < 1:
+        raise InputError("--warmup must be >= 0, --repeats and --step-calls >= 1")
+    if args.lm_head and args.logits not in (None, "all"):
+        raise InputError(f"--lm-head is --logits all; it contradicts --logits {args.logits}")
+    logits = args.logits or ("all" if args.lm_head else "none")
+    if logits == "all" and "ort" in backends:
+        raise InputError("the ort backend is benched with --logits last or none (all would gather (B, N, vocab) "
+                         "logits on the host)")
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise InputError("--cuda-graph needs --device cuda")
     device = check_torch_device(args.device)
     torch.manual_seed(args.seed)
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
@@ -128,9 +187,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if set(backends) - set(RMT_BACKENDS):
             raise InputError(f"an RMT is benched on the backends {', '.join(RMT_BACKENDS)} (no fast executor: "
                              "torch runs the reference cells with fused attention)")
-        work = RmtWorkloads(model, device, args.precision, lm_head=args.lm_head, export_dir=args.export_dir)
+        if logits == "last" or args.steady_step:
+            raise InputError("an RMT is benched with --logits none or all, without --steady-step (no diagonal step)")
+        work = RmtWorkloads(model, device, args.precision, lm_head=logits == "all", export_dir=args.export_dir)
     else:
-        work = Workloads(model, device, args.precision, lm_head=args.lm_head, export_dir=args.export_dir)
+        if args.steady_step and "diagonal" not in schedules:
+            raise InputError("--steady-step times a diagonal step: include diagonal in --schedules")
+        work = Workloads(model, device, args.precision, export_dir=args.export_dir, logits=logits,
+                         cuda_graph=args.cuda_graph)
     if "ort" in backends and not args.export_dir and args.export_to:
         work.ensure_export(args.export_to)
     cfg = model.cfg
@@ -139,7 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else " ".join(shlex.quote(a) for a in sys.argv),
         "model": args.synthetic or args.model, "precision": args.precision, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "lm_head": args.lm_head, "warmup": args.warmup, "repeats": args.repeats,
+        "torch": torch.__version__, "onnxruntime": _ort_version() if "ort" in backends else None,
+        "lm_head": logits == "all", "logits": logits, "cuda_graph": args.cuda_graph, "warmup": args.warmup, "repeats": args.repeats,
         "kind": cfg.kind, "segment_size": cfg.armt.segment_size, "memory_tokens": cfg.armt.num_mem_tokens,
         "d_mem": getattr(cfg.armt, "d_mem", None),
         "layers": cfg.base.n_layers, "d_model": cfg.base.d_model, "init_std": args.init_std,
@@ -148,7 +213,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }
     rows: list[dict] = []
     # --output is rewritten after every row with "complete": false (a bench cut short keeps its rows)
-    record = {"meta": meta, "results": rows, "parity": [], "complete": False}
+    record = {"meta": meta, "results": rows, "parity": [], "steady_step": [], "targets": [], "complete": False}
     gen = torch.Generator().manual_seed(args.seed)
     limits = {"full": args.max_full, "sequential": args.max_sequential}
     try:
@@ -163,7 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         if (limit and N > limit) or (backend == "torch-ref" and args.max_ref and N > args.max_ref):
                             continue
                         row = {"backend": backend, "schedule": schedule, "tokens": N, "batch": B,
-                               "precision": args.precision}
+                               "precision": args.precision, "logits": logits}
                         try:
                             fn = work.callable(backend, schedule, ids)
                             t = measure(fn, device, args.warmup, args.repeats)
@@ -175,23 +240,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         else:
                             row.update(times_ms=t.times_ms, median_ms=t.median_ms,
                                        tokens_per_s=B * N / (t.median_ms / 1e3), peak_bytes=t.peak_bytes,
-                                       nonfinite=t.result.nonfinite())
+                                       held_bytes=t.held_bytes, nonfinite=t.result.nonfinite())
+                            if backend == "ort" and not rmt:  # its arena, not torch's counters
+                                row.update(peak_bytes=work.ort_held_bytes(), held_bytes=work.ort_held_bytes(),
+                                           **work.ort_cuda_graph(schedule))
+                                if device.type == "cuda":
+                                    row["peak_kind"] = "held by ONNX Runtime (cudaMemGetInfo less torch's reserved)"
                             for what in row["nonfinite"]:
                                 log.warning("%s %s at %d tokens: non-finite values (NaN/Inf) in %s", backend,
                                             schedule, N, what)
                         rows.append(row)
-                        log.info("%s", report.table([row]).splitlines()[-1])
+                        if not sys.stdout.isatty():  # on a terminal the table at the end shows each row once
+                            log.info("%s", report.table([row]).splitlines()[-1])
                         if args.output:
                             report.write_json(args.output, record)
+        if args.steady_step:
+            record["steady_step"] = _steady(work, backends, batches[0], device, args.step_calls)
+            if args.output:
+                report.write_json(args.output, record)
         if args.parity_length:
             parity = run_rmt_parity if rmt else run_parity
             record["parity"] = parity(work, backends, args.parity_length, batches[0], args.seed)
     finally:
         work.close()
+    record["targets"] = target_eval.evaluate(record)
     print(report.table(rows))
+    if record["steady_step"]:
+        print()
+        print(report.step_table(record["steady_step"]))
     if record["parity"]:
         print()
         print(report.parity_table(record["parity"]))
+    if record["targets"]:
+        print()
+        print(target_eval.table(record["targets"]))
     record["complete"] = True
     files = {}
     if args.output:

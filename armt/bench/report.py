@@ -31,16 +31,34 @@ def table(rows: list[dict]) -> str:
             continue
         peak = f"{r['peak_bytes'] / MiB:.0f}" if r.get("peak_bytes") is not None else "-"
         note = "non-finite: " + ",".join(r["nonfinite"]) if r["nonfinite"] else ""
+        if r.get("cuda_graph") is not None:
+            note = (note + "; " if note else "") + ("CUDA graphs" if r["cuda_graph"] else "no CUDA graphs")
         lines.append(f"{r['backend']:<10} {r['schedule']:<11} {r['tokens']:>9} {r['batch']:>5} "
                      f"{r['median_ms']:>11.2f} {r['tokens_per_s']:>12.0f} {peak:>9}  {note}")
     return "\n".join(lines)
 
 
-def parity_table(rows: list[dict]) -> str:
-    head = f"{'backend':<10} {'schedule':<11} {'tensor':<7} {'max rel':>10} {'norm rel':>10}  (vs fp32 sequential reference)"
+def step_table(rows: list[dict]) -> str:
+    head = f"{'backend':<10} {'steady diagonal step ms':>24}  notes"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['backend']:<10} {r['schedule']:<11} {r['tensor']:<7} {r['max_rel']:>10.2e} "
+        if r.get("error"):
+            lines.append(f"{r['backend']:<10} {'-':>24}  {r['error']}")
+            continue
+        note = "" if r.get("cuda_graph") is None else ("CUDA graphs" if r["cuda_graph"] else
+                                                        f"no CUDA graphs: {r.get('cuda_graph_off_reason')}")
+        lines.append(f"{r['backend']:<10} {r['step_ms']:>24.3f}  {note}")
+    return "\n".join(lines)
+
+
+def parity_table(rows: list[dict]) -> str:
+    head = f"{'backend':<10} {'schedule':<11} {'tensor':<11} {'max rel':>10} {'norm rel':>10}  (vs fp32 sequential reference)"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['backend']:<10} {r['schedule']:<11} {r['tensor']:<11} {'-':>10} {'-':>10}  {r['error']}")
+            continue
+        lines.append(f"{r['backend']:<10} {r['schedule']:<11} {r['tensor']:<11} {r['max_rel']:>10.2e} "
                      f"{r['norm_rel']:>10.2e}" + ("" if r["finite"] else "  NON-FINITE"))
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ class Timing:
     times_ms: list[float]  # one per timed run
     peak_bytes: int | None  # peak device memory allocated during the timed runs (None on CPU)
     result: Any  # what the last run returned
+    held_bytes: int | None = None  # peak memory torch's caching allocator held (reserved) meanwhile
 
     @property
     def median_ms(self) -> float:
@@ -33,7 +34,7 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeat
         result = fn()
     sync(device)
     times = []
-    peak = None
+    peak = held = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(repeats):
@@ -44,9 +45,10 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeat
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak = torch.cuda.max_memory_allocated(device)
+        held = torch.cuda.max_memory_reserved(device)
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
             result = fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(times, peak, result)
+    return Timing(times, peak, result, held)

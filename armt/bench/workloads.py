@@ -5,11 +5,22 @@
     torch-ref   -                       ArmtModel sequential       ArmtModel diagonal      (graphs.model, fused SDPA)
     ort         -                       C's OrtRunner, segment     C's OrtRunner, diagonal_step (run_schedule)
 
-Every callable returns a `Outcome`: the last segment's hidden states (fp32, after the final norm)
-and the final memory state, so a run can be checked for non-finite values. Nothing keeps the
-(B, N, d) outputs of a whole run (that would make peak memory grow with N); the head (logits) is
-computed per segment only with `lm_head`, and only for the torch backends (the ONNX graphs always
-compute it: see docs/performance.md).
+Every callable returns a `Outcome`: the last segment's hidden states (fp32, after the final norm;
+torch backends), the last position's logits (`logits="last"`) and the final memory state, so a run
+can be checked for non-finite values. Nothing keeps the (B, N, d) outputs of a whole run (that would
+make peak memory grow with N). `logits` is the same job for every backend:
+
+    none   no LM head anywhere (torch: hidden states only; ort: run_schedule collects nothing)
+    last   the logits of each row's last position, (B, V) fp32 (torch: last hidden row @ head in the
+           compute dtype; ort: the export's lm_head graph on that row, run_schedule "last_logits")
+    all    every position's logits computed (torch only: per segment on the device, then dropped; ort
+           would gather (B, N, V) on the host, which is not a deployment job: refused)
+
+ONNX Runtime CUDA holds its memory in its own arena, invisible to torch's counters: an ort row's
+peak is the device memory in use (cudaMemGetInfo) less torch's reserved memory, less what was in use
+before the first ONNX Runtime session opened (`held_device_bytes`); it is the arena's high-water mark
+since the session opened. Torch rows give torch's peak allocated bytes and its peak reserved (held)
+bytes, the like-for-like figure.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from graphs.blocks import rms_norm
@@ -33,21 +45,46 @@ log = logging.getLogger("armt.bench")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULES = ("full", "sequential", "diagonal")
 BACKENDS = ("torch", "torch-ref", "ort")
+LOGITS = ("none", "last", "all")
 
 
 @dataclass
 class Outcome:
-    last_hidden: torch.Tensor  # (B, c, d) fp32: the last segment's hidden states after the final norm
+    last_hidden: torch.Tensor | None  # (B, c, d) fp32: the last segment's hidden states after the final norm
     state: MemoryState | RmtState | None  # final memory state (None for full attention)
+    last_logits: torch.Tensor | np.ndarray | None = None  # (B, V) fp32 with logits="last"
 
     def nonfinite(self) -> list[str]:
         """The outputs that hold NaN or Inf, with where (a bench keeps only the last segment's hidden
-        states and the final memory state: that is as far as it can localize)."""
-        bad = [] if torch.isfinite(self.last_hidden).all() else ["hidden (last segment)"]
+        states, the last logits and the final memory state: that is as far as it can localize)."""
+        bad = [] if self.last_hidden is None or torch.isfinite(self.last_hidden).all() else ["hidden (last segment)"]
+        if self.last_logits is not None and not torch.isfinite(torch.as_tensor(self.last_logits)).all():
+            bad.append("last logits")
         if self.state is not None:
             bad += [f"{n} (final memory state)" for n in type(self.state).memory_tensors()  # A, z; memory (RMT)
                     if not torch.isfinite(getattr(self.state, n)).all()]
         return bad
+
+
+def held_device_bytes(device: torch.device) -> int:
+    """Device memory in use by this process outside torch's caching allocator (cudaMemGetInfo less
+    torch's reserved bytes): CUDA contexts, libraries' workspaces and ONNX Runtime's arena."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def head_weight(model: ArmtModel) -> torch.Tensor:
+    """(d, V) the LM head in the model's compute dtype (tied: the embedding's transpose)."""
+    g = model.globals
+    return g["embed"].t() if model.cfg.base.tie_word_embeddings else g["lm_head"]
+
+
+def last_logits_of(model: ArmtModel, last_hidden: torch.Tensor) -> torch.Tensor:
+    """(B, V) fp32: the head on each row's last hidden row (fp32 in, compute dtype product), as the
+    lm_head graph computes it."""
+    with torch.no_grad():
+        w = head_weight(model)
+        return (last_hidden[:, -1].to(w.dtype) @ w).float()
 
 
 def build_model(synthetic: str | None, model_dir: str | None, segment: int, memory: int, d_mem: int,
@@ -102,13 +139,21 @@ class Workloads:
     """Builds each backend once per precision/device and hands out the callables to time."""
 
     def __init__(self, model: ArmtModel, device: torch.device, precision: str, lm_head: bool = False,
-                 export_dir: str | None = None):
+                 export_dir: str | None = None, logits: str | None = None, cuda_graph: bool | None = None):
+        """`logits`: none | last | all (default: all with `lm_head`, else none). `cuda_graph`: the ort
+        runners' CUDA graphs (default: on for CUDA)."""
         self.fp32_model = model
-        self.device, self.precision, self.lm_head = device, precision, lm_head
+        self.logits = logits or ("all" if lm_head else "none")
+        if self.logits not in LOGITS:
+            raise InputError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
+        self.device, self.precision, self.lm_head = device, precision, self.logits == "all"
         self.export_dir = export_dir
+        self.cuda_graph = cuda_graph
         self._model: ArmtModel | None = None
         self._fast = None
         self._ort: dict[str, object] = {}
+        self._head = None
+        self._held_before: int | None = None  # device memory outside torch before ONNX Runtime opened
 
     @property
     def model(self) -> ArmtModel:
@@ -133,13 +178,21 @@ class Workloads:
             if schedule == "full":
                 return lambda: Outcome(fx.full_attention(ids)[:, -1:].float(), None)
 
+            model, last = self.model, self.logits == "last"
+
             def fast_run():
                 r = fx.run(ids, schedule, head=self.lm_head)
-                return Outcome(r.last_hidden, r.state)
+                return Outcome(r.last_hidden, r.state, last_logits_of(model, r.last_hidden) if last else None)
             return fast_run
         if backend == "torch-ref":
-            model = self.model
-            return lambda: reference_run(model, ids, schedule)[0]
+            model, last = self.model, self.logits == "last"
+
+            def ref_run():
+                out = reference_run(model, ids, schedule)[0]
+                if last:
+                    out.last_logits = last_logits_of(model, out.last_hidden)
+                return out
+            return ref_run
         if backend == "ort":
             return self._ort_callable(schedule, ids)
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -158,27 +211,51 @@ class Workloads:
                      overwrite=True, source="armt bench")
         self.export_dir = where
 
-    def _ort_callable(self, schedule: str, ids: torch.Tensor) -> Callable[[], Outcome]:
+    def ort_runner(self, role: str):
+        """The export's `role` graph on ONNX Runtime (opened once, kept active)."""
         if not self.export_dir:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) "
                              "or --export-to DIR (the bench exports its model there)")
-        from runtimes.execute import run_schedule
-        from runtimes.base import make_runner
-        role = ROLE_OF_SCHEDULE[schedule]
         if role not in self._ort:
-            runner = make_runner("ort", self.export_dir, role, device=str(self.device))
+            from runtimes.base import make_runner
+            if self.device.type == "cuda" and self._held_before is None:
+                torch.cuda.synchronize(self.device)
+                self._held_before = held_device_bytes(self.device)
+            runner = make_runner("ort", self.export_dir, role, device=str(self.device), cuda_graph=self.cuda_graph)
             runner.activate()
             if runner.precision != self.precision:
                 raise InputError(f"export {self.export_dir} is {runner.precision}, the bench runs {self.precision}")
             self._ort[role] = runner
-        runner = self._ort[role]
-        T = runner.cfg.armt.segment_size
-        N = ids.shape[1]
-        c = N - (-(-N // T) - 1) * T
+        return self._ort[role]
+
+    def ort_held_bytes(self) -> int | None:
+        """Device memory ONNX Runtime holds now (its arena's high-water mark), None on the CPU."""
+        if self.device.type != "cuda" or self._held_before is None:
+            return None
+        return max(held_device_bytes(self.device) - self._held_before, 0)
+
+    def ort_cuda_graph(self, schedule: str) -> dict:
+        """Whether the schedule's ort runner captures CUDA graphs (and why not)."""
+        runner = self._ort.get(ROLE_OF_SCHEDULE[schedule])
+        if runner is None:
+            return {}
+        return {"cuda_graph": runner.cuda_graph, "cuda_graph_ids": len(runner.graphs),
+                "cuda_graph_off_reason": runner.cuda_graph_reason}
+
+    def _ort_callable(self, schedule: str, ids: torch.Tensor) -> Callable[[], Outcome]:
+        from graphs.contracts import LM_HEAD
+        from runtimes.execute import run_schedule
+        if self.logits == "all":
+            raise InputError("the ort backend is benched with --logits last or none (all would gather "
+                             "(B, N, vocab) logits on the host)")
+        runner = self.ort_runner(ROLE_OF_SCHEDULE[schedule])
+        head = self.ort_runner(LM_HEAD) if self.logits == "last" else None
+        collect = ("last_logits",) if head is not None else ()
+        host = ids.cpu().numpy()
 
         def ort_run():
-            r = run_schedule(runner, ids.cpu(), collect=("hidden",))
-            return Outcome(torch.from_numpy(r.hidden[:, N - c:]), torch_state(r.state, "cpu"))
+            r = run_schedule(runner, host, collect=collect, head=head)
+            return Outcome(None, torch_state(r.state, "cpu"), r.last_logits)
         return ort_run
 
     def close(self) -> None:

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ARMT: the model was trained with correction=False (gamma = 1)")
     p.add_argument("--nu", type=_positive_int, default=None, help="ARMT: DPFP order (the official code uses 3)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--shard-size", metavar="SIZE", default=None,
+                   help="split the weights into safetensors shards of at most SIZE (e.g. 5GB, 500MB, 2GiB) with "
+                        "model.safetensors.index.json (default: one model.safetensors)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write")
     p.set_defaults(func=cmd_convert_official)
 
@@ -58,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_convert_official(args: argparse.Namespace) -> int:
     from graphs.checkpoint import convert_official
     from graphs.errors import InputError
+    from graphs.tensorfile import parse_size
 
+    shard_bytes = parse_size(args.shard_size) if args.shard_size else None
     if args.kind == "rmt":
         given = [flag for flag, on in (("--d-mem", args.d_mem is not None), ("--no-correction", args.no_correction),
                                        ("--nu", args.nu is not None)) if on]
@@ -66,13 +71,13 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
             raise InputError(f"{', '.join(given)}: ARMT settings; an RMT (--kind rmt) has no memory weights")
         out = convert_official(args.checkpoint, args.base_config, args.output, kind="rmt",
                                segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens,
-                               wrap_pos=args.wrap_pos, overwrite=args.overwrite)
+                               wrap_pos=args.wrap_pos, overwrite=args.overwrite, shard_bytes=shard_bytes)
     else:
         if args.d_mem is None:
             raise InputError("--d-mem is required for an ARMT (--kind armt): the memory key width it was trained with")
         out = convert_official(args.checkpoint, args.base_config, args.output,
                                segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens,
                                d_mem=args.d_mem, wrap_pos=args.wrap_pos, correction=not args.no_correction,
-                               nu=args.nu or 3, overwrite=args.overwrite)
+                               nu=args.nu or 3, overwrite=args.overwrite, shard_bytes=shard_bytes)
     log.info("wrote %s model directory %s", args.kind.upper(), out)
     return 0

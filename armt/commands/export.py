@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 
 from graphs.contracts import ROLES
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build a TensorRT engine per exported graph",
                        description="Build TensorRT engines (tensorrt, else tensorrt_rtx: ahead of time, no GPU "
                        "needed) for each graph of an export directory and record them in manifest.json.")
-    b.add_argument("export_dir")
+    b.add_argument("export_dir", help="export directory (armt export)")
     b.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="must match the export's precision (engines are strongly typed)")
     b.add_argument("--compute-capability", default="",
@@ -51,15 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--opt-width", type=int, default=None, help="width the builder tunes for (default: max width)")
     b.add_argument("--max-capacity", type=int, default=None,
                    help="decode graphs: largest KV cache (places; default max width + 2 x mem tokens + 256)")
-    b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt_rtx"])
+    b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt_rtx"],
+                   help="which TensorRT package builds (default auto: tensorrt, else tensorrt_rtx)")
     b.add_argument("--graph", action="append", choices=list(ROLES),
                    help="build only this graph (repeatable; default all)")
     b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("inspect", help="show an export directory's graphs, tensors, sizes and engines")
-    i.add_argument("export_dir")
+    i.add_argument("export_dir", help="export directory (armt export)")
     i.add_argument("--verify", action="store_true", help="also check every file's sha256 and list every manifest "
                    "field that disagrees with what the graphs record (exit 2 when any)")
+    i.add_argument("--json", action="store_true", help="print the description (and with --verify the problems "
+                   "found) as JSON on stdout; exit codes as without it")
     i.set_defaults(func=cmd_inspect)
 
 
@@ -146,9 +150,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from exporter.inspect_export import inspect_export
+    from exporter.inspect_export import inspect_data, inspect_export
     from graphs.errors import ExportError
 
+    if args.json:
+        import json
+        data = inspect_data(args.export_dir, verify_checksums=args.verify)
+        print(json.dumps(data, indent=2))
+        found = data["problems"] or []
+        if found:
+            print(f"armt inspect: error: {found[0]['problem']}"
+                  + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), file=sys.stderr)
+            return ExportError.exit_code
+        return 0
     text, problems = inspect_export(args.export_dir, verify_checksums=args.verify)
     print(text)
     if problems:

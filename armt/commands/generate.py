@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-ids", help="int .npy of shape (B, N): the prompts, right-padded")
     p.add_argument("--attention-mask", help="(B, N) .npy of 0/1, right-padded (ones, then zeros)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per row at most (default 32)")
-    p.add_argument("--memory-policy", default="frozen", choices=["frozen", "recurrent"])
+    p.add_argument("--memory-policy", default="frozen", choices=["frozen", "recurrent"],
+                   help="frozen (default): the last segment and new tokens read the memory, never write it; "
+                   "recurrent: completed segments are written as `armt run` does")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="execution backend (default torch)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu")
     p.add_argument("--precision", choices=PRECISIONS,
