@@ -18,6 +18,7 @@ from runtimes.generate import generate
 from runtimes.ort_generate import open_decoder
 from tests.helpers import rel_err
 from tests.test_generate import FIXTURES, official_model
+from tests.test_rmt_ort import _have_trt_rtx
 
 pytest.importorskip("onnxruntime")
 
@@ -127,13 +128,6 @@ def test_trt_backend_refused_with_one_line(exports):
     with pytest.raises(InputError, match="--backend trt is not implemented"):
         open_decoder(exports["llama"][1], "trt")
 
-
-def _have_trt_rtx() -> bool:
-    try:
-        import tensorrt_rtx  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 @pytest.mark.trt
