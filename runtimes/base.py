@@ -6,7 +6,7 @@ A runner is one graph (a role of graphs/contracts.py) of one model on one backen
     with runner:                                   # activate(): load session / engine, once
         out = runner.infer(feeds)                  # one graph call: named inputs -> named outputs
         out = runner.infer({**next_feeds, "A_in": out["A_out"], ...})   # state stays on the device
-        logits = runner.to_numpy(out["logits"])    # a host copy
+        hidden = runner.to_numpy(out["hidden"])    # a host copy
 
 Feeds are host arrays (numpy; the torch runner also takes torch tensors) or outputs of this runner's
 previous call. Outputs are handles in buffers the runner owns and reuses: they stay valid until the
