@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import contract, model_dims, roles_of
+from graphs.contracts import contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -110,14 +110,16 @@ def _versions() -> dict[str, str]:
 
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
-                 free_model: bool = False, tokenizer_dir: str | Path | None = None) -> ExportResult:
+                 free_model: bool = False, tokenizer_dir: str | Path | None = None,
+                 decode: bool = False) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
     manifest: it may write files there (draft.samples) and fill draft.validation; an exception from
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
-    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed."""
+    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
+    generation graphs (decode roles)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_opset(opset)
@@ -128,11 +130,12 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
+    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
-        with Progress(len(roles_of(cfg)), "tracing graphs") as bar:
-            for role in roles_of(cfg):  # ARMT: segment, diagonal_step; RMT: rmt_segment
+        with Progress(len(roles), "tracing graphs") as bar:
+            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_decode, rmt_memory_write)
                 bar.describe(role)
                 c = contract(cfg, role, precision)
                 path = stage / c.file
@@ -142,7 +145,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                     fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
                     check_portable(proto, c.role)
                     onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
-                        model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles_of(cfg)))
+                        model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles))
 
                 proto = shared.adopt_ir(traced, path, edit)
                 del traced

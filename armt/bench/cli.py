@@ -354,7 +354,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         from runtimes.validation import export_model
         log.info("exporting the model (%s) to %s for the ort backend ...", args.precision, args.export_to)
         export_model(copy.deepcopy(model), args.export_to, precision=args.precision, validate=False,
-                     overwrite=True, source="armt bench --generate")
+                     overwrite=True, source="armt bench --generate", decode=True)
         export_dir = args.export_to
     cfg = model.cfg
     bench = GenerateBench(model, device, args.precision, args.new_tokens, args.warmup, args.repeats,
