@@ -72,6 +72,7 @@ def decode_example_feeds(model: ArmtModel, role: str, precision: str, batch: int
     rng = np.random.default_rng(seed)
     n = model.cfg.armt.num_mem_tokens if role in ("memory_write", "rmt_memory_write") else width
     places = n + (model.cfg.armt.num_mem_tokens if role == "rmt_decode" else 0)
+    capacity = max(capacity, places + 4)  # room for the new places and a few cached ones (large M)
     lengths = np.zeros(batch, dtype=np.int64)
     lengths[0] = capacity - places
     if batch > 2:
