@@ -59,6 +59,7 @@ log = logging.getLogger("armt.ort")
 
 MAX_SHAPE_SESSIONS = 2  # sessions with pinned dims per runner (each holds the weights once more)
 CHECK_ENV = "ARMT_CHECK_CUDA_GRAPHS"  # "1": check the first replay of each graph id; "all": every replay
+PIN_ENV = "ARMT_ORT_PIN_DIMS"  # "1": plain runs on the pinned-dims sessions too (locates a NaN: pinning vs capture)
 CHECK_INPUT_BYTES = 1 << 20  # inputs up to this size are compared before/after a checked replay
 
 
@@ -134,6 +135,8 @@ class OrtRunner(Runner):
         self._run_options: dict[int, Any] = {}
         self._session = self._binding = self._buffers = None
         self._threads = threads
+        # diagnostic: the sessions with pinned dims (what CUDA graphs run on) without capture
+        self._pin_plain = not use_graphs and dev.type == "cuda" and os.environ.get(PIN_ENV, "") == "1"
 
     def companion(self, role: str) -> "OrtRunner":
         """The export's `role` graph on the same device (an export-directory runner only)."""
@@ -168,14 +171,14 @@ class OrtRunner(Runner):
 
     def _session_for(self, dims: dict[str, int]) -> tuple[Any, Any, bool]:
         """(session, binding, captures) for a call of these dims."""
-        if self.graphs.enabled:
+        if self.graphs.enabled or self._pin_plain:
             key = tuple(sorted(dims.items()))
             got = self._shape_sessions.get(key)
             if got is not None:
-                return (*got, True)
+                return (*got, self.graphs.enabled)
             if len(self._shape_sessions) < MAX_SHAPE_SESSIONS:
                 loader = copy.copy(self.loader)
-                loader.cuda_graph, loader.fixed_dims = True, dict(dims)
+                loader.cuda_graph, loader.fixed_dims = self.graphs.enabled, dict(dims)
                 try:
                     session = loader()
                 except CaptureRefused as exc:
@@ -184,7 +187,7 @@ class OrtRunner(Runner):
                     self._check_session_io(session)
                     got = self._shape_sessions[key] = (session, session.io_binding())
                     self._session = self._binding = None  # its weights freed; reopened if a call needs it
-                    return (*got, True)
+                    return (*got, self.graphs.enabled)
             elif self._session is None:
                 log.info("%s: more than %d call shapes; further shapes run without CUDA graphs",
                          self.loader.path.name, MAX_SHAPE_SESSIONS)

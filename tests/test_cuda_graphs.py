@@ -55,6 +55,8 @@ def test_graph_ids_limit_and_disable():
 
 def test_cuda_graph_option_defaults():
     assert resolve_cuda_graph(None, "cuda") is True and resolve_cuda_graph(None, "cpu") is False
+    assert resolve_cuda_graph(None, "cuda", default_on=False) is False  # ONNX Runtime: opt-in
+    assert resolve_cuda_graph(True, "cuda", default_on=False) is True
     assert resolve_cuda_graph(False, "cuda") is False
     with pytest.raises(InputError, match="CUDA device"):
         resolve_cuda_graph(True, "cpu")
@@ -78,14 +80,22 @@ class _Binding:
 
 
 class _FakeSession:
-    """ONNX Runtime's CUDA-graph behaviour without a GPU: with `graphs`, a run with a new gpu_graph_id
-    runs and records ("captures") its bindings; a run with a known id computes from the recorded
-    addresses (a replay does not look at the current binding); `fail_capture_of`: the capture of that
-    id raises, as a failed stream capture does."""
+    """ONNX Runtime's CUDA-graph behaviour without a GPU: with `graphs`, the first run with a new
+    gpu_graph_id computes WARMUP_RUNS times plainly (ONNX Runtime's regular runs before capture,
+    min_num_runs_before_cuda_graph_capture_ = 2, done inside the one user call), records ("captures")
+    its bindings and replays; a run with a known id computes from the recorded addresses (a replay
+    does not look at the current binding); `fail_capture_of`: the capture of that id raises, as a
+    failed stream capture does; `bake`: input names whose *content* at capture the replays keep (a
+    graph that baked a value into the capture: the wrong behaviour the check mode must catch)."""
 
-    def __init__(self, runner, reference, graphs: bool, fail_capture_of: int | None = None, fixed=None):
+    WARMUP_RUNS = 2
+
+    def __init__(self, runner, reference, graphs: bool, fail_capture_of: int | None = None, fixed=None,
+                 bake: tuple[str, ...] = ()):
         self.runner, self.reference, self.graphs = runner, reference, graphs
-        self.fail_capture_of, self.fixed = fail_capture_of, fixed
+        self.fail_capture_of, self.fixed, self.bake = fail_capture_of, fixed, bake
+        self.baked: dict[int, dict] = {}
+        self.computes = 0  # model executions (a capture call executes WARMUP_RUNS + 1 times)
         self.captured: dict[int, tuple[dict, dict]] = {}
         self.calls: list[int | None] = []  # gpu_graph_id of every run (None: no run options)
 
@@ -113,15 +123,25 @@ class _FakeSession:
         if self.fixed:  # a session with pinned dims runs only calls of those dims
             for spec in self.runner.contract.inputs:
                 assert ins[spec.name][0] == spec.concrete_shape(self.fixed), (spec.name, self.fixed)
+        bufs = self.runner._buffers
+        baked = {}
         if self.graphs and gid is not None and gid != SKIP:
             if gid in self.captured:
                 ins, outs = self.captured[gid]  # replay: the captured addresses
+                baked = self.baked[gid]
             elif gid == self.fail_capture_of:
                 raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
             else:
+                for _ in range(self.WARMUP_RUNS):  # the regular runs before capture, same bindings
+                    self._compute(ins, outs, {})
                 self.captured[gid] = (dict(ins), dict(outs))
+                baked = self.baked[gid] = {n: bufs.read(self._buffer(*ins[n])).copy() for n in self.bake if n in ins}
+        self._compute(ins, outs, baked)
+
+    def _compute(self, ins, outs, baked):
         bufs = self.runner._buffers
-        feeds = {n: bufs.read(self._buffer(*ins[n])) for n in ins}
+        self.computes += 1
+        feeds = {n: baked[n] if n in baked else bufs.read(self._buffer(*ins[n])) for n in ins}
         out = self.reference.infer(feeds)
         for name, (shape, ptr) in outs.items():
             value = np.ascontiguousarray(self.reference.to_numpy(out[name]))
@@ -133,15 +153,16 @@ class _FakeLoader(OrtSessionLoader):
     """Hands out stand-in sessions; `refuse`: a session with enable_cuda_graph is refused as ONNX
     Runtime refuses one whose nodes are not all on the CUDA provider."""
 
-    def __init__(self, reference, refuse=False, fail_capture_of=None):
+    def __init__(self, reference, refuse=False, fail_capture_of=None, bake=()):
         super().__init__("fake.onnx")
-        self.reference, self.refuse, self.fail_capture_of = reference, refuse, fail_capture_of
+        self.reference, self.refuse, self.fail_capture_of, self.bake = reference, refuse, fail_capture_of, bake
         self.runner, self.sessions = None, []
 
     def __call__(self):
         if self.cuda_graph and self.refuse:
             raise CaptureRefused(CAPTURE_REFUSAL)
-        s = _FakeSession(self.runner, self.reference, self.cuda_graph, self.fail_capture_of, self.fixed_dims)
+        s = _FakeSession(self.runner, self.reference, self.cuda_graph, self.fail_capture_of, self.fixed_dims,
+                         self.bake)
         self.sessions.append(s)
         return s
 
@@ -246,6 +267,68 @@ def test_ort_runner_cuda_graph_option_on_cpu():
     assert not plain.cuda_graph and not plain.loader.cuda_graph  # the CPU default
     with pytest.raises(InputError, match="CUDA device"):
         OrtRunner(_FakeLoader(ref), contract=c, model_id=model.model_id(), cuda_graph=True)
+
+
+def test_ort_runner_cuda_graphs_are_opt_in_on_cuda():
+    """ONNX Runtime's CUDA graphs are off unless asked for (NaN measured with them on the H200)."""
+    model = tiny_model()
+    ref = TorchRunner(model, "segment")
+    c = contract(model.cfg, "segment", "fp32")
+    default = OrtRunner(_FakeLoader(ref), contract=c, model_id=model.model_id(), device="cuda")
+    assert not default.cuda_graph and not default.loader.cuda_graph and default.cuda_graph_reason == "not requested"
+    asked = OrtRunner(_FakeLoader(ref), contract=c, model_id=model.model_id(), device="cuda", cuda_graph=True)
+    assert asked.cuda_graph and asked.loader.cuda_graph
+
+
+def test_fake_capture_runs_the_warmup_runs_inside_the_first_call():
+    """The stand-in runs a new id WARMUP_RUNS + 1 times in one call (as ONNX Runtime does): the
+    runner's results stay exact only because no input buffer is also an output buffer."""
+    model = tiny_model()
+    runner, ref, loader = _fake_runner(model, "diagonal_step")
+    ids, mask = _batch(model)  # 7 segments of 6 > 3 layers: steady steps with every layer active
+    with runner:
+        got = run_schedule(runner, ids, mask, collect=("hidden", "last_logits"), head=ref.companion("lm_head").activate())
+        n_ids, calls = len(runner.graphs), len(got.schedule.steps)
+    _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
+    (pinned,) = loader.sessions[1:]
+    assert pinned.computes == calls + _FakeSession.WARMUP_RUNS * n_ids
+
+
+@pytest.mark.parametrize("mode", ["1", "all"])
+def test_graph_check_mode_agrees_on_faithful_replays(mode, monkeypatch):
+    monkeypatch.setenv("ARMT_CHECK_CUDA_GRAPHS", mode)
+    model = tiny_model()
+    runner, ref, loader = _fake_runner(model, "diagonal_step")
+    ids, mask = _batch(model)
+    with runner:
+        got = run_schedule(runner, ids, mask, collect=("hidden",))
+        checks, n_ids, calls = list(runner.graph_checks), len(runner.graphs), len(got.schedule.steps)
+    _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
+    assert checks and all(c["ok"] and not c["inputs_written"] for c in checks)
+    replays = calls - n_ids
+    assert len(checks) == (replays if mode == "all" else n_ids - 1)  # id 0 (host state) is never replayed here
+    assert {c["graph_id"] for c in checks} == set(range(1, n_ids))
+
+
+def test_graph_check_mode_catches_a_replay_that_baked_an_input(monkeypatch, caplog):
+    """A capture that kept the `active` mask of its capture step (ramp-up) gives wrong steady steps;
+    without the check the run is silently wrong, with it every bad replay is named in a warning."""
+    model = tiny_model()
+    ids, mask = _batch(model)
+    want = run_schedule(TorchRunner(model, "diagonal_step").activate(), ids, mask, collect=("hidden",))
+    runner, ref, loader = _fake_runner(model, "diagonal_step", bake=("active",))
+    with runner:
+        wrong = run_schedule(runner, ids, mask, collect=("hidden",))
+    assert rel_err(wrong.state.A, want.state.A) > 1e-3  # the stand-in does model a bad capture
+    monkeypatch.setenv("ARMT_CHECK_CUDA_GRAPHS", "all")
+    caplog.set_level(logging.WARNING, logger="armt.ort")
+    runner, ref, loader = _fake_runner(model, "diagonal_step", bake=("active",))
+    with runner:
+        checked = run_schedule(runner, ids, mask, collect=("hidden",))
+        checks = list(runner.graph_checks)
+    assert any(not c["ok"] for c in checks)
+    assert any("replay differs from a plain run" in r.getMessage() for r in caplog.records)
+    _same_run(checked, want)  # the checked call keeps the plain run's outputs
 
 
 # ------------------------------------------------------------------------------------------ GPU only
