@@ -366,6 +366,52 @@ def test_ort_cuda_graphs_match_plain_runs(role, caplog):
     assert same(b.hidden, b2.hidden) and same(b.state.A, b2.state.A)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama", "llama-fp16"])
+def test_ort_cuda_graphs_many_segments_last_logits(kind, monkeypatch, caplog):
+    """The H200 NaN's shape in small: diagonal schedule with many more segments than layers (steady
+    steps with every layer active, replayed ping-pong graphs), last logits through the lm_head graph.
+    Per tensor: CUDA graphs vs plain runs on the same pinned-dims sessions (ARMT_ORT_PIN_DIMS=1: what
+    separates capture from dim pinning) vs the dynamic session; every replay also checked against a
+    plain run of the same call (ARMT_CHECK_CUDA_GRAPHS=all); NaN never passes."""
+    if not _cuda_ep():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+    from exporter.bounds import compare
+    from tests.test_runtime_ort import KINDS, _ids, exported
+    precision = KINDS[kind]
+    export_dir, _ = exported(kind)
+    N = 96  # segments of 5-6 tokens: 16-19 segments over 3 layers
+    vocab = OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=False).cfg.base.vocab_size
+    ids = _ids(2, N, seed=5, V=vocab)
+    mask = (torch.arange(N)[None] < torch.tensor([N, N - 13])[:, None]).long()
+    collect = ("hidden", "last_logits")
+    caplog.set_level(logging.INFO, logger="armt.ort")
+    with OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=False) as plain:
+        a = run_schedule(plain, ids, mask, collect=collect)
+    monkeypatch.setenv("ARMT_ORT_PIN_DIMS", "1")
+    with OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=False) as pinned:
+        p = run_schedule(pinned, ids, mask, collect=collect)
+    monkeypatch.delenv("ARMT_ORT_PIN_DIMS")
+    with OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=True) as graphs:
+        b = run_schedule(graphs, ids, mask, collect=collect)
+        b2 = run_schedule(graphs, ids, mask, collect=collect)  # every call a replay now
+        monkeypatch.setenv("ARMT_CHECK_CUDA_GRAPHS", "all")
+        b3 = run_schedule(graphs, ids, mask, collect=collect)
+        checks = list(graphs.graph_checks)
+        assert graphs.cuda_graph, graphs.cuda_graph_reason  # a tiny graph must capture on the CUDA provider
+    assert len(a.schedule.steps) > 3 * 3
+    tensors = lambda r: {"hidden": r.hidden, "last_logits": r.last_logits, "A": r.state.A, "z": r.state.z}  # noqa: E731
+    for label, got, want in (("pinned vs dynamic", p, a), ("graphs vs pinned", b, p), ("replayed vs pinned", b2, p),
+                             ("checked vs pinned", b3, p), ("graphs vs dynamic", b2, a)):
+        for name, x in tensors(got).items():
+            y = tensors(want)[name]
+            assert np.isfinite(x).all() and np.isfinite(y).all(), f"{kind} {label} {name}: non-finite"
+            c = compare(f"{label} {name}", "logits" if name == "last_logits" else name, precision, x, y)
+            assert c.ok, f"{kind} {label} {name}: {c.rel:.2e} (bound {c.bound})"
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]][:3]
+
+
 # ------------------------------------------------------------------------------------------ TensorRT
 class _FakeCudaGraph:
     """A 'captured' TensorRT call: launch() executes with the addresses set when it was captured."""
