@@ -137,3 +137,43 @@ def test_fast_executor_refuses_what_it_does_not_cover():
     fast = FastArmt(tiny_model("llama"))
     with pytest.raises(InputError):
         fast.run(torch.zeros(1, 5, dtype=torch.int64), "zigzag")
+
+
+def test_bench_generate_runs_and_records_targets(tmp_path, capsys):
+    """`armt bench --generate` on a tiny CPU model: every backend's row, per-token clocks, the
+    diagonal time next to the torch prefill, and the targets evaluated (not met on a CPU: they say so)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "gen.json"
+    rc = main(["bench", "--generate", *TINY, "--repeats", "1", "--lengths", "20,40", "--batch-sizes", "1,2",
+               "--new-tokens", "4", "--backends", "torch,torch-ref,hf", "--output", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["complete"] and rec["meta"]["generate"] and rec["meta"]["new_tokens"] == 4
+    rows = rec["results"]
+    assert {(r["backend"], r["batch"], r["prompt_tokens"]) for r in rows} == {
+        (b, B, N) for b in ("torch", "torch-ref", "hf") for B in (1, 2) for N in (20, 40)}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["generated"] == 4 and r["prefill_ms"] > 0 and r["decode_ms"] > 0
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 3 / (r["decode_ms"] / 1e3))
+        if r["backend"] == "torch":
+            assert r["diagonal_ms"] > 0 and r["prefill_over_diagonal"] == pytest.approx(r["prefill_ms"] / r["diagonal_ms"])
+    t = rec["targets"]
+    assert t["decode_prompt_tokens"] == 20 and t["fastest_backend"] in ("torch", "torch-ref")
+    assert t["decode_b1_fastest"]["met"] in (True, False) and t["decode_b1_fastest"]["target"] == 800
+    assert t["decode_b1_ort"]["met"] is None  # ort not run: not measured, never counted as met
+    assert t["fastest_vs_hf"]["measured"] > 0 and t["prefill_vs_diagonal"]["prompt_tokens"] == 40
+    assert "targets" in capsys.readouterr().out
+
+
+def test_hf_peer_carries_the_base_weights():
+    """The hf backend is transformers' own model with our base weights: its final hidden states are
+    the base model's full attention (no memory)."""
+    pytest.importorskip("transformers")
+    from armt.bench.generate_bench import hf_base_model
+    model = tiny_model()
+    hf = hf_base_model(model, torch.device("cpu"), "fp32")
+    ids = torch.randint(0, model.cfg.base.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = hf(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert rel_err(got, FastArmt(model).full_attention(ids).float()) < 1e-5

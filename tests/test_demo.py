@@ -45,7 +45,8 @@ def _export(demo, tmp_path_factory, precision):
     from runtimes.validation import export_model
     model = demo[0]
     out = tmp_path_factory.mktemp(f"armt-recall-{precision}") / "export"
-    return export_model(copy.deepcopy(model), out, precision=precision, validate=False).export_dir
+    return export_model(copy.deepcopy(model), out, precision=precision, validate=False,
+                        tokenizer_dir=MODEL_DIR).export_dir
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,43 @@ def test_fp16_onnx_accuracy_within_one_point_of_fp32(demo, sets, torch_fp32, tmp
     for name, b in sets.items():
         logits16, _ = run_backend("ort", export_fp16, "fp16", b)
         assert abs(accuracy(logits16, b) - accuracy(torch_fp32[name], b)) <= 0.01, name
+
+
+def test_api_on_ort_equals_the_runner(sets, export_fp32):
+    """armt.load(export, backend="ort") gives the runner's logits, and carries the export's tokenizer."""
+    import armt
+    b = sets["trained"]
+    m = armt.load(export_fp32, backend="ort")
+    ref, _ = run_backend("ort", export_fp32, "fp32", b)
+    out = m(b.input_ids)
+    assert np.array_equal(out.logits, ref)
+    assert m.tokenizer.decode(b.input_ids[0]).split()[0] == m.tokenizer.decode([b.input_ids[0, 0]])
+    more = m(b.input_ids[:, 20:], state=m(b.input_ids[:, :20]).state)
+    assert rel_err(more.logits, ref[:, 20:]) < 1e-5
+
+
+def test_demo_shows_generated_answers(demo, capsys):
+    """The demo's questions as text: the context excerpt with the pair, "? key", and the answer generated
+    on torch, right for every shown example, equal to the argmax of the run's logits at the key."""
+    from armt.demo import answer_examples, generated_answers, show_answers
+    from graphs.tokenizer import load_tokenizer
+    model, task, S = demo
+    examples = answer_examples(task, S, n=3)
+    tok = load_tokenizer(MODEL_DIR)
+    answers = generated_answers("torch", MODEL_DIR, "fp32", examples)
+    assert [r for *_, r in answers] == [True, True, True]
+    for ex, (got, want, _) in zip(examples, answers):
+        logits, _ = run_backend("torch", str(MODEL_DIR), "fp32", _one_row(ex))
+        assert got == want == tok.decode([int(logits[0, -1].argmax())])
+    show_answers(examples, tok, S, task.segment_size, {"torch fp32": answers, "ort fp32": "not run: test"})
+    text = capsys.readouterr().out
+    for ex, (got, want, _) in zip(examples, answers):
+        key = tok.decode([int(ex.prompt_ids[-1])])
+        assert f"question: '? {key}'" in text and f"[{key} {want}]" in text and f"generated {got!r} (right)" in text
+
+
+def _one_row(ex):
+    from graphs.recall import RecallBatch
+    n = len(ex.prompt_ids)
+    return RecallBatch(ex.prompt_ids[None], np.array([[n - 1]]), np.array([[ex.expected]]), np.array([[True]]),
+                       1, n)
