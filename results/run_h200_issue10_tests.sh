@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10's GPU tests on the H200 (real CUDA-graph capture in ONNX Runtime; TensorRT tests skip there:
+# Issue 10's GPU tests on the H200 (real CUDA-graph capture in ONNX Runtime, with cgfix's many-segment
+# graphs-vs-pinned-vs-dynamic test, test_ort_cuda_graphs_many_segments_last_logits; TensorRT tests skip there:
 # no TensorRT engine runs on Hopper). From the repo root; onnxruntime-gpu in /tmp/site; writes
 # results/h200/issue10_gpu_tests.log (and copies it to $OUT when set).
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

@@ -40,10 +40,12 @@ def call_key(inputs: Mapping[str, Any], outputs: Mapping[str, Any], *extra) -> t
             tuple(sorted((n, tuple(b.shape), int(b.ptr)) for n, b in outputs.items())))
 
 
-def resolve_cuda_graph(requested: bool | None, device_type: str) -> bool:
-    """The runners' option: None = on for CUDA devices, off elsewhere; True on a CPU device is refused."""
+def resolve_cuda_graph(requested: bool | None, device_type: str, default_on: bool = True) -> bool:
+    """The runners' option: None = `default_on` for CUDA devices, off elsewhere; True on a CPU device is
+    refused. The ONNX Runtime runner passes default_on=False (opt-in: NaN measured on the H200 with its
+    graphs, docs/runtimes.md)."""
     if requested is None:
-        return device_type == "cuda"
+        return default_on and device_type == "cuda"
     if requested and device_type != "cuda":
         raise InputError("CUDA graphs need a CUDA device (--device cuda), or leave --cuda-graph out")
     return bool(requested)

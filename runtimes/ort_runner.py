@@ -9,7 +9,8 @@ their staging OrtValue (`update_inplace`); outputs are read back only when the l
 stream before it returns (ONNX Runtime's default), so a staging buffer is never rewritten while a
 call still reads it.
 
-CUDA graphs (`cuda_graph`, default on for CUDA): calls run on a session made for their shape (the
+CUDA graphs (`cuda_graph`, OPT-IN: default off everywhere since an fp16 LLaMA-1B run of 32 segments
+on the H200 returned NaN with them and was finite without; cause not found, docs/runtimes.md): calls run on a session made for their shape (the
 graph's symbolic dims pinned by free-dimension overrides, so shape arithmetic folds away and every
 node can stay on the CUDA provider; at most MAX_SHAPE_SESSIONS shapes, further shapes run plainly on
 one dynamic session) with the CUDA provider's `enable_cuda_graph`, and each call runs with the run
@@ -22,6 +23,14 @@ refuses capture for the graph (a node not on the CUDA provider, Memcpy nodes, co
 capture fails, the runner warns once, reopens the session without CUDA graphs and runs every call
 plainly (`cuda_graph_reason` says why).
 
+Check mode (environment ARMT_CHECK_CUDA_GRAPHS=1: the first replay of each graph id; =all: every
+replay): after a replay the outputs are copied to the host, the same call is run again plainly on
+the same session (gpu_graph_id -1, same buffers: inputs and outputs never alias, so the plain run
+recomputes what the replay should have written), and the two are compared per output (bit-exact
+is not required: max |diff| and non-finite counts are logged, `graph_checks` keeps them); small
+inputs are also compared before and after the replay (a graph that wrote into an input buffer
+would break the staging's skip-if-equal). A mismatch logs a warning naming the graph id and output.
+
     OrtRunner(export_dir, role, device="cuda")                 from an export directory (manifest)
     OrtRunner(OrtSessionLoader(path), contract=c, model_id=i)  from a loader (export-time validation)
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,6 +58,17 @@ from runtimes.loaders import (CaptureRefused, OrtSessionLoader, import_onnxrunti
 log = logging.getLogger("armt.ort")
 
 MAX_SHAPE_SESSIONS = 2  # sessions with pinned dims per runner (each holds the weights once more)
+CHECK_ENV = "ARMT_CHECK_CUDA_GRAPHS"  # "1": check the first replay of each graph id; "all": every replay
+PIN_ENV = "ARMT_ORT_PIN_DIMS"  # "1": plain runs on the pinned-dims sessions too (locates a NaN: pinning vs capture)
+CHECK_INPUT_BYTES = 1 << 20  # inputs up to this size are compared before/after a checked replay
+
+
+def check_mode() -> str | None:
+    """None (no checks), "first" or "all", from the environment."""
+    v = os.environ.get(CHECK_ENV, "").strip().lower()
+    if v in ("", "0", "no", "off", "false"):
+        return None
+    return "all" if v == "all" else "first"
 
 
 class OrtStorage:
@@ -84,10 +105,10 @@ class OrtRunner(Runner):
         """`source`: an export directory (its manifest and checksums are checked now), a loaded
         Manifest, or an OrtSessionLoader together with `contract` and `model_id`.
         `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
-        `cuda_graph`: capture and replay CUDA graphs (default: on for CUDA, off on the CPU; True on the
-        CPU is refused)."""
+        `cuda_graph`: capture and replay CUDA graphs (default: off, opt-in, see the module docstring;
+        True on the CPU is refused)."""
         dev = parse_device(device)
-        use_graphs = resolve_cuda_graph(cuda_graph, dev.type)
+        use_graphs = resolve_cuda_graph(cuda_graph, dev.type, default_on=False)
         if isinstance(source, OrtSessionLoader):
             if contract is None or model_id is None:
                 raise ExportError("an OrtRunner made from a session loader needs the graph's contract and model id")
@@ -109,9 +130,13 @@ class OrtRunner(Runner):
         self.graphs = GraphIds(enabled=use_graphs)
         self._cuda_graph_option = use_graphs  # what was asked (companions get the same)
         self._captured: set[int] = set()  # graph ids whose capture run succeeded (replayed since)
+        self._checked: set[int] = set()  # graph ids whose replay was checked (check mode)
+        self.graph_checks: list[dict] = []  # one entry per checked replay (check mode)
         self._run_options: dict[int, Any] = {}
         self._session = self._binding = self._buffers = None
         self._threads = threads
+        # diagnostic: the sessions with pinned dims (what CUDA graphs run on) without capture
+        self._pin_plain = not use_graphs and dev.type == "cuda" and os.environ.get(PIN_ENV, "") == "1"
 
     def companion(self, role: str) -> "OrtRunner":
         """The export's `role` graph on the same device (an export-directory runner only)."""
@@ -146,14 +171,14 @@ class OrtRunner(Runner):
 
     def _session_for(self, dims: dict[str, int]) -> tuple[Any, Any, bool]:
         """(session, binding, captures) for a call of these dims."""
-        if self.graphs.enabled:
+        if self.graphs.enabled or self._pin_plain:
             key = tuple(sorted(dims.items()))
             got = self._shape_sessions.get(key)
             if got is not None:
-                return (*got, True)
+                return (*got, self.graphs.enabled)
             if len(self._shape_sessions) < MAX_SHAPE_SESSIONS:
                 loader = copy.copy(self.loader)
-                loader.cuda_graph, loader.fixed_dims = True, dict(dims)
+                loader.cuda_graph, loader.fixed_dims = self.graphs.enabled, dict(dims)
                 try:
                     session = loader()
                 except CaptureRefused as exc:
@@ -162,7 +187,7 @@ class OrtRunner(Runner):
                     self._check_session_io(session)
                     got = self._shape_sessions[key] = (session, session.io_binding())
                     self._session = self._binding = None  # its weights freed; reopened if a call needs it
-                    return (*got, True)
+                    return (*got, self.graphs.enabled)
             elif self._session is None:
                 log.info("%s: more than %d call shapes; further shapes run without CUDA graphs",
                          self.loader.path.name, MAX_SHAPE_SESSIONS)
@@ -176,6 +201,7 @@ class OrtRunner(Runner):
             log.warning("%s: CUDA graphs off, every call runs plainly (%s)", self.loader.path.name, reason)
         self.graphs.clear()
         self._captured.clear()
+        self._checked.clear()
         self._run_options.clear()
         self._shape_sessions.clear()
 
@@ -193,6 +219,7 @@ class OrtRunner(Runner):
         self._shape_sessions = {}
         self.graphs.clear()  # the session's graphs go with it
         self._captured.clear()
+        self._checked.clear()
         self._run_options.clear()
 
     def owns(self, value: Any) -> bool:
@@ -204,6 +231,10 @@ class OrtRunner(Runner):
         outputs = self._buffers.bind_outputs(dims, inputs)
         session, binding, captures = self._session_for(dims)
         gid = self.graphs.id_for(call_key(inputs, outputs)) if captures else SKIP
+        mode = check_mode() if captures and gid in self._captured else None
+        if mode == "all" or (mode == "first" and gid not in self._checked):
+            self._run_checked(session, binding, inputs, outputs, gid)
+            return outputs
         try:
             self._run(session, binding, inputs, outputs, gid, captures)
         except Exception as exc:
@@ -217,6 +248,39 @@ class OrtRunner(Runner):
         if gid != SKIP:
             self._captured.add(gid)
         return outputs
+
+    def _run_checked(self, session, binding, inputs: dict[str, Buffer], outputs: dict[str, Buffer],
+                     gid: int) -> None:
+        """A replay of graph `gid`, then the same call plainly on the same session: compare (check mode)."""
+        read = self._buffers.read
+        before = {n: read(b).copy() for n, b in inputs.items() if b.nbytes <= CHECK_INPUT_BYTES}
+        self._run(session, binding, inputs, outputs, gid, True)
+        replayed = {n: read(b).copy() for n, b in outputs.items()}
+        changed = sorted(n for n, v in before.items() if not np.array_equal(v, read(inputs[n]), equal_nan=True))
+        self._run(session, binding, inputs, outputs, SKIP, True)
+        entry = {"graph_id": gid, "inputs_written": changed, "outputs": {}}
+        bad = list(changed)
+        for name, buf in outputs.items():
+            g, p = replayed[name], read(buf)
+            gf, pf = g.astype(np.float64), p.astype(np.float64)
+            fin = np.isfinite(gf) & np.isfinite(pf)
+            diff = float(np.max(np.abs(gf[fin] - pf[fin]), initial=0.0))
+            scale = float(np.max(np.abs(pf[fin]), initial=0.0))
+            row = {"max_abs_diff": diff, "max_abs": scale, "nonfinite_replay": int((~np.isfinite(gf)).sum()),
+                   "nonfinite_plain": int((~np.isfinite(pf)).sum())}
+            entry["outputs"][name] = row
+            if row["nonfinite_replay"] != row["nonfinite_plain"] or diff > 1e-3 * max(scale, 1e-30):
+                bad.append(name)
+        entry["ok"] = not bad
+        self.graph_checks.append(entry)
+        self._checked.add(gid)
+        if bad:
+            log.warning("%s: CUDA graph %d replay differs from a plain run of the same call in %s: %s",
+                        self.loader.path.name, gid, ", ".join(bad),
+                        {n: entry["outputs"].get(n, "input written by the replay") for n in bad})
+        else:
+            log.info("%s: CUDA graph %d replay equals a plain run (max |diff| %s)", self.loader.path.name, gid,
+                     {n: f"{r['max_abs_diff']:.2e}" for n, r in entry["outputs"].items()})
 
     def _run(self, session, b, inputs: dict[str, Buffer], outputs: dict[str, Buffer], gid: int,
              captures: bool) -> None:

@@ -55,6 +55,8 @@ def test_graph_ids_limit_and_disable():
 
 def test_cuda_graph_option_defaults():
     assert resolve_cuda_graph(None, "cuda") is True and resolve_cuda_graph(None, "cpu") is False
+    assert resolve_cuda_graph(None, "cuda", default_on=False) is False  # ONNX Runtime: opt-in
+    assert resolve_cuda_graph(True, "cuda", default_on=False) is True
     assert resolve_cuda_graph(False, "cuda") is False
     with pytest.raises(InputError, match="CUDA device"):
         resolve_cuda_graph(True, "cpu")
@@ -78,14 +80,22 @@ class _Binding:
 
 
 class _FakeSession:
-    """ONNX Runtime's CUDA-graph behaviour without a GPU: with `graphs`, a run with a new gpu_graph_id
-    runs and records ("captures") its bindings; a run with a known id computes from the recorded
-    addresses (a replay does not look at the current binding); `fail_capture_of`: the capture of that
-    id raises, as a failed stream capture does."""
+    """ONNX Runtime's CUDA-graph behaviour without a GPU: with `graphs`, the first run with a new
+    gpu_graph_id computes WARMUP_RUNS times plainly (ONNX Runtime's regular runs before capture,
+    min_num_runs_before_cuda_graph_capture_ = 2, done inside the one user call), records ("captures")
+    its bindings and replays; a run with a known id computes from the recorded addresses (a replay
+    does not look at the current binding); `fail_capture_of`: the capture of that id raises, as a
+    failed stream capture does; `bake`: input names whose *content* at capture the replays keep (a
+    graph that baked a value into the capture: the wrong behaviour the check mode must catch)."""
 
-    def __init__(self, runner, reference, graphs: bool, fail_capture_of: int | None = None, fixed=None):
+    WARMUP_RUNS = 2
+
+    def __init__(self, runner, reference, graphs: bool, fail_capture_of: int | None = None, fixed=None,
+                 bake: tuple[str, ...] = ()):
         self.runner, self.reference, self.graphs = runner, reference, graphs
-        self.fail_capture_of, self.fixed = fail_capture_of, fixed
+        self.fail_capture_of, self.fixed, self.bake = fail_capture_of, fixed, bake
+        self.baked: dict[int, dict] = {}
+        self.computes = 0  # model executions (a capture call executes WARMUP_RUNS + 1 times)
         self.captured: dict[int, tuple[dict, dict]] = {}
         self.calls: list[int | None] = []  # gpu_graph_id of every run (None: no run options)
 
@@ -113,15 +123,25 @@ class _FakeSession:
         if self.fixed:  # a session with pinned dims runs only calls of those dims
             for spec in self.runner.contract.inputs:
                 assert ins[spec.name][0] == spec.concrete_shape(self.fixed), (spec.name, self.fixed)
+        bufs = self.runner._buffers
+        baked = {}
         if self.graphs and gid is not None and gid != SKIP:
             if gid in self.captured:
                 ins, outs = self.captured[gid]  # replay: the captured addresses
+                baked = self.baked[gid]
             elif gid == self.fail_capture_of:
                 raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
             else:
+                for _ in range(self.WARMUP_RUNS):  # the regular runs before capture, same bindings
+                    self._compute(ins, outs, {})
                 self.captured[gid] = (dict(ins), dict(outs))
+                baked = self.baked[gid] = {n: bufs.read(self._buffer(*ins[n])).copy() for n in self.bake if n in ins}
+        self._compute(ins, outs, baked)
+
+    def _compute(self, ins, outs, baked):
         bufs = self.runner._buffers
-        feeds = {n: bufs.read(self._buffer(*ins[n])) for n in ins}
+        self.computes += 1
+        feeds = {n: baked[n] if n in baked else bufs.read(self._buffer(*ins[n])) for n in ins}
         out = self.reference.infer(feeds)
         for name, (shape, ptr) in outs.items():
             value = np.ascontiguousarray(self.reference.to_numpy(out[name]))
@@ -133,15 +153,16 @@ class _FakeLoader(OrtSessionLoader):
     """Hands out stand-in sessions; `refuse`: a session with enable_cuda_graph is refused as ONNX
     Runtime refuses one whose nodes are not all on the CUDA provider."""
 
-    def __init__(self, reference, refuse=False, fail_capture_of=None):
+    def __init__(self, reference, refuse=False, fail_capture_of=None, bake=()):
         super().__init__("fake.onnx")
-        self.reference, self.refuse, self.fail_capture_of = reference, refuse, fail_capture_of
+        self.reference, self.refuse, self.fail_capture_of, self.bake = reference, refuse, fail_capture_of, bake
         self.runner, self.sessions = None, []
 
     def __call__(self):
         if self.cuda_graph and self.refuse:
             raise CaptureRefused(CAPTURE_REFUSAL)
-        s = _FakeSession(self.runner, self.reference, self.cuda_graph, self.fail_capture_of, self.fixed_dims)
+        s = _FakeSession(self.runner, self.reference, self.cuda_graph, self.fail_capture_of, self.fixed_dims,
+                         self.bake)
         self.sessions.append(s)
         return s
 
@@ -248,6 +269,68 @@ def test_ort_runner_cuda_graph_option_on_cpu():
         OrtRunner(_FakeLoader(ref), contract=c, model_id=model.model_id(), cuda_graph=True)
 
 
+def test_ort_runner_cuda_graphs_are_opt_in_on_cuda():
+    """ONNX Runtime's CUDA graphs are off unless asked for (NaN measured with them on the H200)."""
+    model = tiny_model()
+    ref = TorchRunner(model, "segment")
+    c = contract(model.cfg, "segment", "fp32")
+    default = OrtRunner(_FakeLoader(ref), contract=c, model_id=model.model_id(), device="cuda")
+    assert not default.cuda_graph and not default.loader.cuda_graph and default.cuda_graph_reason == "not requested"
+    asked = OrtRunner(_FakeLoader(ref), contract=c, model_id=model.model_id(), device="cuda", cuda_graph=True)
+    assert asked.cuda_graph and asked.loader.cuda_graph
+
+
+def test_fake_capture_runs_the_warmup_runs_inside_the_first_call():
+    """The stand-in runs a new id WARMUP_RUNS + 1 times in one call (as ONNX Runtime does): the
+    runner's results stay exact only because no input buffer is also an output buffer."""
+    model = tiny_model()
+    runner, ref, loader = _fake_runner(model, "diagonal_step")
+    ids, mask = _batch(model)  # 7 segments of 6 > 3 layers: steady steps with every layer active
+    with runner:
+        got = run_schedule(runner, ids, mask, collect=("hidden", "last_logits"), head=ref.companion("lm_head").activate())
+        n_ids, calls = len(runner.graphs), len(got.schedule.steps)
+    _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
+    (pinned,) = loader.sessions[1:]
+    assert pinned.computes == calls + _FakeSession.WARMUP_RUNS * n_ids
+
+
+@pytest.mark.parametrize("mode", ["1", "all"])
+def test_graph_check_mode_agrees_on_faithful_replays(mode, monkeypatch):
+    monkeypatch.setenv("ARMT_CHECK_CUDA_GRAPHS", mode)
+    model = tiny_model()
+    runner, ref, loader = _fake_runner(model, "diagonal_step")
+    ids, mask = _batch(model)
+    with runner:
+        got = run_schedule(runner, ids, mask, collect=("hidden",))
+        checks, n_ids, calls = list(runner.graph_checks), len(runner.graphs), len(got.schedule.steps)
+    _same_run(got, run_schedule(ref, ids, mask, collect=("hidden",)))
+    assert checks and all(c["ok"] and not c["inputs_written"] for c in checks)
+    replays = calls - n_ids
+    assert len(checks) == (replays if mode == "all" else n_ids - 1)  # id 0 (host state) is never replayed here
+    assert {c["graph_id"] for c in checks} == set(range(1, n_ids))
+
+
+def test_graph_check_mode_catches_a_replay_that_baked_an_input(monkeypatch, caplog):
+    """A capture that kept the `active` mask of its capture step (ramp-up) gives wrong steady steps;
+    without the check the run is silently wrong, with it every bad replay is named in a warning."""
+    model = tiny_model()
+    ids, mask = _batch(model)
+    want = run_schedule(TorchRunner(model, "diagonal_step").activate(), ids, mask, collect=("hidden",))
+    runner, ref, loader = _fake_runner(model, "diagonal_step", bake=("active",))
+    with runner:
+        wrong = run_schedule(runner, ids, mask, collect=("hidden",))
+    assert rel_err(wrong.state.A, want.state.A) > 1e-3  # the stand-in does model a bad capture
+    monkeypatch.setenv("ARMT_CHECK_CUDA_GRAPHS", "all")
+    caplog.set_level(logging.WARNING, logger="armt.ort")
+    runner, ref, loader = _fake_runner(model, "diagonal_step", bake=("active",))
+    with runner:
+        checked = run_schedule(runner, ids, mask, collect=("hidden",))
+        checks = list(runner.graph_checks)
+    assert any(not c["ok"] for c in checks)
+    assert any("replay differs from a plain run" in r.getMessage() for r in caplog.records)
+    _same_run(checked, want)  # the checked call keeps the plain run's outputs
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 def _cuda_ep() -> bool:
     try:
@@ -281,6 +364,52 @@ def test_ort_cuda_graphs_match_plain_runs(role, caplog):
         c = compare(kind, kind, "fp32", x, y)
         assert c.ok, f"{role} {kind}: {c.rel:.2e} (bound {c.bound})"
     assert same(b.hidden, b2.hidden) and same(b.state.A, b2.state.A)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama", "llama-fp16"])
+def test_ort_cuda_graphs_many_segments_last_logits(kind, monkeypatch, caplog):
+    """The H200 NaN's shape in small: diagonal schedule with many more segments than layers (steady
+    steps with every layer active, replayed ping-pong graphs), last logits through the lm_head graph.
+    Per tensor: CUDA graphs vs plain runs on the same pinned-dims sessions (ARMT_ORT_PIN_DIMS=1: what
+    separates capture from dim pinning) vs the dynamic session; every replay also checked against a
+    plain run of the same call (ARMT_CHECK_CUDA_GRAPHS=all); NaN never passes."""
+    if not _cuda_ep():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+    from exporter.bounds import compare
+    from tests.test_runtime_ort import KINDS, _ids, exported
+    precision = KINDS[kind]
+    export_dir, _ = exported(kind)
+    N = 96  # segments of 5-6 tokens: 16-19 segments over 3 layers
+    vocab = OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=False).cfg.base.vocab_size
+    ids = _ids(2, N, seed=5, V=vocab)
+    mask = (torch.arange(N)[None] < torch.tensor([N, N - 13])[:, None]).long()
+    collect = ("hidden", "last_logits")
+    caplog.set_level(logging.INFO, logger="armt.ort")
+    with OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=False) as plain:
+        a = run_schedule(plain, ids, mask, collect=collect)
+    monkeypatch.setenv("ARMT_ORT_PIN_DIMS", "1")
+    with OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=False) as pinned:
+        p = run_schedule(pinned, ids, mask, collect=collect)
+    monkeypatch.delenv("ARMT_ORT_PIN_DIMS")
+    with OrtRunner(export_dir, "diagonal_step", device="cuda", cuda_graph=True) as graphs:
+        b = run_schedule(graphs, ids, mask, collect=collect)
+        b2 = run_schedule(graphs, ids, mask, collect=collect)  # every call a replay now
+        monkeypatch.setenv("ARMT_CHECK_CUDA_GRAPHS", "all")
+        b3 = run_schedule(graphs, ids, mask, collect=collect)
+        checks = list(graphs.graph_checks)
+        assert graphs.cuda_graph, graphs.cuda_graph_reason  # a tiny graph must capture on the CUDA provider
+    assert len(a.schedule.steps) > 3 * 3
+    tensors = lambda r: {"hidden": r.hidden, "last_logits": r.last_logits, "A": r.state.A, "z": r.state.z}  # noqa: E731
+    for label, got, want in (("pinned vs dynamic", p, a), ("graphs vs pinned", b, p), ("replayed vs pinned", b2, p),
+                             ("checked vs pinned", b3, p), ("graphs vs dynamic", b2, a)):
+        for name, x in tensors(got).items():
+            y = tensors(want)[name]
+            assert np.isfinite(x).all() and np.isfinite(y).all(), f"{kind} {label} {name}: non-finite"
+            c = compare(f"{label} {name}", "logits" if name == "last_logits" else name, precision, x, y)
+            assert c.ok, f"{kind} {label} {name}: {c.rel:.2e} (bound {c.bound})"
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]][:3]
 
 
 # ------------------------------------------------------------------------------------------ TensorRT
