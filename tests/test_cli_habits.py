@@ -222,7 +222,7 @@ def test_inspect_and_run_json(capsys, tmp_path):
     export_dir, _ = exported("llama")
     assert main(["inspect", str(export_dir), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data["graphs"]) == {"segment", "diagonal_step"} and data["precision"] == "fp32"
+    assert set(data["graphs"]) == {"segment", "diagonal_step", "lm_head"} and data["precision"] == "fp32"
     assert data["total_bytes"] == sum(data["files"].values()) and data["problems"] is None
     assert main(["inspect", str(export_dir), "--json", "--verify"]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
