@@ -64,4 +64,4 @@ def test_each_manifest_edit_is_refused(tmp_path, name, capsys):
 def test_inspect_verify_reports_an_intact_export(capsys):
     export_dir, _ = exported("llama")
     assert main(["inspect", str(export_dir), "--verify"]) == 0
-    assert "agree with what the 2 graphs record" in capsys.readouterr().out
+    assert "agree with what the 3 graphs record" in capsys.readouterr().out  # segment, diagonal_step, lm_head
