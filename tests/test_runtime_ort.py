@@ -289,12 +289,13 @@ def test_swapped_graph_files_are_refused(tmp_path):
 def test_runner_refuses_wrong_feeds():
     export_dir, _ = exported("llama")
     with OrtRunner(export_dir, "segment") as runner:
-        st = fresh_model("llama").zero_state(1)
+        model = fresh_model("llama")
+        st = model.zero_state(1)
         feeds = {"input_ids": _ids(1, 6), "positions": torch.arange(9)[None],
                  "key_valid": torch.ones(1, 9, dtype=torch.bool),
                  "write": torch.ones(1, dtype=torch.bool), "A_in": st.A, "z_in": st.z, "written_in": st.written}
         out = runner.infer({k: v.numpy() for k, v in feeds.items()})
-        assert runner.to_numpy(out["logits"]).shape == (1, 6, V)
+        assert runner.to_numpy(out["hidden"]).shape == (1, 6, model.cfg.base.d_model)  # logits: lm_head's job
         with pytest.raises(InputError, match="must be int64"):
             runner.infer({**feeds, "positions": torch.arange(9, dtype=torch.int32)[None].numpy()})
         with pytest.raises(InputError, match="shape"):
