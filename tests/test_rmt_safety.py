@@ -377,7 +377,7 @@ def test_export_records_the_rmt_models_id(exported):
     assert m.model_id == recorded_model_id(model_dir) == load_model_dir(model_dir).model_id()
     meta = read_metadata_props(export_dir / "rmt_segment.onnx")
     assert meta["armt.model_id"] == m.model_id and meta["armt.role"] == "rmt_segment"
-    assert meta["armt.roles"] == "rmt_segment" and json.loads(meta["armt.dims"]) == m.dims
+    assert meta["armt.roles"] == "rmt_segment,lm_head" and json.loads(meta["armt.dims"]) == m.dims
     assert check_export(export_dir)[1] == []
 
 
