@@ -213,36 +213,46 @@ def test_graphs_match_torch_at_other_batches_and_widths(export_of, arch):
                 assert c.ok, (B, W, c)
 
 
+def _run_named(session, feeds) -> dict:
+    """One ORT call, outputs by name (the step graphs return hidden rows; logits come from lm_head)."""
+    return dict(zip((o.name for o in session.get_outputs()), session.run(None, feeds)))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_state_flows_through_graph_io(export_of, arch):
     """A different A_in / written_in / hidden_in changes what the graphs compute; idle steps pass state through."""
     d = export_of(arch, "fp32")
+    head = _ort(d / "lm_head.onnx")
+
+    def logits(out):  # the step graph's final-norm hidden rows through the exported lm_head
+        return head.run(None, {"hidden": out["hidden"]})[0]
+
     seg = _ort(d / "segment.onnx")
     feeds = load_samples(d / "sample_feeds.npz", "segment")
     assert feeds["written_in"].any() and np.abs(feeds["A_in"]).max() > 0  # the sample has real memory
-    base = seg.run(None, feeds)
+    base = _run_named(seg, feeds)
     other = dict(feeds, A_in=feeds["A_in"] * 1.5 + 0.01)
-    changed = seg.run(None, other)
-    assert np.abs(changed[0] - base[0]).max() > 1e-4  # logits
-    assert np.abs(changed[2] - base[2]).max() > 1e-6  # A_out
-    empty = seg.run(None, dict(feeds, written_in=np.zeros_like(feeds["written_in"])))
-    assert np.abs(empty[0] - base[0]).max() > 1e-4  # memory read switched off
+    changed = _run_named(seg, other)
+    assert np.abs(logits(changed) - logits(base)).max() > 1e-4
+    assert np.abs(changed["A_out"] - base["A_out"]).max() > 1e-6
+    empty = _run_named(seg, dict(feeds, written_in=np.zeros_like(feeds["written_in"])))
+    assert np.abs(logits(empty) - logits(base)).max() > 1e-4  # memory read switched off
 
     step = _ort(d / "diagonal_step.onnx")
     feeds = load_samples(d / "sample_feeds.npz", "diagonal_step")
-    base = step.run(None, feeds)
-    bumped = step.run(None, dict(feeds, hidden_in=feeds["hidden_in"] + 0.5))
-    assert np.abs(bumped[0][1:] - base[0][1:]).max() > 1e-4  # layers >= 1 read hidden_in[l - 1]
-    assert np.abs(bumped[3] - base[3]).max() > 1e-6  # and write it into their memory
+    base = _run_named(step, feeds)
+    bumped = _run_named(step, dict(feeds, hidden_in=feeds["hidden_in"] + 0.5))
+    assert np.abs(bumped["hidden_out"][1:] - base["hidden_out"][1:]).max() > 1e-4  # layers >= 1 read hidden_in[l - 1]
+    assert np.abs(bumped["A_out"] - base["A_out"]).max() > 1e-6  # and write it into their memory
     assert feeds["written_in"][-1].any() and feeds["active"][-1]  # the last layer reads written memory
-    changed = step.run(None, dict(feeds, A_in=feeds["A_in"] * 1.5 + 0.01))
-    assert np.abs(changed[1] - base[1]).max() > 1e-4  # logits
-    assert np.abs(changed[0] - base[0]).max() > 1e-4  # hidden_out
-    idle = step.run(None, dict(feeds, active=np.zeros_like(feeds["active"])))
-    np.testing.assert_array_equal(idle[0], feeds["hidden_in"])
-    np.testing.assert_array_equal(idle[3], feeds["A_in"])
-    np.testing.assert_array_equal(idle[4], feeds["z_in"])
-    np.testing.assert_array_equal(idle[5], feeds["written_in"])
+    changed = _run_named(step, dict(feeds, A_in=feeds["A_in"] * 1.5 + 0.01))
+    assert np.abs(logits(changed) - logits(base)).max() > 1e-4
+    assert np.abs(changed["hidden_out"] - base["hidden_out"]).max() > 1e-4
+    idle = _run_named(step, dict(feeds, active=np.zeros_like(feeds["active"])))
+    np.testing.assert_array_equal(idle["hidden_out"], feeds["hidden_in"])
+    np.testing.assert_array_equal(idle["A_out"], feeds["A_in"])
+    np.testing.assert_array_equal(idle["z_out"], feeds["z_in"])
+    np.testing.assert_array_equal(idle["written_out"], feeds["written_in"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -257,7 +267,8 @@ def test_idle_layers_cannot_leak_nan_on_onnxruntime(export_of, arch):
     plan = plan_run(TorchRunner(model, "diagonal_step"), ids, mask)
     feeds = {**plan.feeds[0], **plan.initial}
     feeds["hidden_in"] = np.full_like(feeds["hidden_in"], np.nan)
-    hidden_out, logits, hidden, A, z, written = _ort(d / "diagonal_step.onnx").run(None, feeds)
+    out = _run_named(_ort(d / "diagonal_step.onnx"), feeds)
+    hidden_out, A, z, written = out["hidden_out"], out["A_out"], out["z_out"], out["written_out"]
     assert np.isfinite(A).all() and np.isfinite(z).all() and np.isfinite(hidden_out[0]).all()
     assert written[0].all() and not written[1:].any()
     assert np.isnan(hidden_out[1:]).all()  # idle layers pass their (garbage) buffer through untouched
