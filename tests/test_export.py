@@ -22,7 +22,7 @@ from exporter.bounds import compare
 from exporter.manifest import Manifest, load_manifest, record_files, write_manifest
 from exporter.portability import ALLOWED_OPS
 from exporter.samples import load_samples
-from exporter.trace import DEFAULT_OPSET
+from exporter.trace import default_opset
 from exporter.weights import WEIGHTS_FILE
 from graphs.cells import DiagonalStep, SegmentCell
 from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, STEP_ROLES_OF_KIND, contract
@@ -91,7 +91,7 @@ def test_export_writes_a_valid_directory(export_of, arch, precision):
     assert {p.name for p in d.iterdir()} == EXPECTED_FILES  # no stray per-graph .data files, no partial dirs
     assert not [p for p in d.parent.iterdir() if ".partial-" in p.name]
     m = load_manifest(d, verify_checksums=True)
-    assert m.precision == precision and m.opset == DEFAULT_OPSET
+    assert m.precision == precision and m.opset == default_opset(precision)
     assert set(m.files) == EXPECTED_FILES - {"manifest.json"}
     assert m.validation["status"] == "passed"
     for role in ROLES:

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compute dtype of layers, embeddings and head (memory state stays fp32)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs torch check")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 17..22)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: fp32 18, 17..22; fp16/bf16 23, 17..23: 23 fuses attention into ONNX Attention nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
                    "a directory inside it or one holding it)")
     p.add_argument("--synthetic", metavar="PRESET",
@@ -81,7 +81,6 @@ def _peak_rss_gb() -> float | None:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from exporter.trace import DEFAULT_OPSET
     from graphs.dtypes import compute_dtype, torch_dtype
     from graphs.errors import InputError
     from graphs.paths import OutputPath, check_paths
@@ -104,7 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = str(args.model_dir)
     log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
     with torch.no_grad():
-        result = export_model(model, args.output, precision=args.precision, opset=args.opset or DEFAULT_OPSET,
+        result = export_model(model, args.output, precision=args.precision, opset=args.opset,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
                               source=source, report=lambda text: print(text + "\n"), free_model=True)
     m = result.manifest
