@@ -38,8 +38,13 @@ WIDE = dict(hidden_size=64, intermediate_size=96)  # 4 heads of 16, 2 key-value 
 SCHEDULES = {"sequential": "segment", "diagonal": "diagonal_step"}
 
 
+SEED = 1  # weights whose fp16 rounding is well conditioned (checked in the parity test: torch fp16 vs fp32
+# within the fp16 row); seed 0 at this width is not: torch fp16 itself misses torch fp32 by 1.4 rel on
+# one logit row (A 6e-2), the memory read dividing by a small z, whatever the attention kernel
+
+
 def _model(kind="armt"):
-    return tiny_model("llama", **WIDE) if kind == "armt" else tiny_rmt("llama", **WIDE)
+    return tiny_model("llama", seed=SEED, **WIDE) if kind == "armt" else tiny_rmt("llama", seed=SEED, **WIDE)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,13 @@ def test_ort_fp16_fused_padded_batch_matches_torch_and_single_rows(fused_exports
         ref32 = model(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
         ref16 = _model().cast(torch.float16)(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
     real = torch.from_numpy(mask.astype(bool))[..., None]  # (B, N, 1): padding places carry no meaning
+    for kind in ("logits", "A", "z"):  # precondition: the weights are well conditioned in fp16 (see SEED)
+        _close(kind, getattr(ref16, kind) if kind == "logits" else getattr(ref16.state, kind),
+               getattr(ref32, kind) if kind == "logits" else getattr(ref32.state, kind),
+               "precondition torch fp16 vs fp32", real if kind == "logits" else None)
+    with torch.no_grad():  # memory matters on these weights: the last segment without it differs clearly
+        alone = model(torch.from_numpy(ids[:1, 18:]), schedule="sequential").logits[0]
+    assert float((alone - ref32.logits[0, 18:]).abs().max() / ref32.logits[0, 18:].abs().max()) > 0.1
     with OrtRunner(d, SCHEDULES[schedule]) as runner:
         got = run_schedule(runner, ids, mask, collect=("logits", "hidden"))
         singles = [run_schedule(runner, ids[b:b + 1, :n], collect=("logits", "hidden")) for b, n in enumerate(lengths)]
