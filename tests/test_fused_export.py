@@ -4,7 +4,7 @@ fp16/bf16 exports default to opset 23: blocks.attend(fused=ONNX_ATTENTION) folds
 batch, passes k/v with their own (fewer) heads (GQA from the 4-D shapes) and the same boolean slot
 mask as the written-out path, and the onnxscript optimizer turns the LLaMA norms into
 RMSNormalization. fp32 stays at opset 18, written out (tests/test_export.py checks it has Softmax and
-no Attention). The tiny models here have head_dim 16 (hidden 64, 4 query / 2 key-value heads):
+no Attention). The tiny models here have head_dim 16 (hidden 32, 2 query heads / 1 key-value head):
 TensorRT has no fused Attention kernel for the other tests' head_dim 8.
 
 Bounds: exporter/bounds.py's fp16 row, against torch at the export precision (what the row was
@@ -34,13 +34,10 @@ from runtimes.ort_runner import OrtRunner
 from runtimes.validation import export_model
 from tests.helpers import tiny_model, tiny_rmt
 
-WIDE = dict(hidden_size=64, intermediate_size=96)  # 4 heads of 16, 2 key-value heads (GQA)
-SCHEDULES = {"sequential": "segment", "diagonal": "diagonal_step"}
-
-
-SEED = 1  # weights whose fp16 rounding is well conditioned (checked in the parity test: torch fp16 vs fp32
-# within the fp16 row); seed 0 at this width is not: torch fp16 itself misses torch fp32 by 1.4 rel on
-# one logit row (A 6e-2), the memory read dividing by a small z, whatever the attention kernel
+WIDE = dict(num_attention_heads=2, num_key_value_heads=1)  # d 32 as the other tiny models: 2 heads of 16, GQA
+SEED = 0  # the parity test checks its precondition: torch fp16 vs torch fp32 within the fp16 row (measured
+# on weight seeds 0..2 x 2 inputs: <= 4.9e-3 rel; at d 64, 4 heads, the same init is ill-conditioned in fp16:
+# torch fp16 itself misses torch fp32 by up to 1.4 rel, the memory read dividing by a small z)
 
 
 def _model(kind="armt"):
@@ -100,7 +97,7 @@ def test_onnx_attention_eager_matches_the_written_out_math_on_a_padded_gqa_slot(
     """The same mask and scale as the written-out path: torch's eager ONNX Attention reference agrees
     to fp32 rounding (a short row, padding between tokens and memory, two layers folded in)."""
     g = torch.Generator().manual_seed(0)
-    n, B, H, Hkv, P, hd = 2, 3, 4, 2, 9, 16
+    n, B, H, Hkv, P, hd = 2, 3, 4, 2, 9, 16  # GQA 2:1
     q = torch.randn(n, B, H, P, hd, generator=g)
     k, v = (torch.randn(n, B, Hkv, P, hd, generator=g) for _ in range(2))
     key_valid = torch.ones(n, B, P, dtype=torch.bool)
