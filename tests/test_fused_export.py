@@ -35,6 +35,7 @@ from runtimes.validation import export_model
 from tests.helpers import tiny_model, tiny_rmt
 
 WIDE = dict(num_attention_heads=2, num_key_value_heads=1)  # d 32 as the other tiny models: 2 heads of 16, GQA
+SCHEDULES = {"sequential": "segment", "diagonal": "diagonal_step"}
 SEED = 0  # the parity test checks its precondition: torch fp16 vs torch fp32 within the fp16 row (measured
 # on weight seeds 0..2 x 2 inputs: <= 4.9e-3 rel; at d 64, 4 heads, the same init is ill-conditioned in fp16:
 # torch fp16 itself misses torch fp32 by up to 1.4 rel, the memory read dividing by a small z)
