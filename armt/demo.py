@@ -4,6 +4,7 @@
       |-- exporter.export_model ------> out/demo/export-fp32, out/demo/export-fp16 (ONNX + manifest)
       |-- exporter.build_engines -----> TensorRT(-RTX) engines, where a builder imports (build only)
       |-- run_schedule(diagonal) -----> torch and ONNX Runtime, fp32 and fp16: recall accuracy
+      |-- armt.load(...).generate ----> a few questions as text, answered by generation (torch, ONNX Runtime)
       |-- runtimes.verify ------------> per-segment parity vs the PyTorch sequential reference
       '-- memory-zeroed control ------> the query segment alone, from an empty memory: ~chance
 
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("armt.demo")
@@ -73,6 +75,73 @@ def run_backend(backend: str, path, precision: str, batch, threads: int | None =
     return res.logits, res.seconds
 
 
+@dataclass
+class Example:
+    """One question of the recall task as text: the context segments, "? key", the expected value."""
+
+    prompt_ids: np.ndarray  # (N,) int64: the S-1 context segments, then QUERY key
+    expected: int  # the value token
+    pair_segment: int  # the context segment holding the pair
+    pair_at: int  # place of the key in the prompt
+
+
+def answer_examples(task, segments: int, n: int = 3, seed: int = 7) -> list[Example]:
+    """`n` questions: the context segments of a recall row followed by one "? key" of its pairs."""
+    import numpy as np
+
+    from graphs.recall import QUERY, make_batch
+    T = task.segment_size
+    b = make_batch(task, n, segments, task.max_pairs(segments), np.random.default_rng(seed))
+    context = (segments - 1) * T
+    out = []
+    for r in range(n):
+        key = int(b.input_ids[r, b.query_pos[r, 0]])
+        at = int(np.flatnonzero(b.input_ids[r, :context] == key)[0])
+        prompt = np.concatenate([b.input_ids[r, :context], [QUERY, key]]).astype(np.int64)
+        out.append(Example(prompt, int(b.answers[r, 0]), at // T, at))
+    return out
+
+
+def excerpt(tokenizer, ex: Example, segment_size: int) -> str:
+    """The context segment that holds the pair, as words, the pair in brackets."""
+    lo = ex.pair_segment * segment_size
+    words = [tokenizer.decode([int(t)]) for t in ex.prompt_ids[lo:lo + segment_size]]
+    k = ex.pair_at - lo
+    words[k:k + 2] = [f"[{words[k]} {words[k + 1]}]"]
+    return " ".join(words)
+
+
+def generated_answers(backend: str, path, precision: str, examples: list[Example]) -> list[tuple[str, str, bool]]:
+    """(generated answer, expected answer, right) of each example: its prompt as text through
+    `armt.load(path, backend).generate(text, max_new_tokens=1)` (greedy, frozen memory)."""
+    import armt
+    m = armt.load(path, backend=backend, precision=precision)
+    tok = m.tokenizer
+    rows = []
+    for ex in examples:
+        gen = m.generate(tok.decode(ex.prompt_ids), max_new_tokens=1)
+        expected = tok.decode([ex.expected])
+        rows.append((gen.text[0].strip(), expected, gen.text[0].strip() == expected))
+    return rows
+
+
+def show_answers(examples: list[Example], tokenizer, segments: int, segment_size: int,
+                 answers: dict[str, list[tuple[str, str, bool]] | str]) -> None:
+    """Print each question with its context excerpt and every backend's generated answer."""
+    print(f"\nquestions as text ({segments - 1} context segments of {segment_size} words, then \"? key\"; "
+          "the answer generated greedily, one token, memory frozen):")
+    for i, ex in enumerate(examples):
+        q = tokenizer.decode(ex.prompt_ids[-2:])
+        print(f"  {i + 1}. context, segment {ex.pair_segment + 1} of {segments - 1}: ... {excerpt(tokenizer, ex, segment_size)} ...")
+        print(f"     question: {q!r}   expected: {tokenizer.decode([ex.expected])!r}")
+        for name, rows in answers.items():
+            if isinstance(rows, str):
+                print(f"     {name:11s}: {rows if i == 0 else '(not run, see above)'}")
+            else:
+                got, want, right = rows[i]
+                print(f"     {name:11s}: generated {got!r} ({'right' if right else 'WRONG'})")
+
+
 def zeroed_memory_accuracy(model, batch) -> float:
     """The control: only the query segment, from an empty MemoryState (nothing of the pairs is seen)."""
     import torch
@@ -103,6 +172,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(MODEL_DIR), help="trained recall model directory (default: the shipped one)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"where the exports go (default ./{DEFAULT_OUT}; replaced)")
     p.add_argument("--rows", type=int, default=64, help="evaluation rows per length (6 queries each)")
+    p.add_argument("--examples", type=int, default=3, help="questions shown as text with generated answers (3)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT engine builds")
     p.add_argument("--quick", action="store_true", help="fp32 only, no engines: the export, the task on torch "
                    "and ONNX Runtime, and parity, in about a third of the time")
@@ -178,7 +248,8 @@ def demo(args) -> int:
         t0 = time.perf_counter()
         try:
             res = export_model(copy.deepcopy(model), out / f"export-{prec}", precision=prec, overwrite=True,
-                               source=str(args.model))
+                               source=str(args.model), tokenizer_dir=args.model,
+                               decode=prec == "fp32")  # fp32: the decode graphs generate the answers on ORT
             note = "validated on ONNX Runtime"
         except ParityFailure as exc:
             if prec == "fp32":
@@ -187,7 +258,8 @@ def demo(args) -> int:
             # and let runtimes.verify (below) judge parity per segment
             print(f"WARNING: {prec} export validation: {exc}")
             res = export_model(copy.deepcopy(model), out / f"export-{prec}", precision=prec, overwrite=True,
-                               source=str(args.model), validate=False)
+                               source=str(args.model), validate=False, tokenizer_dir=args.model,
+                               decode=prec == "fp32")
             note = "NOT validated at export (see the warning); parity is checked below"
         exports[prec] = res.export_dir
         print(f"exported {prec}: {res.export_dir} ({time.perf_counter() - t0:.1f} s, {note})")
@@ -216,6 +288,30 @@ def demo(args) -> int:
     zero = zeroed_memory_accuracy(model, sets["trained"])
     print(f"control: query segment with the memory zeroed: accuracy: {100 * zero:.1f}% "
           f"(chance {100 * task.chance:.1f}%)")
+
+    # ------------------------------------------------------------------ questions as text, answers generated
+    from graphs.errors import ArmtError
+    from graphs.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(args.model)
+    examples = answer_examples(task, S, n=args.examples)
+    answers: dict = {}
+    for backend, path in (("torch", args.model), ("ort", exports["fp32"])):
+        try:
+            answers[f"{backend} fp32"] = generated_answers(backend, path, "fp32", examples)
+        except ArmtError as exc:  # one line (e.g. an export without decode graphs)
+            answers[f"{backend} fp32"] = f"not run: {exc}"
+    show_answers(examples, tokenizer, S, task.segment_size, answers)
+    if isinstance(answers["torch fp32"], str):
+        print(f"MISS: torch fp32 generation {answers['torch fp32']}")
+        ok = False
+    elif isinstance(answers["ort fp32"], str):
+        print(f"MISS: ONNX Runtime fp32 generation {answers['ort fp32']}")
+        ok = False
+    else:
+        same = [a[0] == b[0] for a, b in zip(answers["torch fp32"], answers["ort fp32"])]
+        print(f"generated answers, ONNX Runtime vs torch: {'identical' if all(same) else 'DIFFER'}")
+        ok &= all(same)
+    print()
 
     # ------------------------------------------------------------------ checks
     for name, batch in sets.items():

@@ -9,6 +9,8 @@ One optimization profile per engine; per input, shapes from the manifest's named
 
     batch: 1 .. max_batch (opt: opt_batch)     width: 1 .. max_width (opt: opt_width)
     slot = width + M (ARMT graphs) or width + 2M (the RMT segment graph), from the graph contract
+    decode graphs (generation): width 1 .. max_width (opt 1: the token loop), capacity (the KV
+    cache) 1 .. max_capacity (default max_width + 2M + 256 new tokens; opt = max), slot = width + M
 
 Files: `<role>.<builder>-<sha8>.engine` (content-addressed). New engines are written first, then the
 manifest is replaced atomically, then engines it no longer lists are deleted: a crash at any point
@@ -43,6 +45,10 @@ class ShapeLimits:
     opt_batch: int = 1
     max_width: int | None = None  # default: the model's segment size
     opt_width: int | None = None  # default: max_width
+    max_capacity: int | None = None  # decode graphs' KV-cache places; default max_width + 2M + DEFAULT_NEW_TOKENS
+
+
+DEFAULT_NEW_TOKENS = 256
 
 
 def import_builder(prefer: str = "auto"):
@@ -65,21 +71,26 @@ def import_builder(prefer: str = "auto"):
 
 
 def profile_for(graph: GraphRecord, dims: dict[str, int], limits: ShapeLimits,
-                slot_extra: int | None = None) -> dict[str, ProfileRange]:
+                slot_extra: int | None = None, decode: bool = False) -> dict[str, ProfileRange]:
     """Min/opt/max shapes of every input from its named dims; slot = width + `slot_extra` (the
-    contract's: M for an ARMT graph, 2M for an RMT's; default M)."""
-    M, T = dims["mem_tokens"], dims["segment_size"]
-    M = M if slot_extra is None else slot_extra
+    contract's: M for an ARMT graph, 2M for an RMT's; default M). `decode`: a generation graph
+    (opt width 1 unless given, a capacity range)."""
+    mem, T = dims["mem_tokens"], dims["segment_size"]
+    M = mem if slot_extra is None else slot_extra
     max_w = limits.max_width or T
-    opt_w = min(limits.opt_width or max_w, max_w)
+    opt_w = min(limits.opt_width or (1 if decode else max_w), max_w)
+    max_c = limits.max_capacity or max_w + 2 * mem + DEFAULT_NEW_TOKENS
+    if max_c < max_w + 2 * mem:
+        raise ExportError(f"--max-capacity {max_c} must hold a segment and its memory places ({max_w + 2 * mem})")
     if not 1 <= limits.opt_batch <= limits.max_batch:
         raise ExportError(f"--opt-batch {limits.opt_batch} must lie in 1..--max-batch {limits.max_batch}")
     if max_w < 1:
         raise ExportError(f"--max-width must be positive, got {max_w}")
-    # "rows": the lm_head graph's hidden rows (every token place of a segment at most, or one per row)
-    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M, "rows": 1},
-              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M, "rows": opt_w},
-              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M, "rows": max_w}}
+    # "rows": the lm_head graph's hidden rows (every token place of a segment at most, or one per row);
+    # "capacity": the decode graphs' KV cache
+    points = {"min": {"batch": 1, "width": 1, "slot": 1 + M, "rows": 1, "capacity": 1},
+              "opt": {"batch": limits.opt_batch, "width": opt_w, "slot": opt_w + M, "rows": opt_w, "capacity": max_c},
+              "max": {"batch": limits.max_batch, "width": max_w, "slot": max_w + M, "rows": max_w, "capacity": max_c}}
     return {t.name: ProfileRange(*(t.concrete_shape(points[k]) for k in ("min", "opt", "max")))
             for t in graph.inputs}
 
@@ -174,9 +185,10 @@ def build_engines(export_dir: str | Path, precision: str | None = None, compute_
             for role in roles:
                 bar.describe(role)
                 graph = manifest.graph(role)
-                derived = contract(manifest.model_config(), role, manifest.precision).derived_dims
+                c = contract(manifest.model_config(), role, manifest.precision)
+                derived = c.derived_dims
                 slot_extra = derived["slot"][1] if "slot" in derived else 0  # lm_head has no slot dim
-                profile = profile_for(graph, manifest.dims, limits, slot_extra)
+                profile = profile_for(graph, manifest.dims, limits, slot_extra, decode=c.schedule == "decode")
                 log.info("building %s engine with %s %s (batch <= %d, width <= %d) ...", role, builder_name, version,
                          limits.max_batch, profile[graph.inputs[0].name].max[1])  # input_ids (B, W) / hidden (B, R, d)
                 t0 = time.perf_counter()

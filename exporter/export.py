@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import contract, model_dims, roles_of
+from graphs.contracts import contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -110,13 +110,16 @@ def _versions() -> dict[str, str]:
 
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
-                 free_model: bool = False) -> ExportResult:
+                 free_model: bool = False, tokenizer_dir: str | Path | None = None,
+                 decode: bool = False) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
     manifest: it may write files there (draft.samples) and fill draft.validation; an exception from
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
-    the model is unusable afterwards)."""
+    the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
+    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
+    generation graphs (decode roles)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
@@ -129,11 +132,12 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
+    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
-        with Progress(len(roles_of(cfg)), "tracing graphs") as bar:
-            for role in roles_of(cfg):  # ARMT: segment, diagonal_step; RMT: rmt_segment
+        with Progress(len(roles), "tracing graphs") as bar:
+            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_decode, rmt_memory_write)
                 bar.describe(role)
                 c = contract(cfg, role, precision)
                 path = stage / c.file
@@ -143,7 +147,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                     fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
                     check_portable(proto, c.role, fused)
                     onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
-                        model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles_of(cfg)))
+                        model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles))
 
                 proto = shared.adopt_ir(traced, path, edit)
                 del traced
@@ -168,6 +172,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
         if free_model:
             _free(model)
         names = [g.file for g in graphs.values()] + [shared.name]
+        tokenizer = _copy_tokenizer(tokenizer_dir, stage)
+        names += tokenizer
         if draft.samples:
             write_script(stage / POLYGRAPHY_SCRIPT, {r: {t.name: t.dtype for t in g.inputs} for r, g in graphs.items()})
             names += [draft.samples, POLYGRAPHY_SCRIPT]
@@ -177,12 +183,21 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                                    "model_id": model_id, "fingerprint": cfg.fingerprint(), "source": source},
                             dims=dims, graphs=graphs, files=record_files(stage, names),
                             versions=draft.versions, validation=draft.validation, parameters=parameters,
-                            samples=draft.samples, polygraphy_script=POLYGRAPHY_SCRIPT if draft.samples else None)
+                            samples=draft.samples, polygraphy_script=POLYGRAPHY_SCRIPT if draft.samples else None,
+                            tokenizer=tuple(tokenizer))
         write_manifest(stage, manifest)
     manifest.root = export_dir
     seconds = time.perf_counter() - t_start
     log.info("export written to %s in %.1f s", export_dir, seconds)
     return ExportResult(export_dir, manifest, seconds=seconds)
+
+
+def _copy_tokenizer(model_dir: str | Path | None, stage: Path) -> list[str]:
+    """The model directory's tokenizer files, copied into the staged export (none: [])."""
+    from graphs.tokenizer import copy_tokenizer, has_tokenizer, tokenizer_files
+    if model_dir is None or not has_tokenizer(tokenizer_files(model_dir)):
+        return []
+    return copy_tokenizer(model_dir, stage)
 
 
 def _free(model: ArmtModel) -> None:

@@ -11,6 +11,7 @@ Layout of an export directory (file names are fixed by this module; the manifest
       sample_feeds.npz             realistic inputs for every graph (prefix "<role>/")
       polygraphy_data_loader.py    `polygraphy run ... --data-loader-script` helper
       segment.<tag>.engine, ...    TensorRT engines, after `armt build`
+      tokenizer.json, ...          the model directory's tokenizer files, when it has them (`tokenizer`)
 
 Every file except manifest.json has an entry in `files` (sha256 and size). `load_manifest` refuses a
 directory whose manifest is missing, malformed, of another format version, or whose files are
@@ -154,6 +155,7 @@ class Manifest:
     parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: str | None = SAMPLE_FEEDS  # the .npz of sample feeds, or None
     polygraphy_script: str | None = POLYGRAPHY_SCRIPT
+    tokenizer: tuple[str, ...] = ()  # the tokenizer files copied from the model directory (graphs/tokenizer.py)
     format_version: int = FORMAT_VERSION
     root: Path | None = None
 
@@ -192,6 +194,7 @@ class Manifest:
                 "model": self.model, "dims": self.dims,
                 "graphs": {r: g.to_dict() for r, g in self.graphs.items()},
                 "samples": self.samples, "polygraphy_script": self.polygraphy_script,
+                "tokenizer": list(self.tokenizer),
                 "versions": self.versions, "validation": self.validation, "parameters": self.parameters,
                 "files": {k: v.to_dict() for k, v in sorted(self.files.items())}}
 
@@ -204,13 +207,15 @@ class Manifest:
                    versions={str(k): str(v) for k, v in d.get("versions", {}).items()},
                    validation=dict(d.get("validation", {})), parameters=dict(d.get("parameters", {})),
                    samples=d.get("samples"),
-                   polygraphy_script=d.get("polygraphy_script"), root=root)
+                   polygraphy_script=d.get("polygraphy_script"),
+                   tokenizer=tuple(str(f) for f in d.get("tokenizer", ())), root=root)
 
     def referenced_files(self) -> list[str]:
         """Every file the manifest's sections point at."""
         refs = [f for g in self.graphs.values() for f in g.files]
         refs += [p["file"] for p in self.parameters.values()]
         refs += [f for f in (self.samples, self.polygraphy_script) if f]
+        refs += list(self.tokenizer)
         return list(dict.fromkeys(refs))
 
 

@@ -25,6 +25,9 @@ ALLOWED_OPS = frozenset({
     # data movement and shapes (static rank, shape-dependent only)
     "Cast", "Reshape", "Transpose", "Slice", "Concat", "Split", "Gather", "GatherND", "GatherElements",
     "Unsqueeze", "Squeeze", "Expand", "Tile", "Shape", "Range", "Constant", "ConstantOfShape", "Identity",
+    # the decode graphs' KV-cache write (new keys/values into the fixed-capacity cache, static shapes;
+    # TensorRT parses it as an element-mode IScatterLayer)
+    "ScatterElements",
 })
 
 # named in error messages: why these would be refused even if someone widened the list

@@ -109,7 +109,7 @@ def read_metadata_props(path: str | Path) -> dict[str, str]:
 def provenance_problems(manifest) -> list[tuple[str, str]]:
     """(manifest field, what disagrees) for every field of `manifest` that its graphs (or its own
     config's contracts) contradict; [] for an intact export."""
-    from graphs.contracts import ROLES, contract, model_dims, roles_of
+    from graphs.contracts import ROLES, all_roles_of, contract, model_dims
     from graphs.errors import ArmtError
     problems: list[tuple[str, str]] = []
     model = manifest.model
@@ -160,9 +160,9 @@ def provenance_problems(manifest) -> list[tuple[str, str]]:
     for role, g in manifest.graphs.items():
         if role not in ROLES:
             continue  # refused by the manifest's own consistency check
-        if role not in roles_of(cfg):
+        if role not in all_roles_of(cfg):
             problems.append((f"graphs.{role}", f"the manifest lists a {role} graph; an {cfg.kind.upper()} has "
-                                               f"{', '.join(roles_of(cfg))}"))
+                                               f"{', '.join(all_roles_of(cfg))}"))
             continue
         c = contract(cfg, role, manifest.precision)
         if (tuple(g.inputs), tuple(g.outputs)) != (c.inputs, c.outputs):

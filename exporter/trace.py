@@ -58,13 +58,73 @@ def trace_width(model: ArmtModel) -> int:
     raise ExportError("could not pick a trace width")  # unreachable for any real config
 
 
+def trace_capacity(model: ArmtModel, width: int) -> int:
+    """A sample KV-cache capacity (decode graphs) that equals no fixed size, width or slot."""
+    b, a = model.cfg.base, model.cfg.armt
+    taken = {b.n_layers, b.d_model, a.d_key if model.cfg.kind == "armt" else 1, b.vocab_size, a.num_mem_tokens,
+             b.n_heads, b.n_kv_heads, b.head_dim, TRACE_BATCH, 1, width, width + a.num_mem_tokens}
+    c = width + 2 * a.num_mem_tokens + 3
+    while c in taken:
+        c += 1
+    return c
+
+
+def decode_example_feeds(model: ArmtModel, role: str, precision: str, batch: int, width: int, capacity: int,
+                         seed: int = 0, memory: bool = False) -> dict[str, np.ndarray]:
+    """Feeds of a decode-role call (numpy, the contract's dtypes): row b's cache holds lengths[b]
+    places (row 0 the most that fit, row 1 none, the others between), random keys/values, positions
+    following the cache. memory False: zero memory state (tracing); True: a random written one
+    (A ~ 0.1 N(0, 1), z in [1, 2), RMT memory ~ 0.5 N(0, 1); every row written but the last), so
+    validation sees the memory read matter."""
+    from graphs.dtypes import numpy_dtype
+    c = contract(model.cfg, role, precision)
+    rng = np.random.default_rng(seed)
+    n = model.cfg.armt.num_mem_tokens if role in ("memory_write", "rmt_memory_write") else width
+    places = n + (model.cfg.armt.num_mem_tokens if role == "rmt_decode" else 0)
+    lengths = np.zeros(batch, dtype=np.int64)
+    lengths[0] = capacity - places
+    if batch > 2:
+        lengths[2:] = rng.integers(0, capacity - places + 1, batch - 2)
+    dims = {"batch": batch, "width": width, "capacity": capacity, "slot": width + model.cfg.armt.num_mem_tokens}
+    feeds: dict[str, np.ndarray] = {}
+    for s in c.inputs:
+        shape = s.concrete_shape(dims)
+        if s.name == "input_ids":
+            feeds[s.name] = rng.integers(0, model.cfg.base.vocab_size, shape).astype(np.int64)
+        elif s.name == "positions":
+            feeds[s.name] = (lengths[:, None] + np.arange(shape[1])[None, :]).astype(np.int64)
+        elif s.name == "lengths":
+            feeds[s.name] = lengths
+        elif s.name in ("read", "write"):
+            feeds[s.name] = np.arange(batch) % 2 == 0
+        elif s.name.startswith(("k_cache", "v_cache")):
+            feeds[s.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32).astype(numpy_dtype(s.dtype))
+        elif memory and s.name == "A_in":
+            feeds[s.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif memory and s.name == "z_in":
+            feeds[s.name] = (1.0 + rng.random(shape)).astype(np.float32)
+        elif memory and s.name == "memory_in":
+            feeds[s.name] = (0.5 * rng.standard_normal(shape)).astype(np.float32).astype(numpy_dtype(s.dtype))
+        elif memory and s.name == "written_in":
+            w = np.ones(shape, dtype=bool)
+            w[..., -1] = batch == 1
+            feeds[s.name] = w
+        else:
+            feeds[s.name] = np.zeros(shape, dtype=numpy_dtype(s.dtype))
+    return feeds
+
+
 def example_args(model: ArmtModel, role: str, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
     """Valid example inputs for tracing (the contract's order): batch 2, width trace_width(), one
-    full slot each, zero memory state."""
+    full slot each, zero memory state (decode roles: decode_example_feeds)."""
     from graphs.segments import make_slots
     from graphs.schedule import build_schedule, step_feeds
     c = contract(model.cfg, role, precision)
     B, W = TRACE_BATCH, trace_width(model)
+    if c.schedule == "decode":
+        feeds = decode_example_feeds(model, role, precision, B, W, trace_capacity(model, W))
+        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=np.float32)).to(torch_dtype(s.dtype))
+                     if s.dtype in FLOATS else torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in c.inputs)
     if c.schedule is None:  # lm_head: final-norm hidden rows (any values trace the same graph)
         return tuple(torch.zeros(s.concrete_shape(c.dims_for(B, W)), dtype=torch_dtype(s.dtype)) for s in c.inputs)
     ids = np.zeros((B, W), dtype=np.int64)
@@ -84,7 +144,7 @@ def dynamic_shapes(model: ArmtModel, role: str) -> dict[str, dict[int, object]]:
     from torch.export import Dim
     c = contract(model.cfg, role, "fp32")
     base = {"batch": Dim("batch", min=1, max=MAX_BATCH), "width": Dim("width", min=1, max=MAX_WIDTH),
-            "rows": Dim("rows", min=1, max=MAX_WIDTH)}
+            "capacity": Dim("capacity", min=1, max=MAX_WIDTH), "rows": Dim("rows", min=1, max=MAX_WIDTH)}
     for name, (of, offset) in c.derived_dims.items():
         base[name] = base[of] + offset
     return {spec.name: {axis: base[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}

@@ -9,8 +9,14 @@ call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
     DiagonalStep    one anti-diagonal: L slots, one per layer, idle layers masked by `active`
     RmtSegmentCell  an RMT's [memory | tokens | memory] slot through all L layers (graphs/rmt.py)
     LmHeadCell      final-norm hidden rows -> logits (either kind; logits on demand)
+    DecodeCell      generation: new tokens against a KV cache, the memory read (graphs/decode.py)
+    MemoryWriteCell generation, recurrent: the M memory places against the cache write (A, z)
+    RmtDecodeCell   generation on an RMT: [read memory | tokens] (rows that start a segment) or
+                    tokens against a KV cache
+    RmtMemoryWriteCell  generation on an RMT, recurrent: the write block against the cache -> memory
 
-The step cells output the final-norm hidden state (float32) and no logits: a caller that wants
+The step cells output the final-norm hidden state (float32) and no logits (the decode cells do
+output the logits of their new places): a caller that wants
 logits runs LmHeadCell on the rows it wants (runtimes/execute.py).
 
 DiagonalStep data flow (one call = one step t):
@@ -26,7 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphs.contracts import DIAGONAL_STEP, LM_HEAD, RMT_SEGMENT, SEGMENT
+from graphs.contracts import (DECODE, DIAGONAL_STEP, LM_HEAD, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE,
+                              RMT_SEGMENT, SEGMENT)
+from graphs.decode import armt_write_hook, decode_layers
 from graphs.model import ArmtModel
 from graphs.rmt import RmtModel
 
@@ -102,6 +110,96 @@ class RmtSegmentCell(nn.Module):
         return hidden.float(), memory, written
 
 
+def _pos_embed(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """GPT-2: add the learned position rows (the decoder checks the table's bound on the host)."""
+    if model.cfg.base.architecture == "gpt2":
+        return x + model.globals["pos_embed"][positions]
+    return x
+
+
+class DecodeCell(nn.Module):
+    """ARMT generation step: the graph of graphs/decode.py `decode_layers` + the LM head."""
+
+    def __init__(self, model: ArmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model  # attention is always written out here (explicit cache masks)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                k_cache_in: torch.Tensor, v_cache_in: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor,
+                written_in: torch.Tensor):
+        """input_ids, positions (B, n); lengths (B,); k/v_cache_in (L, B, Hkv, C, hd); A_in, z_in,
+        written_in: the memory every layer reads -> logits (B, n, V) f32, k_cache_out, v_cache_out."""
+        m = self.model
+        x = _pos_embed(m, m.globals["embed"][input_ids], positions)  # (B, n, d)
+        h, k, v = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, (A_in, z_in, written_in))
+        return m.head(h)[0].float(), k, v
+
+
+class MemoryWriteCell(nn.Module):
+    """ARMT segment boundary while generating: graphs/decode.py `armt_write_hook` over decode_layers."""
+
+    def __init__(self, model: ArmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model
+
+    def forward(self, positions: torch.Tensor, lengths: torch.Tensor, k_cache_in: torch.Tensor,
+                v_cache_in: torch.Tensor, write: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor,
+                written_in: torch.Tensor):
+        """positions (B, M); lengths (B,); k/v_cache_in (L, B, Hkv, C, hd); write (B,); the memory
+        -> A_out, z_out, written_out (rows with write False: bit for bit the input)."""
+        m = self.model
+        B = positions.shape[0]
+        x = _pos_embed(m, m.globals["memory"][None].expand(B, -1, -1), positions)  # (B, M, d)
+        memory = [A_in, z_in, written_in]
+        decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, memory, armt_write_hook(m, memory, write))
+        return tuple(memory)
+
+
+class RmtDecodeCell(nn.Module):
+    """RMT generation step: the places [read memory | tokens] of rows with `read`, [tokens | junk]
+    of the others, through the base model against the cache; logits of the token places."""
+
+    def __init__(self, model: RmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, read: torch.Tensor,
+                k_cache_in: torch.Tensor, v_cache_in: torch.Tensor, memory_in: torch.Tensor, written_in: torch.Tensor):
+        """input_ids (B, n); positions (B, M+n); lengths (B,); read (B,); k/v_cache_in (L, B, Hkv, C, hd);
+        memory_in (B, M, d); written_in (B,) -> logits (B, n, V) f32, k_cache_out, v_cache_out."""
+        m = self.model
+        M = m.cfg.armt.num_mem_tokens
+        n = input_ids.shape[1]
+        full = torch.cat([m.read_memory(memory_in, written_in), m.globals["embed"][input_ids]], dim=1)  # (B, M+n, d)
+        place = torch.arange(M + n, device=input_ids.device)[None, :]  # (1, M+n)
+        shift = torch.where(read, 0, M)[:, None]  # (B, 1): where each row's places start in `full`
+        src = torch.clamp(place + shift, max=M + n - 1)  # (B, M+n)
+        x = torch.gather(full, 1, src[..., None].expand(-1, -1, full.shape[-1]))
+        x = _pos_embed(m, x, positions)
+        h, k, v = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, None)
+        tok = place[:, :n] + torch.where(read, M, 0)[:, None]  # (B, n): the token places
+        h = torch.gather(h, 1, tok[..., None].expand(-1, -1, h.shape[-1]))
+        return m.head(m.final_norm(h)).float(), k, v
+
+
+class RmtMemoryWriteCell(nn.Module):
+    """RMT segment boundary while generating: the write block against the cached segment."""
+
+    def __init__(self, model: RmtModel, fused: bool = False):
+        super().__init__()
+        self.model = model
+
+    def forward(self, positions: torch.Tensor, lengths: torch.Tensor, k_cache_in: torch.Tensor,
+                v_cache_in: torch.Tensor, write: torch.Tensor, memory_in: torch.Tensor, written_in: torch.Tensor):
+        """positions (B, M); lengths (B,); k/v_cache_in (L, B, Hkv, C, hd); write (B,); memory_in
+        (B, M, d); written_in (B,) -> memory_out (B, M, d) (rows with write False: memory_in), written_out."""
+        m = self.model
+        x = _pos_embed(m, m.read_memory(memory_in, written_in), positions)  # (B, M, d)
+        h, _, _ = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, None)
+        new = m.final_norm(h)
+        return torch.where(write[:, None, None], new, memory_in), written_in | write
+
+
 class LmHeadCell(nn.Module):
     """LM head graph: final-norm hidden rows (float32, as the step graphs output them) -> logits."""
 
@@ -116,7 +214,8 @@ class LmHeadCell(nn.Module):
 
 
 CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep, RMT_SEGMENT: RmtSegmentCell,
-                                     LM_HEAD: LmHeadCell}
+                                     LM_HEAD: LmHeadCell, DECODE: DecodeCell, MEMORY_WRITE: MemoryWriteCell,
+                                     RMT_DECODE: RmtDecodeCell, RMT_MEMORY_WRITE: RmtMemoryWriteCell}
 
 
 def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False) -> nn.Module:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from graphs.config import ArmtConfig, ModelConfig, RmtConfig, parse_base_config
-from graphs.errors import CheckpointError, ConfigError
+from graphs.errors import CheckpointError, ConfigError, InputError
 from graphs.hf_layout import MEMORY_KEYS, layers_path
 
 WRAPPER_PREFIX = "memory_cell."
@@ -435,13 +435,21 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
 def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: str | Path, *,
                      segment_size: int, num_mem_tokens: int, d_mem: int | None = None, wrap_pos: bool = False,
                      correction: bool = True, nu: int = 3, overwrite: bool = False, kind: str = "armt",
-                     shard_bytes: int | None = None) -> Path:
+                     shard_bytes: int | None = None, tokenizer: str | Path | None = None) -> Path:
     """Official checkpoint (ARMT, or with kind="rmt" RMT) -> model directory (written atomically, in
-    the checkpoint's dtype; `shard_bytes`: safetensors shards of at most that size). Returns the directory."""
+    the checkpoint's dtype; `shard_bytes`: safetensors shards of at most that size), with the HF
+    tokenizer files of the directory `tokenizer` when given. Returns the directory."""
     from graphs.modeldir import save_model_dir
     from graphs.paths import OutputPath, check_paths
     # before the (possibly long) load: never write over, into or around the inputs; the settings; the output
-    check_paths({"CKPT": checkpoint, "--base-config": base_config},
+    inputs = {"CKPT": checkpoint, "--base-config": base_config}
+    if tokenizer is not None:
+        from graphs.tokenizer import has_tokenizer, tokenizer_files
+        if not Path(tokenizer).is_dir() or not has_tokenizer(tokenizer_files(tokenizer)):
+            raise InputError(f"--tokenizer {tokenizer} is not a directory holding tokenizer files "
+                             "(tokenizer.json, tokenizer.model, ...)")
+        inputs["--tokenizer"] = tokenizer
+    check_paths(inputs,
                 [OutputPath("-o", out_dir, directory=True, overwrite=overwrite)])
     official_config(base_config, segment_size, num_mem_tokens, d_mem, wrap_pos, correction, nu, kind)
     check_output_dir(out_dir, overwrite)
@@ -450,4 +458,4 @@ def convert_official(checkpoint: str | Path, base_config: str | Path, out_dir: s
     card = (f"Converted from the official {kind.upper()} checkpoint {Path(checkpoint).name} by "
             f"`armt convert-official{' --kind rmt' if kind == 'rmt' else ''}`.\n")
     return save_model_dir(model, out_dir, overwrite=overwrite, extra_files={"CONVERTED.md": card},
-                          shard_bytes=shard_bytes)
+                          shard_bytes=shard_bytes, tokenizer_dir=tokenizer)

@@ -51,12 +51,19 @@ SEGMENT = "segment"
 DIAGONAL_STEP = "diagonal_step"
 RMT_SEGMENT = "rmt_segment"
 LM_HEAD = "lm_head"
-ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, LM_HEAD)  # every role of every kind
-SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential"}  # lm_head: none
+DECODE = "decode"  # generation (docs/generation.md): new tokens against a KV cache, the memory read
+MEMORY_WRITE = "memory_write"  # generation, recurrent policy: the M memory places write (A, z)
+RMT_DECODE = "rmt_decode"  # generation on an RMT: [memory | tokens] against a KV cache
+RMT_MEMORY_WRITE = "rmt_memory_write"  # generation on an RMT, recurrent policy: the write block -> next memory
+ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, LM_HEAD, DECODE, MEMORY_WRITE, RMT_DECODE,
+         RMT_MEMORY_WRITE)  # every role of every kind
+SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential",  # lm_head: none
+                    DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode", RMT_MEMORY_WRITE: "decode"}
 ROLE_OF_SCHEDULE = {"sequential": SEGMENT, "diagonal": DIAGONAL_STEP}  # an ARMT's (role_for: any kind)
 GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
 STEP_ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}
-ROLES_OF_KIND = {kind: (*roles, LM_HEAD) for kind, roles in STEP_ROLES_OF_KIND.items()}
+ROLES_OF_KIND = {kind: (*roles, LM_HEAD) for kind, roles in STEP_ROLES_OF_KIND.items()}  # every export's
+DECODE_ROLES_OF_KIND = {"armt": (DECODE, MEMORY_WRITE), "rmt": (RMT_DECODE, RMT_MEMORY_WRITE)}  # with --decode
 DIAGONAL_REFUSAL = ("diagonal batching does not apply to an RMT (segment s+1's first layer needs segment s's "
                     "last layer): use --schedule sequential")
 
@@ -69,6 +76,16 @@ def roles_of(cfg: ModelConfig) -> tuple[str, ...]:
 def step_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
     """The schedule-driven graph roles of this kind (every role but lm_head)."""
     return STEP_ROLES_OF_KIND[cfg.kind]
+
+
+def decode_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The generation graph roles of a model of this kind (exported with --decode)."""
+    return DECODE_ROLES_OF_KIND[cfg.kind]
+
+
+def all_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every graph role an export of this model may hold."""
+    return roles_of(cfg) + decode_roles_of(cfg)
 
 
 def schedules_of(cfg: ModelConfig) -> tuple[str, ...]:
@@ -335,6 +352,89 @@ def rmt_segment_contract(cfg: ModelConfig, precision: str) -> GraphContract:
                          cfg, _rmt_segment_mask)
 
 
+# ------------------------------------------------------------------------------------------ generation
+def _cache(cfg: ModelConfig, precision: str, suffix: str) -> tuple[TensorSpec, ...]:
+    """The KV cache (L, batch, H_kv, capacity, hd) in the compute dtype (graphs/kv_cache.py)."""
+    b = cfg.base
+    hkv = b.n_kv_heads if b.architecture == "llama" else b.n_heads
+    cd = compute_dtype(precision)
+    shape = (b.n_layers, "batch", hkv, "capacity", b.head_dim)
+    kind = "hidden_out" if suffix == "out" else ""  # keys/values: compute-dtype activations, the carried hidden's bounds
+    return TensorSpec(f"k_cache_{suffix}", cd, shape, kind), TensorSpec(f"v_cache_{suffix}", cd, shape, kind)
+
+
+CACHE_FEEDBACK = {"k_cache_out": "k_cache_in", "v_cache_out": "v_cache_in"}
+
+
+def _decode_mask(c: GraphContract, name: str, feeds) -> Any:
+    """logits: every place (the decoder picks each row's real ones); caches: the places below each
+    row's length plus the n new ones (beyond: never read before they are overwritten)."""
+    if name in ("k_cache_out", "v_cache_out"):
+        lengths = _host(feeds["lengths"])
+        n = _host(feeds["positions"]).shape[1]  # the places stored (RMT: M + width)
+        C = _host(feeds[name.replace("_out", "_in")]).shape[3]
+        keep = np.arange(C)[None, :] < (lengths[:, None] + n)  # (B, C)
+        return keep[None, :, None, :, None]
+    return None
+
+
+def decode_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """ARMT generation step: n new tokens per row (positions (B, n)) appended to each row's cache at
+    places lengths[b] .. lengths[b]+n-1; every layer reads the memory (A, z) first (never writes)."""
+    V = cfg.base.vocab_size
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("positions", "int64", ("batch", "width")),
+              TensorSpec("lengths", "int64", ("batch",)),
+              *_cache(cfg, precision, "in"), *_state(cfg, "in"))
+    outputs = (TensorSpec("logits", "float32", ("batch", "width", V), "logits"), *_cache(cfg, precision, "out"))
+    return GraphContract(DECODE, precision, inputs, outputs, dict(CACHE_FEEDBACK), {}, cfg, _decode_mask)
+
+
+def memory_write_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """ARMT segment boundary while generating: the M memory places (positions (B, M)) attend to each
+    row's cached segment and every layer writes its (A, z) where `write`; the cache is not kept."""
+    M = cfg.armt.num_mem_tokens
+    inputs = (TensorSpec("positions", "int64", ("batch", M)),
+              TensorSpec("lengths", "int64", ("batch",)),
+              *_cache(cfg, precision, "in"),
+              TensorSpec("write", "bool", ("batch",)), *_state(cfg, "in"))
+    return GraphContract(MEMORY_WRITE, precision, inputs, _state(cfg, "out"), dict(STATE_FEEDBACK), {}, cfg, None)
+
+
+def rmt_decode_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """RMT generation step: rows with `read` start a segment, fed [read memory | n tokens]; the other
+    rows feed their n tokens (junk places behind them). positions (B, M + n) of those places; the
+    M + n places are stored at lengths[b] ..; logits (B, n, V) of the token places."""
+    M, d, V = cfg.armt.num_mem_tokens, cfg.base.d_model, cfg.base.vocab_size
+    cd = compute_dtype(precision)
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "width")),
+              TensorSpec("positions", "int64", ("batch", "slot")),
+              TensorSpec("lengths", "int64", ("batch",)),
+              TensorSpec("read", "bool", ("batch",)),
+              *_cache(cfg, precision, "in"),
+              TensorSpec("memory_in", cd, ("batch", M, d)),
+              TensorSpec("written_in", "bool", ("batch",)))
+    outputs = (TensorSpec("logits", "float32", ("batch", "width", V), "logits"), *_cache(cfg, precision, "out"))
+    return GraphContract(RMT_DECODE, precision, inputs, outputs, dict(CACHE_FEEDBACK), {"slot": ("width", M)}, cfg,
+                         _decode_mask)
+
+
+def rmt_memory_write_contract(cfg: ModelConfig, precision: str) -> GraphContract:
+    """RMT segment boundary while generating: the write block (the memory it read + positions (B, M))
+    attends to each row's cached segment; its final-norm hidden state is the next memory where `write`."""
+    M, d = cfg.armt.num_mem_tokens, cfg.base.d_model
+    cd = compute_dtype(precision)
+    inputs = (TensorSpec("positions", "int64", ("batch", M)),
+              TensorSpec("lengths", "int64", ("batch",)),
+              *_cache(cfg, precision, "in"),
+              TensorSpec("write", "bool", ("batch",)),
+              TensorSpec("memory_in", cd, ("batch", M, d)),
+              TensorSpec("written_in", "bool", ("batch",)))
+    outputs = (TensorSpec("memory_out", cd, ("batch", M, d), "memory"),
+               TensorSpec("written_out", "bool", ("batch",), "written"))
+    return GraphContract(RMT_MEMORY_WRITE, precision, inputs, outputs, dict(RMT_FEEDBACK), {}, cfg, None)
+
+
 def lm_head_contract(cfg: ModelConfig, precision: str) -> GraphContract:
     """LM head graph: final-norm hidden rows (B, R, d) float32 -> logits (B, R, V) float32. The rows
     are whatever the caller asks logits for (every token place, each row's last one); inside, the
@@ -347,6 +447,8 @@ def lm_head_contract(cfg: ModelConfig, precision: str) -> GraphContract:
 
 BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
     SEGMENT: segment_contract, DIAGONAL_STEP: diagonal_contract, RMT_SEGMENT: rmt_segment_contract,
+    DECODE: decode_contract, MEMORY_WRITE: memory_write_contract, RMT_DECODE: rmt_decode_contract,
+    RMT_MEMORY_WRITE: rmt_memory_write_contract,
     LM_HEAD: lm_head_contract}
 
 
@@ -354,10 +456,10 @@ def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContr
     """The contract of graph `role` for a model config at an export precision."""
     if role not in BUILDERS:
         raise InputError(f"graph role must be one of {', '.join(BUILDERS)}, got {role!r}")
-    if role not in roles_of(cfg):
+    if role not in all_roles_of(cfg):
         if cfg.kind == "rmt" and role == DIAGONAL_STEP:
             raise InputError(DIAGONAL_REFUSAL)
-        raise InputError(f"an {cfg.kind.upper()} has no {role} graph (its graphs: {', '.join(roles_of(cfg))})")
+        raise InputError(f"an {cfg.kind.upper()} has no {role} graph (its graphs: {', '.join(all_roles_of(cfg))})")
     return BUILDERS[role](cfg, precision)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from graphs.blocks import (_merge_heads, _rotate_half, _split_heads, gelu_tanh, layer_norm, linear, rms_norm,
                            rope_tables)
-from graphs.kv_cache import KvCache, step_key_mask
+from graphs.kv_cache import KvCache
 from graphs.memory import memory_read, memory_write
 
 LayerHook = Callable[[int, torch.Tensor], None]
@@ -56,17 +56,31 @@ def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: t
     return torch.matmul(probs, v)
 
 
-def _store(cache: KvCache, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write new keys/values k, v (B, Hkv, n, hd) of layer l at places lengths[b] .. lengths[b]+n-1."""
+def key_mask(lengths: torch.Tensor, n: int, capacity: int) -> torch.Tensor:
+    """(B, n, capacity) bool, as tensors (traceable): query j of row b sees keys 0 .. lengths[b] + j
+    (graphs.kv_cache.step_key_mask's rule)."""
+    keys = torch.arange(capacity, device=lengths.device)[None, None, :]
+    last = lengths[:, None, None] + torch.arange(n, device=lengths.device)[None, :, None]
+    return keys <= last
+
+
+def _store(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write new keys/values k, v (B, Hkv, n, hd) into one layer's k_cache/v_cache (B, Hkv, C, hd) at
+    places lengths[b] .. lengths[b]+n-1 (lengths (B,) int64 tensor). `inplace` False: new tensors
+    (the traced graphs: a graph never writes its inputs)."""
     n = k.shape[2]
-    idx = torch.from_numpy(cache.lengths[:, None] + np.arange(n)[None, :]).to(k.device)  # (B, n)
+    idx = lengths[:, None] + torch.arange(n, device=k.device)[None, :]  # (B, n)
     idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hkv, n, hd)
-    cache.k[l].scatter_(2, idx, k)
-    cache.v[l].scatter_(2, idx, v)
+    if inplace:
+        return k_cache.scatter_(2, idx, k), v_cache.scatter_(2, idx, v)
+    return k_cache.scatter(2, idx, k), v_cache.scatter(2, idx, v)
 
 
-def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, cache: KvCache) -> torch.Tensor:
-    """Decoder block l on new places h (B, n, d) against the cache -> (B, n, d)."""
+def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           lengths: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder block l on new places h (B, n, d) against layer l's cache (B, Hkv, C, hd)
+    -> (B, n, d), the layer's cache with the new keys/values stored."""
     spec = model.cfg.base
     p = {key: w[l:l + 1] for key, w in model.layers.items()}
     h = h[None]  # (1, B, n, d): the block functions' layer axis
@@ -85,8 +99,8 @@ def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, cache: K
         x = layer_norm(h, p["ln1_w"], p["ln1_b"], spec.norm_eps)
         qkv = linear(x, p["qkv"], p["qkv_bias"])
         q, k, v = (_split_heads(qkv[..., i * d: (i + 1) * d], H, hd) for i in range(3))
-    _store(cache, l, k[0], v[0])
-    a = _merge_heads(_attend_cached(q[0], cache.k[l], cache.v[l], allowed)[None])  # (1, B, n, H hd)
+    k_cache, v_cache = _store(k_cache, v_cache, lengths, k[0], v[0], inplace)
+    a = _merge_heads(_attend_cached(q[0], k_cache, v_cache, allowed)[None])  # (1, B, n, H hd)
     if spec.architecture == "llama":
         h = h + linear(a, p["o"], p.get("o_bias"))
         x = rms_norm(h, p["mlp_norm"], spec.norm_eps)
@@ -97,7 +111,34 @@ def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, cache: K
         h = h + linear(a, p["o"], p["o_bias"])
         x = layer_norm(h, p["ln2_w"], p["ln2_b"], spec.norm_eps)
         h = h + linear(gelu_tanh(linear(x, p["fc"], p["fc_bias"])), p["proj"], p["proj_bias"])
-    return h[0]
+    return h[0], k_cache, v_cache
+
+
+def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, memory=None, hook: LayerHook | None = None, inplace: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor core of `cached_layers` (no numpy: what the decode graphs trace). x (B, n, d);
+    positions (B, n) int64; lengths (B,) int64; k_cache/v_cache (L, B, Hkv, C, hd); memory: (A, z,
+    written) read by every layer (None: nothing read) -> last hidden state (B, n, d) before the final
+    norm, and the caches with the new places stored (inplace: the given tensors, written; else new ones)."""
+    n = x.shape[1]
+    allowed = key_mask(lengths, n, k_cache.shape[3])[:, None]  # (B, 1, n, C)
+    rope = rope_tables(positions[None], model.inv_freq, model.dtype) if model.inv_freq is not None else None
+    h = x
+    ks, vs = [], []
+    for l in range(model.cfg.base.n_layers):
+        if memory is not None:
+            A, z, written = memory
+            h = memory_read(h[None], model.mem["w_q"][l:l + 1], A[l:l + 1], z[l:l + 1], written[l:l + 1],
+                            model.cfg.armt.nu)[0]
+        h, k_l, v_l = _layer(model, l, h, rope, allowed, k_cache[l], v_cache[l], lengths, inplace)
+        ks.append(k_l)
+        vs.append(v_l)
+        if hook is not None:
+            hook(l, h)
+    if inplace:
+        return h, k_cache, v_cache
+    return h, torch.stack(ks), torch.stack(vs)
 
 
 def cached_layers(model, x: torch.Tensor, positions: np.ndarray, cache: KvCache, memory=None,
@@ -106,23 +147,11 @@ def cached_layers(model, x: torch.Tensor, positions: np.ndarray, cache: KvCache,
     before the final norm. positions (B, n) int64 (rotary tables, LLaMA). memory: an ARMT's
     (A, z, written) torch tensors every layer reads (None: nothing read, an RMT). advance (B,): the
     real places each row adds to the cache (None: nothing kept, the memory-write pass). hook(l, h):
-    called with layer l's output (the ARMT's memory write)."""
-    B, n, _ = x.shape
-    cache.check_room(n)
-    allowed = torch.from_numpy(step_key_mask(cache.lengths, n, cache.capacity)).to(x.device)[:, None]  # (B,1,n,C)
-    rope = None
-    if model.inv_freq is not None:
-        pos = torch.from_numpy(np.array(positions, dtype=np.int64)).to(x.device)  # (B, n), a writable copy
-        rope = rope_tables(pos[None], model.inv_freq, model.dtype)
-    h = x
-    for l in range(model.cfg.base.n_layers):
-        if memory is not None:
-            A, z, written = memory
-            h = memory_read(h[None], model.mem["w_q"][l:l + 1], A[l:l + 1], z[l:l + 1], written[l:l + 1],
-                            model.cfg.armt.nu)[0]
-        h = _layer(model, l, h, rope, allowed, cache)
-        if hook is not None:
-            hook(l, h)
+    called with layer l's output (the ARMT's memory write). The cache is written in place."""
+    cache.check_room(x.shape[1])
+    pos = torch.from_numpy(np.array(positions, dtype=np.int64)).to(x.device)  # (B, n), a writable copy
+    lengths = torch.from_numpy(np.array(cache.lengths, dtype=np.int64)).to(x.device)  # (B,)
+    h, _, _ = decode_layers(model, x, pos, lengths, cache.k, cache.v, memory, hook, inplace=True)
     if advance is not None:
         cache.advance(advance)
     return h

@@ -49,10 +49,3 @@ class KvCache:
         """Rows (B,) bool start a new segment: nothing cached."""
         self.lengths = np.where(rows, 0, self.lengths).astype(np.int64)
 
-
-def step_key_mask(lengths: np.ndarray, n: int, capacity: int) -> np.ndarray:
-    """(B, n, capacity) bool: query j of row b sees keys 0 .. lengths[b] + j (its cache and the new
-    places up to itself). Every query sees at least itself, so no softmax row is empty."""
-    keys = np.arange(capacity)[None, None, :]
-    last = lengths[:, None, None] + np.arange(n)[None, :, None]
-    return keys <= last

@@ -116,10 +116,14 @@ def stored_model_id(model) -> str:
 
 
 def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = False,
-                   extra_files: dict[str, str] | None = None, shard_bytes: int | None = None) -> Path:
+                   extra_files: dict[str, str] | None = None, shard_bytes: int | None = None,
+                   tokenizer_dir: str | Path | None = None) -> Path:
     """Write a model directory atomically, the weights in the model's own dtype (no fp32 copy of a
     bf16 model). `extra_files`: name -> text (a model card, say). `shard_bytes`: split the weights
-    into shards of at most that many bytes, with model.safetensors.index.json (None: one file)."""
+    into shards of at most that many bytes, with model.safetensors.index.json (None: one file).
+    `tokenizer_dir`: a directory whose HF tokenizer files are copied in (loaded first as a check, and
+    refused when its vocabulary is larger than the model's; graphs/tokenizer.py). Tokenizer files do
+    not enter the model id."""
     cfg = model.cfg
     model_id = stored_model_id(model)  # of the weights as they will load
     with atomic_directory(model_dir, overwrite=overwrite) as stage:
@@ -128,4 +132,8 @@ def save_model_dir(model: ArmtModel, model_dir: str | Path, overwrite: bool = Fa
         tensorfile.write_dir(stage, hf_tensors(model), {"format": "pt", MODEL_ID_KEY: model_id}, shard_bytes)
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
+        if tokenizer_dir is not None:
+            from graphs.tokenizer import copy_tokenizer, load_tokenizer
+            copy_tokenizer(tokenizer_dir, stage)
+            load_tokenizer(stage).check_fits(cfg.base.vocab_size)
     return Path(model_dir)

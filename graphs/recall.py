@@ -14,6 +14,14 @@ key's place (the token after "?") is the pair's value. Chance is 1/16 = 6.25% fo
 only knows the answer is a value.
 
 `make_batch` is deterministic given its numpy Generator; `score` counts right answers.
+
+`recall_words(task)` names every id with a word, so the task reads as text (the shipped model's
+word-level tokenizer, models/armt-recall/tokenizer.json, is built from it by
+scripts/make_recall_tokenizer.py):
+
+    0 <pad>   1 ?   filler: the a of and ...   keys: apple bear cake ...   values: red blue green ...
+
+    context   "... of apple red the so in jar blue a ..."      question   "? jar"   answer   "blue"
 """
 
 from __future__ import annotations
@@ -84,6 +92,27 @@ class RecallTask:
         if not isinstance(data, dict) or set(data) - known:
             raise InputError(f"recall task settings must be an object with keys from {sorted(known)}")
         return cls(**data)
+
+
+PAD_WORD, QUERY_WORD = "<pad>", "?"
+FILLER_WORDS = ("the", "a", "of", "and", "to", "in", "is", "it", "on", "at", "by", "so", "as", "or")
+KEY_WORDS = ("apple", "bear", "cake", "door", "eagle", "fish", "goat", "hat", "ink", "jar", "kite", "lamp",
+             "moon", "nest", "owl", "pen", "queen", "rope", "sock", "tent", "vase", "wolf", "yak", "zebra",
+             "anchor", "bell", "coin", "drum", "egg", "flag", "gate", "harp")
+VALUE_WORDS = ("red", "blue", "green", "yellow", "black", "white", "pink", "gray", "brown", "orange",
+               "purple", "gold", "silver", "cyan", "teal", "navy")
+
+
+def recall_words(task: RecallTask) -> list[str]:
+    """The word of every token id of the task (index = id), for its word-level tokenizer."""
+    groups = ((FILLER_WORDS, task.n_filler, "filler"), (KEY_WORDS, task.n_keys, "key"),
+              (VALUE_WORDS, task.n_values, "value"))
+    words = [PAD_WORD, QUERY_WORD]
+    for names, n, what in groups:  # the shipped task's sizes have names; other sizes get numbered words
+        words += list(names[:n]) if n <= len(names) else [f"{what}{i}" for i in range(n)]
+    if len(set(words)) != len(words) or len(words) != task.vocab_size:
+        raise InputError("the recall task's words are not distinct")  # a bug in the tables above
+    return words
 
 
 @dataclass

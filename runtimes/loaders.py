@@ -40,6 +40,14 @@ def open_export(export: str | Path | Manifest, precision: str | None = None,
     return manifest
 
 
+def load_export_tokenizer(export: str | Path | Manifest):
+    """The tokenizer an export carries: the files its manifest lists (checksummed; files added to the
+    directory afterwards are not looked at). None: InputError, the one line `--prompt` users see."""
+    from graphs.tokenizer import load_tokenizer
+    manifest = open_export(export)
+    return load_tokenizer(manifest.root, list(manifest.tokenizer))
+
+
 class NotRunnable(BackendUnavailable):
     """ONNX Runtime has no kernel for some node of the graph on this provider (e.g. bf16 on the CPU)."""
 

@@ -12,6 +12,11 @@
                 (contract.output_mask) under exporter.bounds, the bound widened where ref and
                 twin themselves differ; the worst call per output is reported;
                 one call per graph stored in sample_feeds.npz with the reference's outputs.
+      decode graphs (generation: decode, memory_write, rmt_decode): the torch cell and the staged
+                graph on DECODE_SHAPES (batch, new places, cache capacity) of random caches and a
+                random written memory state (exporter/trace.py decode_example_feeds), every output
+                compared over the entries that carry meaning; the first call stored as the sample.
+                Generation end to end on ONNX Runtime is tested in tests/test_generate_ort.py.
 
 Without validation (`validate=False`) the same loop runs the torch cell alone for the samples.
 A graph ONNX Runtime CPU has no kernels for (bf16) is reported "not run", never "passed".
@@ -32,7 +37,7 @@ from exporter.bounds import Comparison, compare, format_table, widen
 from exporter.export import Draft, ExportResult, export_model as export_graphs
 from exporter.manifest import SAMPLE_FEEDS
 from exporter.samples import sample_batch, sample_width, save_samples
-from graphs.contracts import contract, roles_of
+from graphs.contracts import contract, decode_roles_of, roles_of
 from graphs.errors import BackendUnavailable, ParityFailure
 from graphs.model import ArmtModel
 from graphs.progress import Progress
@@ -41,6 +46,8 @@ from runtimes.loaders import NotRunnable, OrtSessionLoader
 from runtimes.torch_runner import TorchRunner
 
 log = logging.getLogger("armt.export")
+
+DECODE_SHAPES = ((2, 5, 17), (1, 1, 9), (3, 2, 24))  # (batch, width, capacity) of the decode graphs' checks
 
 
 @dataclass
@@ -88,6 +95,14 @@ class _Sampler:
                 bar.describe(role)
                 self._one_graph(draft, role, ids, mask, width, feeds, reference)
                 bar.update()
+        for role in decode_roles_of(model.cfg):
+            if role not in draft.graphs:
+                continue
+            result, feeds[role], reference[role] = self._decode(draft, contract(model.cfg, role, draft.precision))
+            if result is not None:
+                self.results[role] = result
+                if self.report:
+                    self.report(result.table())
         save_samples(draft.stage / SAMPLE_FEEDS, feeds, reference)
         draft.samples = SAMPLE_FEEDS
         draft.validation = self._summary()
@@ -157,6 +172,54 @@ class _Sampler:
         return GraphValidation(c.role, status, rows, calls=len(plan.schedule.steps),
                                seconds=time.perf_counter() - t0), call
 
+    def _decode(self, draft: Draft, c):
+        """A decode graph: the torch cell on DECODE_SHAPES, and (validating) the staged graph on ONNX
+        Runtime CPU against it -> (GraphValidation or None, sample feeds, sample reference)."""
+        from exporter.trace import decode_example_feeds
+        from graphs.cells import cell_for
+        from graphs.dtypes import torch_dtype
+        cell = cell_for(draft.model, c.role)
+        t0 = time.perf_counter()
+
+        def torch_outputs(feeds):
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in c.inputs]
+            args = [a.to(torch_dtype(s.dtype)) if s.dtype == "bfloat16" else a for a, s in zip(args, c.inputs)]
+            with torch.no_grad():
+                out = cell(*args)
+            return {s.name: (o.float().numpy().astype(np.float32) if o.dtype == torch.bfloat16 else o.numpy())
+                    for s, o in zip(c.outputs, out)}
+
+        calls = [decode_example_feeds(draft.model, c.role, draft.precision, B, W, C, seed=i, memory=True)
+                 for i, (B, W, C) in enumerate(DECODE_SHAPES)]
+        refs = [torch_outputs(f) for f in calls]
+        if not self.validate:
+            return None, calls[0], refs[0]
+        if draft.precision == "bf16":
+            return (GraphValidation(c.role, "not run", reason="ONNX Runtime CPU has no bf16 kernels"), calls[0],
+                    refs[0])
+        try:
+            session = OrtSessionLoader(draft.stage / c.file)()
+            worst: dict[str, Comparison] = {}
+            for feeds, want in zip(calls, refs):
+                got = dict(zip(c.output_names, session.run(list(c.output_names), feeds)))
+                for name in c.output_names:
+                    cmp = compare(name, c.kind(name), draft.precision, got[name], want[name], c.output_mask(name, feeds))
+                    prev = worst.get(name)
+                    if prev is None or (prev.ok and not cmp.ok) or (prev.ok == cmp.ok and cmp.rel > prev.rel):
+                        worst[name] = cmp
+        except NotRunnable as exc:
+            return GraphValidation(c.role, "not run", reason=str(exc)), calls[0], refs[0]
+        except Exception as exc:  # onnxruntime's own error types
+            from runtimes.loaders import raise_if_not_runnable
+            try:
+                raise_if_not_runnable(exc, f"{c.file} on cpu")
+            except NotRunnable as nr:
+                return GraphValidation(c.role, "not run", reason=str(nr)), calls[0], refs[0]
+            raise
+        rows = list(worst.values())
+        status = "passed" if rows and all(x.ok for x in rows) else "failed"
+        return GraphValidation(c.role, status, rows, calls=len(calls), seconds=time.perf_counter() - t0), calls[0], refs[0]
+
     def _head(self, draft: Draft, c, model: ArmtModel, feeds: dict, reference: dict) -> None:
         """lm_head: its sample feed is the first step graph's sample `hidden` output (real final-norm
         rows of a run with memory; padding rows are junk but finite), validated as one call."""
@@ -220,7 +283,8 @@ class _Sampler:
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
-                 free_model: bool = False) -> ExportResult:
+                 free_model: bool = False, tokenizer_dir: str | Path | None = None,
+                 decode: bool = False) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
     validation tables. Raises ParityFailure when an output misses its bound (nothing is written then)."""
@@ -232,6 +296,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
             raise BackendUnavailable(f"{exc} (or export with --no-validate)") from None
     sampler = _Sampler(validate, sample_width, report)
     result = export_graphs(model, export_dir, precision=precision, opset=opset, overwrite=overwrite, source=source,
-                           finalize=sampler, free_model=free_model)
+                           finalize=sampler, free_model=free_model, tokenizer_dir=tokenizer_dir,
+                           decode=decode)
     result.validation = sampler.results
     return result

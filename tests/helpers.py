@@ -25,8 +25,10 @@ def tiny_config(arch: str = "llama", segment_size: int = 6, num_mem_tokens: int 
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **kw) -> ArmtModel:
-    """Random weights scaled so that the memory changes the outputs clearly."""
-    return ArmtModel(tiny_config(arch, **kw), init_std=0.15, mem_init_std=0.03, seed=seed).eval()
+    """Random weights scaled so that the memory changes the outputs clearly (reads move logits by ~20%)
+    while the memory state stays well-conditioned (fp32 vs float64 ~1e-6; std 0.15 amplified rounding
+    to 1e-5..2e-4 in the memory of GPT-2 wrap_pos models, see tests/precision.py)."""
+    return ArmtModel(tiny_config(arch, **kw), init_std=0.1, mem_init_std=0.03, seed=seed).eval()
 
 
 def tiny_rmt_config(arch: str = "llama", segment_size: int = 6, num_mem_tokens: int = 3, wrap_pos: bool = False,

@@ -7,6 +7,7 @@ from graphs.cells import DiagonalStep, LmHeadCell, SegmentCell
 from graphs.schedule import build_schedule, step_feeds
 from graphs.segments import make_slots, row_lengths
 from tests.helpers import rel_err, tiny_model
+from tests.precision import fp32_bounds
 
 
 def _t(feeds):
@@ -59,8 +60,9 @@ def test_cells_reproduce_reference(arch, kw, schedule):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, schedule="sequential")
         logits, A, z, wr = _run_cells(model, ids, mask, schedule)
-    assert rel_err(logits, ref.logits) < 1e-5
-    assert rel_err(A, ref.state.A) < 1e-5 and rel_err(z, ref.state.z) < 1e-5
+    bound = fp32_bounds(model, ids, [20, 7, 13])  # derived on this case (tests/precision.py)
+    assert rel_err(logits, ref.logits) < bound["logits"]
+    assert rel_err(A, ref.state.A) < bound["A"] and rel_err(z, ref.state.z) < bound["z"]
     assert torch.equal(wr, ref.state.written)
 
 

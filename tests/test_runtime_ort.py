@@ -26,7 +26,8 @@ from graphs.state import load_state
 from runtimes.execute import run_schedule
 from armt.cli import main
 from runtimes.ort_runner import OrtRunner
-from tests.helpers import as_torch, flip_bits, same, tiny_model
+from tests.helpers import as_torch, flip_bits, rel_err, same, tiny_model
+from tests.precision import fp32_bounds
 
 ROLES = ["segment", "diagonal_step"]
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -89,12 +90,23 @@ def _ids(B, N, seed=1, V=V):
     return torch.randint(0, V, (B, N), generator=torch.Generator().manual_seed(seed))
 
 
-def _check(got, ref, precision, what=""):
+def _check(got, ref, precision, what="", fp32=None):
+    """fp16: the product's measured table (exporter/bounds.py); fp32: `fp32`, the bounds derived on the
+    case (tests/precision.py fp32_bounds), when given (GPU paths without a float64 derivation use the table)."""
     for kind, a, b in (("logits", got.logits, ref.logits), ("hidden", got.hidden, ref.hidden),
                        ("A", got.state.A, ref.state.A), ("z", got.state.z, ref.state.z),
                        ("written", got.state.written, ref.state.written)):
+        if precision == "fp32" and fp32 is not None and kind != "written":
+            assert rel_err(a, b) < fp32[kind], f"{what} {kind}: rel {rel_err(a, b):.2e} bound {fp32[kind]:.2e}"
+            continue
         c = compare(kind, kind, precision, a, b)
         assert c.ok, f"{what} {kind}: rel {c.rel:.2e} q {c.q_rel:.2e} bound {c.bound} {c.note}"
+
+
+def _fp32_close(a, b, kind, ids, lengths=None, model_kind="llama"):
+    """fp32 results on the exported `model_kind` fixture agree within the bound derived on this case."""
+    bound = fp32_bounds(fresh_model(model_kind), ids, lengths)[kind]
+    assert rel_err(a, b) < bound, (kind, rel_err(a, b), bound)
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -102,15 +114,17 @@ def _check(got, ref, precision, what=""):
 @pytest.mark.parametrize("role", ROLES)
 def test_ort_reproduces_official_logits(kind, role):
     """The exported official checkpoints on ONNX Runtime give the official implementation's logits,
-    hidden states and final memory within 1e-5 relative (fp32), with either schedule."""
+    hidden states and final memory within the fp32 bound derived on the case (tests/precision.py),
+    with either schedule."""
     export_dir, _ = exported(kind)
     with OrtRunner(export_dir, role) as runner:
         got = run_schedule(runner, official(kind, "input_ids"))
-    for name, value in (("logits", got.logits), ("hidden", got.hidden), ("memory_A", got.state.A),
-                        ("memory_z", got.state.z)):
+    bound = fp32_bounds(fresh_model(kind), official(kind, "input_ids"))
+    for name, value, tensor in (("logits", got.logits, "logits"), ("hidden", got.hidden, "hidden"),
+                                ("memory_A", got.state.A, "A"), ("memory_z", got.state.z, "z")):
         ref = official(kind, name)
         err = float((as_torch(value).double() - ref.double()).abs().max() / ref.double().abs().max())
-        assert err < 1e-5, (kind, role, name, err)
+        assert err < bound[tensor], (kind, role, name, err, bound[tensor])
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -128,11 +142,15 @@ def test_ort_cpu_matches_torch_reference_per_segment(kind, role):
     with OrtRunner(export_dir, role) as runner:
         assert runner.model_id == model.model_id() and runner.precision == precision
         got = run_schedule(runner, ids, mask, trace=True)
-    _check(got, ref, precision, f"{kind} {role}")
+    fp32 = fp32_bounds(model, ids, lengths.tolist()) if precision == "fp32" else None
+    _check(got, ref, precision, f"{kind} {role}", fp32)
     S = len(ref.segment_states)
     assert len(got.segment_states) == S >= 4
     for s, (g, r) in enumerate(zip(got.segment_states, ref.segment_states)):
         for name in ("A", "z", "written"):
+            if fp32 is not None and name != "written":
+                assert rel_err(getattr(g, name), getattr(r, name)) < fp32[name], (s, name)
+                continue
             c = compare(name, name, precision, getattr(g, name), getattr(r, name))
             assert c.ok, f"segment {s} {name}: rel {c.rel:.2e}"
     assert np.all(got.logits[1, 5:] == 0)
@@ -140,7 +158,7 @@ def test_ort_cpu_matches_torch_reference_per_segment(kind, role):
         T = model.cfg.armt.segment_size
         with torch.no_grad():
             amnesic = model(ids[:1, (S - 1) * T:], schedule="sequential")
-        assert compare("l", "logits", "fp32", amnesic.logits[0], ref.logits[0, (S - 1) * T:]).rel > 1e-3
+        assert rel_err(amnesic.logits[0], ref.logits[0, (S - 1) * T:]) > 100 * fp32["logits"]
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -153,9 +171,10 @@ def test_ort_padded_batch_equals_single_rows(role):
         batch = run_schedule(runner, ids, mask)
         for row, n in enumerate(lengths):
             alone = run_schedule(runner, ids[row:row + 1, :n])
-            for a, b in ((batch.logits[row, :n], alone.logits[0]), (batch.state.A[:, row], alone.state.A[:, 0]),
-                         (batch.state.z[:, row], alone.state.z[:, 0])):
-                assert compare("x", "logits", "fp32", a, b).ok
+            for kind, a, b in (("logits", batch.logits[row, :n], alone.logits[0]),
+                               ("A", batch.state.A[:, row], alone.state.A[:, 0]),
+                               ("z", batch.state.z[:, row], alone.state.z[:, 0])):
+                _fp32_close(a, b, kind, ids, lengths)
             assert same(batch.state.written[:, row], alone.state.written[:, 0])
 
 
@@ -169,9 +188,9 @@ def test_ort_resume_equals_one_call(role):
         whole = run_schedule(runner, ids)
         first = run_schedule(runner, ids[:, :cut])
         second = run_schedule(runner, ids[:, cut:], state=first.state)
-    assert compare("l", "logits", "fp32", np.concatenate([first.logits, second.logits], 1), whole.logits).ok
-    assert compare("A", "A", "fp32", second.state.A, whole.state.A).ok
-    assert compare("z", "z", "fp32", second.state.z, whole.state.z).ok
+    _fp32_close(np.concatenate([first.logits, second.logits], 1), whole.logits, "logits", ids)
+    _fp32_close(second.state.A, whole.state.A, "A", ids)
+    _fp32_close(second.state.z, whole.state.z, "z", ids)
 
 
 def test_ort_state_stays_in_runner_buffers():
@@ -207,10 +226,9 @@ def test_torch_state_file_loads_for_ort(tmp_path):
         assert main(["run", str(model_dir), "--input-ids", str(tmp_path / "all.npy"), "--output",
                      str(tmp_path / "all_out.npy"), "--state-out", str(tmp_path / "s_all.npz")]) == 0
         part, whole = np.load(tmp_path / "b.npy.out.npy"), np.load(tmp_path / "all_out.npy")
-        assert compare("l", "logits", "fp32", part, whole[:, cut:]).ok
+        _fp32_close(part, whole[:, cut:], "logits", ids)
         model_id = fresh_model("llama").model_id()
-        assert compare("A", "A", "fp32", load_state(tmp_path / "s2.npz", model_id).A,
-                       load_state(tmp_path / "s_all.npz", model_id).A).ok
+        _fp32_close(load_state(tmp_path / "s2.npz", model_id).A, load_state(tmp_path / "s_all.npz", model_id).A, "A", ids)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -5,9 +5,10 @@ import torch
 
 from graphs.errors import InputError
 from tests.helpers import rel_err, tiny_model
+from tests.precision import model_bound
 
 ARCHS = [("llama", {}), ("gpt2", {}), ("gpt2", {"wrap_pos": True})]
-TOL = 1e-5
+# fp32 bounds: derived per model (tests/precision.py, model_bound)
 
 
 def _ids(model, B, N, seed=1):
@@ -15,7 +16,7 @@ def _ids(model, B, N, seed=1):
     return torch.randint(0, model.cfg.base.vocab_size, (B, N), generator=g)
 
 
-def _assert_same(a, b, tol=TOL):
+def _assert_same(a, b, tol):
     assert rel_err(a.logits, b.logits) < tol
     assert rel_err(a.hidden, b.hidden) < tol
     assert rel_err(a.state.A, b.state.A) < tol
@@ -31,10 +32,10 @@ def test_diagonal_equals_sequential(arch, kw, B, N):
     with torch.no_grad():
         seq = model(ids, schedule="sequential", trace=True)
         diag = model(ids, schedule="diagonal", trace=True)
-    _assert_same(diag, seq)
+    _assert_same(diag, seq, model_bound(model))
     assert len(seq.segment_states) == len(diag.segment_states) == -(-N // 6)
     for s_seq, s_diag in zip(seq.segment_states, diag.segment_states):
-        assert rel_err(s_diag.A, s_seq.A) < TOL and rel_err(s_diag.z, s_seq.z) < TOL
+        assert rel_err(s_diag.A, s_seq.A) < model_bound(model) and rel_err(s_diag.z, s_seq.z) < model_bound(model)
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS)
@@ -48,9 +49,9 @@ def test_padded_batch_equals_single_rows(arch, kw, schedule):
         batch = model(ids, attention_mask=mask, schedule=schedule)
         for row, n in enumerate(lengths):
             alone = model(ids[row:row + 1, :n], schedule="sequential")
-            assert rel_err(batch.logits[row, :n], alone.logits[0]) < TOL
-            assert rel_err(batch.state.A[:, row], alone.state.A[:, 0]) < TOL
-            assert rel_err(batch.state.z[:, row], alone.state.z[:, 0]) < TOL
+            assert rel_err(batch.logits[row, :n], alone.logits[0]) < model_bound(model)
+            assert rel_err(batch.state.A[:, row], alone.state.A[:, 0]) < model_bound(model)
+            assert rel_err(batch.state.z[:, row], alone.state.z[:, 0]) < model_bound(model)
             assert torch.all(batch.logits[row, n:] == 0)
 
 
@@ -62,8 +63,8 @@ def test_resume_equals_one_call(arch, kw):
         whole = model(ids, schedule="sequential")
         first = model(ids[:, :12], schedule="diagonal")
         second = model(ids[:, 12:], state=first.state, schedule="diagonal")
-    assert rel_err(torch.cat([first.logits, second.logits], 1), whole.logits) < TOL
-    assert rel_err(second.state.A, whole.state.A) < TOL
+    assert rel_err(torch.cat([first.logits, second.logits], 1), whole.logits) < model_bound(model)
+    assert rel_err(second.state.A, whole.state.A) < model_bound(model)
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS)
@@ -76,7 +77,7 @@ def test_memory_matters(arch, kw):
         head = model(ids[:, :24], schedule="diagonal")
         amnesic = model(ids[:, 24:], state=model.zero_state(2), schedule="diagonal")
         kept = model(ids[:, 24:], state=head.state, schedule="diagonal")
-    assert rel_err(kept.logits, full.logits[:, 24:]) < TOL
+    assert rel_err(kept.logits, full.logits[:, 24:]) < model_bound(model)
     assert rel_err(amnesic.logits, full.logits[:, 24:]) > 0.05
 
 
@@ -86,8 +87,8 @@ def test_no_correction_differs_and_still_matches():
     ids = _ids(a, 2, 24)
     with torch.no_grad():
         seq, diag, corr = (a(ids, schedule="sequential"), a(ids, schedule="diagonal"), b(ids, schedule="sequential"))
-    _assert_same(diag, seq)
-    assert rel_err(seq.logits, corr.logits) > 1e-4
+    _assert_same(diag, seq, model_bound(a))
+    assert rel_err(seq.logits, corr.logits) > 10 * model_bound(a)  # the correction is visible above rounding
 
 
 @pytest.mark.parametrize("bad,match", [

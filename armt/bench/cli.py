@@ -8,6 +8,12 @@
     armt bench --synthetic llama-1b --device cuda --precision fp16 --mem-std 0.001 \
         --backends torch,ort --schedules diagonal --lengths 32768,131072 --logits last \
         --export-to /tmp/export-fp16 --steady-step --parity-length 8192 --output issue10_fp16.json
+
+    armt bench --generate --synthetic llama-1b --device cuda --precision bf16 --lengths 1024,131072 \
+        --batch-sizes 1,8 --new-tokens 256 --backends torch,ort,hf --export-to /tmp/x --output results/generate.json
+
+`--generate`: generation instead (armt/bench/generate_bench.py): prefill time and decode tokens/s per
+backend next to HF transformers' `generate` on the same base model, with the issue's targets.
 """
 
 from __future__ import annotations
@@ -100,8 +106,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"],
                    help="compute precision of the timed runs (default bf16)")
-    p.add_argument("--backends", default="torch", help="comma-separated: torch (fast executor), torch-ref "
-                   "(graphs.model reference), ort (ONNX Runtime, needs --export-dir)")
+    p.add_argument("--backends", default=None, help="comma-separated: torch (fast executor), torch-ref "
+                   "(graphs.model reference), ort (ONNX Runtime, needs --export-dir); with --generate also hf "
+                   "(transformers' generate on the base model). Default: torch (with --generate: torch,hf)")
+    p.add_argument("--generate", action="store_true", help="time generation instead: prefill and decode tokens/s "
+                   "per backend (--lengths are prompt lengths), next to HF transformers' generate")
+    p.add_argument("--new-tokens", type=int, default=256, help="--generate: tokens generated per row (256)")
+    p.add_argument("--max-hf", type=int, help="--generate: skip the hf backend above this prompt length")
     p.add_argument("--schedules", help="comma-separated: full, sequential, diagonal (default all of the model's: "
                    "an RMT has no diagonal schedule)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -134,6 +145,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.generate:
+        return cmd_bench_generate(args)
     import torch
 
     from graphs.atomic import write_files_together
@@ -142,8 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from armt.bench.parity import run_parity
     from armt.bench import targets as target_eval
     from armt.bench.timing import measure
-    from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads, build_model
-    from runtimes.torch_runner import check_torch_device
+    from armt.bench.workloads import BACKENDS, SCHEDULES, Workloads
 
     from pathlib import Path
 
@@ -155,9 +167,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         report.require_matplotlib()  # an optional need, checked up front (not after the whole bench)
     lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
-    backends = _names(args.backends, BACKENDS, "--backends")
-    if args.warmup < 0 or args.repeats < 1 or args.step_calls < 1:
-        raise InputError("--warmup must be >= 0, --repeats and --step-calls >= 1")
+    backends = _names(args.backends or "torch", BACKENDS, "--backends")
+    if args.step_calls < 1:
+        raise InputError("--step-calls must be >= 1")
     if args.lm_head and args.logits not in (None, "all"):
         raise InputError(f"--lm-head is --logits all; it contradicts --logits {args.logits}")
     logits = args.logits or ("all" if args.lm_head else "none")
@@ -166,16 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          "logits on the host)")
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise InputError("--cuda-graph needs --device cuda")
-    device = check_torch_device(args.device)
-    torch.manual_seed(args.seed)
-    overrides = {"num_hidden_layers": args.layers} if args.layers else None
-    if args.synthetic and args.kind == "rmt":
-        from armt.bench.rmt_workloads import build_rmt_model
-        model = build_rmt_model(args.synthetic, args.segment_size, args.memory_tokens, args.init_std, args.seed,
-                                overrides)
-    else:
-        model = build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
-                            args.init_std, args.mem_std, args.seed, overrides)
+    device, model = _device_and_model(args)
     rmt = model.cfg.kind == "rmt"
     schedules = _names(args.schedules or ",".join(SCHEDULES if not rmt else ("full", "sequential")), SCHEDULES,
                        "--schedules")
@@ -286,4 +289,98 @@ def cmd_bench(args: argparse.Namespace) -> int:
         r = bad[0]
         raise NonFiniteError(f"{r['backend']} {r['schedule']} at {r['tokens']} tokens: non-finite values in "
                              f"{r['nonfinite'][0]} (--strict; {len(bad)} row(s) affected)")
+    return 0
+
+
+def _device_and_model(args: argparse.Namespace):
+    """The checked --warmup/--repeats, the torch device, and the bench's fp32 model on the CPU (a
+    model directory, or a synthetic ARMT or RMT of the preset's shape, seeded)."""
+    import torch
+
+    from armt.bench.workloads import build_model
+    from graphs.errors import InputError
+    from runtimes.torch_runner import check_torch_device
+    if args.warmup < 0 or args.repeats < 1:
+        raise InputError("--warmup must be >= 0 and --repeats >= 1")
+    device = check_torch_device(args.device)
+    torch.manual_seed(args.seed)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else None
+    if args.synthetic and args.kind == "rmt":
+        from armt.bench.rmt_workloads import build_rmt_model
+        return device, build_rmt_model(args.synthetic, args.segment_size, args.memory_tokens, args.init_std,
+                                       args.seed, overrides)
+    return device, build_model(args.synthetic, args.model, args.segment_size, args.memory_tokens, args.d_mem,
+                               args.init_std, args.mem_std, args.seed, overrides)
+
+
+def _meta(args, device, cfg) -> dict:
+    import torch
+    return {
+        "command": "armt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(("armt", "main.py"))
+        else " ".join(shlex.quote(a) for a in sys.argv),
+        "model": args.synthetic or args.model, "precision": args.precision, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "warmup": args.warmup, "repeats": args.repeats, "kind": cfg.kind,
+        "segment_size": cfg.armt.segment_size, "memory_tokens": cfg.armt.num_mem_tokens,
+        "d_mem": getattr(cfg.armt, "d_mem", None), "layers": cfg.base.n_layers, "d_model": cfg.base.d_model,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    """`armt bench --generate`: rows of (backend, batch, prompt length) and the targets, JSON + table."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from armt.bench import report
+    from armt.bench.generate_bench import GENERATE_BACKENDS, GenerateBench, evaluate_targets, table, targets_table
+    from graphs.atomic import write_files_together
+    from graphs.errors import InputError
+    from graphs.paths import OutputPath, check_paths
+
+    export_to_is_export = bool(args.export_to) and (Path(args.export_to) / "manifest.json").is_file()
+    check_paths({"MODEL_DIR": args.model, "--export-dir": args.export_dir},
+                [OutputPath("--output", args.output),
+                 OutputPath("--export-to", args.export_to, directory=True, overwrite=export_to_is_export)])
+    if args.plot or args.schedules or args.parity_length:
+        raise InputError("--plot, --schedules and --parity-length are for the schedule bench, not --generate")
+    lengths, batches = _ints(args.lengths), _ints(args.batch_sizes)
+    backends = _names(args.backends or "torch,hf", GENERATE_BACKENDS, "--backends")
+    device, model = _device_and_model(args)
+    export_dir = args.export_dir
+    if "ort" in backends and not export_dir and args.export_to:
+        import copy
+        from runtimes.validation import export_model
+        log.info("exporting the model (%s) to %s for the ort backend ...", args.precision, args.export_to)
+        export_model(copy.deepcopy(model), args.export_to, precision=args.precision, validate=False,
+                     overwrite=True, source="armt bench --generate", decode=True)
+        export_dir = args.export_to
+    cfg = model.cfg
+    bench = GenerateBench(model, device, args.precision, args.new_tokens, args.warmup, args.repeats,
+                          export_dir=export_dir, max_hf=args.max_hf, max_ref=args.max_ref)
+    meta = dict(_meta(args, device, cfg), new_tokens=args.new_tokens, generate=True, policy="frozen")
+    rows: list[dict] = []
+    record = {"meta": meta, "results": rows, "targets": {}, "complete": False}
+    rng = np.random.default_rng(args.seed)
+    try:
+        for N in lengths:
+            for B in batches:
+                ids = rng.integers(0, cfg.base.vocab_size, size=(B, N)).astype(np.int64)
+                for backend in backends:
+                    row = bench.row(backend, ids)
+                    rows.append(row)
+                    log.info("%s", table([row]).splitlines()[-1])
+                    if args.output:  # rewritten after every row: a bench cut short keeps its rows
+                        record["targets"] = evaluate_targets(rows)
+                        report.write_json(args.output, record)
+    finally:
+        bench.close()
+    record["targets"] = evaluate_targets(rows)
+    record["complete"] = True
+    print(table(rows))
+    print()
+    print(targets_table(record["targets"]))
+    if args.output:
+        write_files_together({args.output: report.json_bytes(record)})
     return 0

@@ -1,7 +1,7 @@
 """`armt convert-official`: an official ARMT or RMT checkpoint -> a model directory.
 
     armt convert-official CKPT --base-config DIR --segment-size N --num-mem-tokens M --d-mem D
-                          [--wrap-pos] [--no-correction] [--nu 3] [--overwrite] -o MODEL_DIR
+                          [--wrap-pos] [--no-correction] [--nu 3] [--tokenizer DIR] [--overwrite] -o MODEL_DIR
     armt convert-official CKPT --kind rmt --base-config DIR --segment-size N --num-mem-tokens M
                           [--wrap-pos] [--overwrite] -o MODEL_DIR
 """
@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-correction", action="store_true",
                    help="ARMT: the model was trained with correction=False (gamma = 1)")
     p.add_argument("--nu", type=_positive_int, default=None, help="ARMT: DPFP order (the official code uses 3)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="a directory with the model's HF tokenizer files (tokenizer.json, tokenizer_config.json, ...): "
+                   "copied into MODEL_DIR, for `armt generate --prompt`")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--shard-size", metavar="SIZE", default=None,
                    help="split the weights into safetensors shards of at most SIZE (e.g. 5GB, 500MB, 2GiB) with "
@@ -71,13 +74,15 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
             raise InputError(f"{', '.join(given)}: ARMT settings; an RMT (--kind rmt) has no memory weights")
         out = convert_official(args.checkpoint, args.base_config, args.output, kind="rmt",
                                segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens,
-                               wrap_pos=args.wrap_pos, overwrite=args.overwrite, shard_bytes=shard_bytes)
+                               wrap_pos=args.wrap_pos, overwrite=args.overwrite, shard_bytes=shard_bytes,
+                               tokenizer=args.tokenizer)
     else:
         if args.d_mem is None:
             raise InputError("--d-mem is required for an ARMT (--kind armt): the memory key width it was trained with")
         out = convert_official(args.checkpoint, args.base_config, args.output,
                                segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens,
                                d_mem=args.d_mem, wrap_pos=args.wrap_pos, correction=not args.no_correction,
-                               nu=args.nu or 3, overwrite=args.overwrite, shard_bytes=shard_bytes)
+                               nu=args.nu or 3, overwrite=args.overwrite, shard_bytes=shard_bytes,
+                               tokenizer=args.tokenizer)
     log.info("wrote %s model directory %s", args.kind.upper(), out)
     return 0

@@ -16,13 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export an ARMT to ONNX graphs with a manifest (and validate them)",
                        description="Export the segment and diagonal-step graphs of an ARMT model directory "
                        "(or a synthetic random-weight model) to ONNX, with shared external weights, sample feeds, "
-                       "a Polygraphy data loader and manifest.json; validate on ONNX Runtime CPU.")
+                       "a Polygraphy data loader and manifest.json; validate on ONNX Runtime CPU. The generation "
+                       "graphs (decode, memory_write; RMT: rmt_decode, rmt_memory_write) only with --decode.")
     p.add_argument("model_dir", nargs="?", help="model directory (config.json, armt_config.json, model.safetensors)")
     p.add_argument("-o", "--output", required=True, help="export directory to write")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="compute dtype of layers, embeddings and head (memory state stays fp32)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs torch check")
+    p.add_argument("--decode", action="store_true",
+                   help="also export the generation graphs that `armt generate --backend ort` needs (two more "
+                   "traces: about twice the export time; the weights are shared)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: fp32 18, 17..22; fp16/bf16 23, 17..23: 23 fuses attention into ONNX Attention nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
                    "a directory inside it or one holding it)")
@@ -46,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--opt-batch", type=int, default=1, help="batch the builder tunes for (default 1)")
     b.add_argument("--max-width", type=int, default=None, help="largest segment width (default: segment size)")
     b.add_argument("--opt-width", type=int, default=None, help="width the builder tunes for (default: max width)")
+    b.add_argument("--max-capacity", type=int, default=None,
+                   help="decode graphs: largest KV cache (places; default max width + 2 x mem tokens + 256)")
     b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt_rtx"],
                    help="which TensorRT package builds (default auto: tensorrt, else tensorrt_rtx)")
     b.add_argument("--graph", action="append", choices=list(ROLES),
@@ -105,7 +111,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = export_model(model, args.output, precision=args.precision, opset=args.opset,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
-                              source=source, report=lambda text: print(text + "\n"), free_model=True)
+                              source=source, report=lambda text: print(text + "\n"), free_model=True,
+                              tokenizer_dir=args.model_dir, decode=args.decode)
     m = result.manifest
     status = m.validation.get("status")
     print(f"exported {source} -> {result.export_dir} ({m.precision}, opset {m.opset}): "
@@ -129,7 +136,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     ccs = tuple(c.strip() for c in args.compute_capability.split(",") if c.strip())
     limits = ShapeLimits(max_batch=args.max_batch, opt_batch=args.opt_batch, max_width=args.max_width,
-                         opt_width=args.opt_width)
+                         opt_width=args.opt_width, max_capacity=args.max_capacity)
     t0 = time.perf_counter()
     manifest = build_engines(args.export_dir, precision=args.precision, compute_capability=ccs,
                              workspace=args.workspace, limits=limits, prefer=args.builder,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from armt.commands import text_prompt  # argparse only at import time
 from armt.commands.run import BACKENDS, PRECISIONS
 
 log = logging.getLogger("armt.generate")
@@ -19,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "new one starts; every score equals `armt run`'s logits on prompt + tokens so far.")
     p.add_argument("path", help="model directory (torch) or export directory (ort, trt)")
     p.add_argument("--input-ids", help="int .npy of shape (B, N): the prompts, right-padded")
+    text_prompt.add_prompt_argument(p)
     p.add_argument("--attention-mask", help="(B, N) .npy of 0/1, right-padded (ones, then zeros)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per row at most (default 32)")
     p.add_argument("--memory-policy", default="frozen", choices=["frozen", "recurrent"],
@@ -57,9 +59,8 @@ def sampling_config(args: argparse.Namespace):
 
 
 def prompt_ids(args: argparse.Namespace):
-    """(ids, mask) from a text prompt; None when there is none. The `--prompt TEXT` hook (tokenizers:
-    issue 11's text part fills it)."""
-    return None
+    """(ids, mask, tokenizer) from --prompt TEXT (armt/commands/text_prompt.py); None without it."""
+    return text_prompt.prompt_ids(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -81,27 +82,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     from_text = prompt_ids(args)
+    tokenizer, on_token, eos_ids = None, None, list(args.eos_id)
     if from_text is not None:
-        ids, mask = from_text
+        ids, mask, tokenizer = from_text
+        on_token = text_prompt.text_stream(tokenizer)  # the new text to stdout as it is generated
+        if not eos_ids and tokenizer.eos_id is not None:
+            eos_ids = [tokenizer.eos_id]
     elif args.input_ids:
         ids = load_ids(args.input_ids)
         mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
     else:
-        raise InputError("give the prompt: --input-ids IDS.npy")
+        raise InputError("give the prompt: --input-ids IDS.npy or --prompt TEXT")
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     decoder, model_id = _decoder(args, device)
-    check_generate_args(args.max_new_tokens, args.memory_policy, args.eos_id, decoder.cfg.base.vocab_size)
+    check_generate_args(args.max_new_tokens, args.memory_policy, eos_ids, decoder.cfg.base.vocab_size)
     state = load_state_for(args.state_in, model_id()) if args.state_in else None
     from runtimes.generate import generate
     res = generate(decoder, ids, mask, max_new_tokens=args.max_new_tokens, policy=args.memory_policy,
-                   sampling=sampling, eos_ids=args.eos_id, state=state, prefill_schedule=args.schedule)
+                   sampling=sampling, eos_ids=eos_ids, state=state, prefill_schedule=args.schedule,
+                   on_token=on_token)
     files = {}
     if args.output:
         files[args.output] = npy_bytes(res.tokens.astype(np.int64))
     if args.scores_out:
         files[args.scores_out] = npy_bytes(res.scores.astype(np.float32))
     write_files_together(files)
-    if not args.output:
+    if tokenizer is not None:
+        print(flush=True)  # the streamed text's line ends
+    elif not args.output:
         for b, row in enumerate(res.tokens):
             print(" ".join(str(int(t)) for t in row[:res.lengths[b]]))
     log.info("%s: %d rows, %s policy, %d new tokens at most%s", decoder.backend, ids.shape[0], args.memory_policy,
