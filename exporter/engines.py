@@ -151,7 +151,12 @@ def build_engine(trt, builder_name: str, path: Path, graph: GraphRecord, profile
     config.add_optimization_profile(prof)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT could not build the {graph.role} engine: "
+        hint = ""
+        if graph.op_counts.get("Attention"):  # fused fp16/bf16 graph (opset 23): TensorRT has no kernel for some shapes
+            hint = (" (the graph holds ONNX Attention nodes, which TensorRT builds only for the head sizes it has "
+                    "fused kernels for (head_dim 8 is refused, 16/32/64 build); `armt export --opset 18` writes "
+                    "the attention out)")
+        raise ExportError(f"TensorRT could not build the {graph.role} engine{hint}: "
                           f"{'; '.join(logger.errors[-3:]) or 'no reason given'}")
     return bytes(serialized)
 

@@ -37,7 +37,7 @@ from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSp
 from exporter.polygraphy_loader import write_script
 from exporter.portability import check_portable, op_counts
 from exporter.provenance import graph_metadata
-from exporter.trace import DEFAULT_OPSET, check_opset, trace_graph
+from exporter.trace import check_opset, default_opset, fused_attention, trace_graph
 from graphs.progress import Progress
 from exporter.weights import SharedWeights
 
@@ -108,7 +108,7 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__}
 
 
-def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
                  decode: bool = False) -> ExportResult:
@@ -122,7 +122,9 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     generation graphs (decode roles)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    check_opset(opset)
+    opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
+    check_opset(opset, precision)
+    fused = fused_attention(precision, opset)
     t_start = time.perf_counter()
     cfg = model.cfg
     model_id = model.model_id()  # of the weights as given (state files carry it)
@@ -143,7 +145,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
 
                 def edit(proto: onnx.ModelProto, c=c) -> None:
                     fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))
-                    check_portable(proto, c.role)
+                    check_portable(proto, c.role, fused)
                     onnx.helper.set_model_props(proto, graph_metadata(  # what the manifest is checked against
                         model_id, cfg.base.hf_config, cfg.armt.to_dict(), dims, precision, c.role, roles))
 

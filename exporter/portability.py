@@ -2,8 +2,8 @@
 
 The allow-list holds the default-domain ops the ARMT graphs need (plus a few harmless neighbours).
 Refused on purpose: any non-default domain (com.microsoft fusions), data-dependent shapes (NonZero,
-Unique, NonMaxSuppression, control flow), the opset-23 fused ops RotaryEmbedding and Attention
-(batch-1 cos cache trap; Attention does not build in fp32 on TensorRT), and local functions.
+Unique, NonMaxSuppression, control flow), the opset-23 fused op RotaryEmbedding (batch-1 cos cache trap), Attention in fp32 graphs (it does
+not build in fp32 on TensorRT; fp16/bf16 graphs at opset 23 hold it on purpose), and local functions.
 """
 
 from __future__ import annotations
@@ -46,15 +46,20 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
-def check_portable(model: onnx.ModelProto, role: str) -> None:
-    """Raise ExportError naming the first node that is not portable."""
+FUSED_ALLOWED_OPS = frozenset({"Attention", "RMSNormalization"})  # fp16/bf16 graphs at opset 23 only (exporter/trace.py)
+
+
+def check_portable(model: onnx.ModelProto, role: str, fused: bool = False) -> None:
+    """Raise ExportError naming the first node that is not portable. `fused`: an fp16/bf16 opset-23
+    graph, which may also hold FUSED_ALLOWED_OPS (never in fp32: TensorRT does not build them)."""
+    allowed = ALLOWED_OPS | FUSED_ALLOWED_OPS if fused else ALLOWED_OPS
     if len(model.functions):
         raise ExportError(f"{role} graph holds local functions ({model.functions[0].name}); inline them first")
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             raise ExportError(f"{role} graph node {node.name} uses op {node.domain}::{node.op_type}: only standard "
                               "ONNX ops are portable to both ONNX Runtime and TensorRT")
-        if node.op_type not in ALLOWED_OPS:
+        if node.op_type not in allowed:
             why = KNOWN_TRAPS.get(node.op_type, "not on the exporter's allow-list of portable ops")
             raise ExportError(f"{role} graph node {node.name} uses op {node.op_type}: {why}")
     for imp in model.opset_import:

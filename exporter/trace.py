@@ -9,6 +9,12 @@ stays written out (blocks.attend(fused=False)), which TensorRT builds in fp32 to
 TorchScript exporter (dynamo=False) also produced a correct graph here but is deprecated and
 emits a noisier graph (OneHot/Tile for torch.roll, ~700 Constant nodes); it is not used.
 
+fp16/bf16 exports default to opset 23 instead (FUSED_OPSET): their attention is traced as one ONNX
+`Attention` node per call (blocks.attend(fused=ONNX_ATTENTION): layers folded into the batch, GQA
+from the 4-D head counts, the same boolean slot mask), which ONNX Runtime and TensorRT(-RTX) run as
+a fused kernel in fp16/bf16; TensorRT refuses that op in fp32, so fp32 stays at 17..22 and written
+out, bit for bit as before. An fp16/bf16 export asked for at opset 17..22 is written out too.
+
 Example inputs: batch 2, width chosen to collide with no fixed dim (torch.export "duck-sizes"
 equal sample sizes), zero state. Dims are declared with torch.export.Dim: "batch", "width", and
 slot = width + M (a derived dim, renamed "slot" in the written graph).
@@ -23,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 
+from graphs.blocks import ONNX_ATTENTION
 from graphs.cells import cell_for
 from graphs.contracts import contract
 from graphs.dtypes import FLOATS, torch_dtype
@@ -31,8 +38,10 @@ from graphs.model import ArmtModel
 
 log = logging.getLogger("armt.export")
 
-DEFAULT_OPSET = 18
-MIN_OPSET, MAX_OPSET = 17, 22  # opset 23+ lets the optimizer fuse RotaryEmbedding/Attention (not portable)
+DEFAULT_OPSET = 18  # fp32
+FUSED_OPSET = 23  # fp16/bf16: ONNX Attention (opset 23) per attention call
+MIN_OPSET, MAX_OPSET = 17, 22  # fp32 (written-out attention; TensorRT does not build fp32 Attention)
+FUSED_PRECISIONS = ("fp16", "bf16")
 TRACE_BATCH = 2
 MAX_BATCH, MAX_WIDTH = 1 << 16, 1 << 20
 
@@ -143,20 +152,36 @@ def dynamic_shapes(model: ArmtModel, role: str) -> dict[str, dict[int, object]]:
             for spec in c.inputs}
 
 
-def cell_module(model: ArmtModel, role: str) -> torch.nn.Module:
-    return cell_for(model, role)
+def default_opset(precision: str) -> int:
+    """The opset an export of `precision` gets when none is asked for: 23 (fused attention) for
+    fp16/bf16, 18 for fp32."""
+    return FUSED_OPSET if precision in FUSED_PRECISIONS else DEFAULT_OPSET
 
 
-def check_opset(opset: int) -> None:
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"--opset {opset} is not supported (choose {MIN_OPSET}..{MAX_OPSET}; opset 23+ lets "
-                          "the optimizer fuse RotaryEmbedding/Attention ops that TensorRT and batch > 1 break on)")
+def fused_attention(precision: str, opset: int) -> bool:
+    """Whether the graphs' attention is traced as ONNX Attention nodes (fp16/bf16 at opset 23)."""
+    return precision in FUSED_PRECISIONS and opset >= FUSED_OPSET
 
 
-def trace_graph(model: ArmtModel, role: str, precision: str, opset: int = DEFAULT_OPSET):
+def cell_module(model: ArmtModel, role: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> torch.nn.Module:
+    return cell_for(model, role, ONNX_ATTENTION if fused_attention(precision, opset) else False)
+
+
+def check_opset(opset: int, precision: str = "fp32") -> None:
+    if precision in FUSED_PRECISIONS:
+        if not MIN_OPSET <= opset <= FUSED_OPSET:
+            raise ExportError(f"--opset {opset} is not supported for {precision} (choose {MIN_OPSET}..{FUSED_OPSET}; "
+                              f"{FUSED_OPSET}, the default, fuses attention into ONNX Attention nodes)")
+    elif not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is not supported for {precision} (choose {MIN_OPSET}..{MAX_OPSET}; "
+                          "TensorRT does not build the opset-23 Attention op in fp32)")
+
+
+def trace_graph(model: ArmtModel, role: str, precision: str, opset: int | None = None):
     """Trace the `role` cell of `model` (already cast to the export precision): an onnx_ir Model whose
-    initializers still share memory with the torch parameters."""
-    check_opset(opset)
+    initializers still share memory with the torch parameters. opset None: default_opset(precision)."""
+    opset = default_opset(precision) if opset is None else opset
+    check_opset(opset, precision)
     c = contract(model.cfg, role, precision)
     args = example_args(model, role, precision)
     t0 = time.perf_counter()
@@ -165,7 +190,7 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int = DEFAUL
         warnings.simplefilter("ignore")  # the exporter's deprecation/user warnings are not ours to show
         try:
             program = torch.onnx.export(
-                cell_module(model, role), args, dynamic_shapes=dynamic_shapes(model, role),
+                cell_module(model, role, precision, opset), args, dynamic_shapes=dynamic_shapes(model, role),
                 input_names=list(c.input_names), output_names=list(c.output_names),
                 opset_version=opset, dynamo=True, optimize=True, external_data=True, verbose=False)
         except Exception as exc:  # torch.export raises many types; the message is what the user needs

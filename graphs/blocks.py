@@ -90,13 +90,33 @@ def attention_mask(key_valid: torch.Tensor) -> torch.Tensor:
     return (causal & (key_valid[:, :, None, :] | diag))[:, :, None]  # (n, B, 1, P, P)
 
 
+ONNX_ATTENTION = "onnx"  # `fused` mode: trace one ONNX opset-23 Attention node per call (exporter only)
+Fused = bool | str  # False: the math written out; True: torch SDPA; ONNX_ATTENTION: torch.onnx.ops.attention
+
+
+def _onnx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """One opset-23 Attention node: the layer axis folded into the batch, GQA from the 4-D head counts
+    (no repeat of k/v), the same boolean mask as the written-out path (True = the key is seen).
+    The exporter traces this for fp16/bf16 graphs; in eager torch it runs torch's own reference."""
+    n, B, H, P, hd = q.shape
+    Hkv = k.shape[2]
+    y, _, _, _ = torch.onnx.ops.attention(
+        q.reshape(n * B, H, P, hd), k.reshape(n * B, Hkv, P, hd), v.reshape(n * B, Hkv, P, hd),
+        allowed.reshape(n * B, 1, P, P), scale=1.0 / math.sqrt(hd))  # (n B, H, P, hd)
+    return y.reshape(n, B, H, P, hd)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-           fused: bool = False) -> torch.Tensor:
+           fused: Fused = False) -> torch.Tensor:
     """q (n, B, H, P, hd), k/v (n, B, Hkv, P, hd), allowed (n, B, 1, P, P) -> (n, B, H, P, hd).
 
-    `fused=False` writes the math out (what the exporter traces); `fused=True` uses PyTorch's fused
-    SDPA kernels (the fast GPU path). Both fold the layer axis into the batch.
+    `fused=False` writes the math out (what the exporter traces for fp32, and the torch reference);
+    `fused=True` uses PyTorch's fused SDPA kernels (the fast GPU path); `fused=ONNX_ATTENTION` traces
+    one ONNX Attention node (the exporter, fp16/bf16 at opset 23 only). All fold the layer axis into
+    the batch.
     """
+    if fused == ONNX_ATTENTION:
+        return _onnx_attention(q, k, v, allowed)
     n, B, H, P, hd = q.shape
     rep = H // k.shape[2]
     if rep > 1:
@@ -131,7 +151,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def llama_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                allowed: torch.Tensor, fused: bool = False) -> torch.Tensor:
+                allowed: torch.Tensor, fused: Fused = False) -> torch.Tensor:
     """One LLaMA decoder layer per slot of the n axis. h (n, B, P, d) -> (n, B, P, d)."""
     Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     x = rms_norm(h, p["attn_norm"], spec.norm_eps)
@@ -151,7 +171,7 @@ def llama_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: tuple[torch.Te
 
 
 def gpt2_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: None, allowed: torch.Tensor,
-               fused: bool = False) -> torch.Tensor:
+               fused: Fused = False) -> torch.Tensor:
     """One GPT-2 block per slot of the n axis. h (n, B, P, d) -> (n, B, P, d)."""
     H, hd, d = spec.n_heads, spec.head_dim, spec.d_model
     x = layer_norm(h, p["ln1_w"], p["ln1_b"], spec.norm_eps)

@@ -37,7 +37,6 @@ from exporter.bounds import Comparison, compare, format_table, widen
 from exporter.export import Draft, ExportResult, export_model as export_graphs
 from exporter.manifest import SAMPLE_FEEDS
 from exporter.samples import sample_batch, sample_width, save_samples
-from exporter.trace import DEFAULT_OPSET
 from graphs.contracts import contract, decode_roles_of, roles_of
 from graphs.errors import BackendUnavailable, ParityFailure
 from graphs.model import ArmtModel
@@ -281,7 +280,7 @@ class _Sampler:
                 "graphs": {role: r.to_dict() for role, r in self.results.items()}}
 
 
-def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", action="store_true",
                    help="also export the generation graphs that `armt generate --backend ort` needs (two more "
                    "traces: about twice the export time; the weights are shared)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 17..22)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: fp32 18, 17..22; fp16/bf16 23, 17..23: 23 fuses attention into ONNX Attention nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
                    "a directory inside it or one holding it)")
     p.add_argument("--synthetic", metavar="PRESET",
@@ -87,7 +87,6 @@ def _peak_rss_gb() -> float | None:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from exporter.trace import DEFAULT_OPSET
     from graphs.dtypes import compute_dtype, torch_dtype
     from graphs.errors import InputError
     from graphs.paths import OutputPath, check_paths
@@ -110,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = str(args.model_dir)
     log.info("loaded %s in %.1f s", source, time.perf_counter() - t0)
     with torch.no_grad():
-        result = export_model(model, args.output, precision=args.precision, opset=args.opset or DEFAULT_OPSET,
+        result = export_model(model, args.output, precision=args.precision, opset=args.opset,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
                               source=source, report=lambda text: print(text + "\n"), free_model=True,
                               tokenizer_dir=args.model_dir, decode=args.decode)
