@@ -19,13 +19,13 @@ $(VENV)/bin/python:
 # the demo: export (torch), run on ONNX Runtime CPU (ort), build TensorRT-RTX engines (trt)
 $(STAMP_DEMO): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[torch,ort,trt]"
+	$(PY) -m pip install -e ".[torch,ort,trt,text]"
 	touch $(STAMP_DEMO)
 
 # the tests: the demo's extras plus pytest, transformers (HF fidelity), polygraphy
 $(STAMP_TEST): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[torch,ort,trt,test]"
+	$(PY) -m pip install -e ".[torch,ort,trt,text,test]"
 	touch $(STAMP_DEMO) $(STAMP_TEST)
 
 test: $(STAMP_TEST)
