@@ -351,11 +351,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     device, model = _device_and_model(args)
     export_dir = args.export_dir
     if "ort" in backends and not export_dir and args.export_to:
-        import copy
-        from runtimes.validation import export_model
-        log.info("exporting the model (%s) to %s for the ort backend ...", args.precision, args.export_to)
-        export_model(copy.deepcopy(model), args.export_to, precision=args.precision, validate=False,
-                     overwrite=True, source="armt bench --generate", decode=True)
+        from armt.bench.workloads import export_bench_model
+        export_bench_model(model, args.export_to, args.precision, "armt bench --generate", decode=True)
         export_dir = args.export_to
     cfg = model.cfg
     bench = GenerateBench(model, device, args.precision, args.new_tokens, args.warmup, args.repeats,

@@ -135,6 +135,15 @@ def reference_run(model: ArmtModel, ids: torch.Tensor, schedule: str, collect: b
     return Outcome(last[0], state), hidden
 
 
+def export_bench_model(model, where: str, precision: str, source: str, decode: bool = False) -> None:
+    """Export a copy of the bench's fp32 model to `where` for the ort backend, without validation (the
+    bench's own parity rows measure the export on the real device); `decode`: with the generation graphs."""
+    from runtimes.validation import export_model
+    log.info("exporting the model (%s) to %s for the ort backend ...", precision, where)
+    export_model(copy.deepcopy(model), where, precision=precision, validate=False, overwrite=True, source=source,
+                 decode=decode)
+
+
 class Workloads:
     """Builds each backend once per precision/device and hands out the callables to time."""
 
@@ -205,10 +214,7 @@ class Workloads:
         if not where:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) "
                              "or --export-to DIR (the bench exports its model there)")
-        from runtimes.validation import export_model
-        log.info("exporting the model (%s) to %s for the ort backend ...", self.precision, where)
-        export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision, validate=False,
-                     overwrite=True, source="armt bench")
+        export_bench_model(self.fp32_model, where, self.precision, "armt bench")
         self.export_dir = where
 
     def ort_runner(self, role: str):
