@@ -37,7 +37,7 @@ from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSp
 from exporter.polygraphy_loader import write_script
 from exporter.portability import check_portable, op_counts
 from exporter.provenance import graph_metadata
-from exporter.trace import check_opset, default_opset, fused_attention, trace_graph
+from exporter.trace import check_opset, default_opset, fused_attention, memory_math, trace_graph
 from graphs.progress import Progress
 from exporter.weights import SharedWeights
 
@@ -184,7 +184,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                             dims=dims, graphs=graphs, files=record_files(stage, names),
                             versions=draft.versions, validation=draft.validation, parameters=parameters,
                             samples=draft.samples, polygraphy_script=POLYGRAPHY_SCRIPT if draft.samples else None,
-                            tokenizer=tuple(tokenizer))
+                            tokenizer=tuple(tokenizer), memory_math=memory_math(precision, opset))
         write_manifest(stage, manifest)
     manifest.root = export_dir
     seconds = time.perf_counter() - t_start

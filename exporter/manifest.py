@@ -46,6 +46,7 @@ FORMAT_VERSION = 2  # 2: model ids over every weight, graphs carry provenance me
 MANIFEST = "manifest.json"
 SAMPLE_FEEDS = "sample_feeds.npz"
 POLYGRAPHY_SCRIPT = "polygraphy_data_loader.py"
+MEMORY_MATH = ("fp32", "tensor-core-fp16", "tensor-core-bf16")  # exporter/trace.py memory_math
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -156,6 +157,9 @@ class Manifest:
     samples: str | None = SAMPLE_FEEDS  # the .npz of sample feeds, or None
     polygraphy_script: str | None = POLYGRAPHY_SCRIPT
     tokenizer: tuple[str, ...] = ()  # the tokenizer files copied from the model directory (graphs/tokenizer.py)
+    # the graphs' memory arithmetic (exporter/trace.py memory_math): "fp32" (the reference's; also every
+    # manifest written before the field existed) or "tensor-core-fp16"/"tensor-core-bf16"
+    memory_math: str = "fp32"
     format_version: int = FORMAT_VERSION
     root: Path | None = None
 
@@ -176,6 +180,12 @@ class Manifest:
             raise ExportError(f"export {self.root}: manifest.json lacks model.model_id")
         return model_id
 
+    @property
+    def tf32(self) -> bool:
+        """Do ONNX Runtime CUDA sessions of these graphs run fp32 products as TF32? Only tensor-core
+        memory math (fp16/bf16 opset-23 exports); fp32 graphs keep full fp32 (the parity path)."""
+        return self.memory_math != "fp32"
+
     def graph(self, role: str) -> GraphRecord:
         if role not in self.graphs:
             raise ExportError(f"export has no {role!r} graph (it has: {', '.join(self.graphs) or 'none'})")
@@ -194,7 +204,7 @@ class Manifest:
                 "model": self.model, "dims": self.dims,
                 "graphs": {r: g.to_dict() for r, g in self.graphs.items()},
                 "samples": self.samples, "polygraphy_script": self.polygraphy_script,
-                "tokenizer": list(self.tokenizer),
+                "tokenizer": list(self.tokenizer), "memory_math": self.memory_math,
                 "versions": self.versions, "validation": self.validation, "parameters": self.parameters,
                 "files": {k: v.to_dict() for k, v in sorted(self.files.items())}}
 
@@ -208,7 +218,8 @@ class Manifest:
                    validation=dict(d.get("validation", {})), parameters=dict(d.get("parameters", {})),
                    samples=d.get("samples"),
                    polygraphy_script=d.get("polygraphy_script"),
-                   tokenizer=tuple(str(f) for f in d.get("tokenizer", ())), root=root)
+                   tokenizer=tuple(str(f) for f in d.get("tokenizer", ())),
+                   memory_math=str(d.get("memory_math", "fp32")), root=root)
 
     def referenced_files(self) -> list[str]:
         """Every file the manifest's sections point at."""
@@ -338,6 +349,8 @@ def _file_problems(manifest: Manifest, policy: str):
 def _check_consistent(m: Manifest, path: Path) -> None:
     if m.precision not in PRECISIONS:
         raise ExportError(f"{path}: unknown precision {m.precision!r}")
+    if m.memory_math not in MEMORY_MATH or (m.memory_math != "fp32" and m.memory_math != f"tensor-core-{m.precision}"):
+        raise ExportError(f"{path}: memory_math {m.memory_math!r} does not fit precision {m.precision}")
     for role, g in m.graphs.items():
         if role not in ROLES or g.role != role:
             raise ExportError(f"{path}: unknown graph role {role!r}")

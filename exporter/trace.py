@@ -14,6 +14,9 @@ fp16/bf16 exports default to opset 23 instead (FUSED_OPSET): their attention is 
 from the 4-D head counts, the same boolean slot mask), which ONNX Runtime and TensorRT(-RTX) run as
 a fused kernel in fp16/bf16; TensorRT refuses that op in fp32, so fp32 stays at 17..22 and written
 out, bit for bit as before. An fp16/bf16 export asked for at opset 17..22 is written out too.
+The same switch picks the memory read of graphs.memory.memory_read_fast for those graphs (tensor-core
+layout, `fast_memory`); the manifest records it as `memory_math` and ONNX Runtime CUDA sessions of
+such graphs turn TF32 on (runtimes/loaders.py).
 
 Example inputs: batch 2, width chosen to collide with no fixed dim (torch.export "duck-sizes"
 equal sample sizes), zero state. Dims are declared with torch.export.Dim: "batch", "width", and
@@ -163,8 +166,22 @@ def fused_attention(precision: str, opset: int) -> bool:
     return precision in FUSED_PRECISIONS and opset >= FUSED_OPSET
 
 
+def fast_memory(precision: str, opset: int) -> bool:
+    """Whether the graphs read the memory with graphs.memory.memory_read_fast (tensor-core layout: the
+    slot in the compute dtype, A and z fp32; ONNX Runtime CUDA runs them with TF32 on): the same
+    switch as fused attention, fp16/bf16 at opset 23. fp32 graphs keep the reference's fp32 math."""
+    return fused_attention(precision, opset)
+
+
+def memory_math(precision: str, opset: int) -> str:
+    """What the manifest records as the graphs' memory arithmetic: "fp32" (the reference's, every
+    product fp32) or "tensor-core-fp16"/"tensor-core-bf16" (memory_read_fast; fp32 products as TF32)."""
+    return f"tensor-core-{precision}" if fast_memory(precision, opset) else "fp32"
+
+
 def cell_module(model: ArmtModel, role: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> torch.nn.Module:
-    return cell_for(model, role, ONNX_ATTENTION if fused_attention(precision, opset) else False)
+    return cell_for(model, role, ONNX_ATTENTION if fused_attention(precision, opset) else False,
+                    fast_memory(precision, opset))
 
 
 def check_opset(opset: int, precision: str = "fp32") -> None:

@@ -42,10 +42,11 @@ from graphs.rmt import RmtModel
 class SegmentCell(nn.Module):
     """Sequential-schedule graph: one segment slot through every layer."""
 
-    def __init__(self, model: ArmtModel, fused: bool = False):
+    def __init__(self, model: ArmtModel, fused: bool = False, fast_memory: bool = False):
         super().__init__()
         self.model = model
         self.fused = fused  # fused SDPA attention (torch only; the exporter traces fused=False)
+        self.fast_memory = fast_memory  # graphs.memory.memory_read_fast (fp16/bf16 opset-23 exports)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 write: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor, written_in: torch.Tensor):
@@ -58,7 +59,8 @@ class SegmentCell(nn.Module):
         A, z, wr = [], [], []
         for l in range(m.cfg.base.n_layers):
             h, a_l, z_l, w_l = m.cells(l, l + 1, h, rope, allowed, A_in[l:l + 1], z_in[l:l + 1],
-                                       written_in[l:l + 1], write[None], self.fused)
+                                       written_in[l:l + 1], write[None], self.fused,
+                                       self.fast_memory)
             A.append(a_l)
             z.append(z_l)
             wr.append(w_l)
@@ -69,10 +71,11 @@ class SegmentCell(nn.Module):
 class DiagonalStep(nn.Module):
     """Diagonal-schedule graph: every layer works on its own segment slot in one batched call."""
 
-    def __init__(self, model: ArmtModel, fused: bool = False):
+    def __init__(self, model: ArmtModel, fused: bool = False, fast_memory: bool = False):
         super().__init__()
         self.model = model
         self.fused = fused  # fused SDPA attention (torch only; the exporter traces fused=False)
+        self.fast_memory = fast_memory  # graphs.memory.memory_read_fast (fp16/bf16 opset-23 exports)
 
     def forward(self, input_ids: torch.Tensor, hidden_in: torch.Tensor, positions: torch.Tensor,
                 key_valid: torch.Tensor, active: torch.Tensor, write: torch.Tensor, A_in: torch.Tensor,
@@ -87,7 +90,7 @@ class DiagonalStep(nn.Module):
         x = torch.cat([x0, hidden_in[: L - 1]], dim=0)  # (L, B, P, d)
         rope, allowed = m.geometry(positions, key_valid)
         live = write & active[:, None]  # (L, B): idle layers never write
-        y, A, z, wr = m.cells(0, L, x, rope, allowed, A_in, z_in, written_in, live, self.fused)
+        y, A, z, wr = m.cells(0, L, x, rope, allowed, A_in, z_in, written_in, live, self.fused, self.fast_memory)
         hidden_out = torch.where(active[:, None, None, None], y, hidden_in)  # (L, B, P, d)
         hidden = m.final_norm(hidden_out[L - 1, :, :width])  # (B, W, d)
         return hidden_out, hidden.float(), A, z, wr
@@ -96,8 +99,8 @@ class DiagonalStep(nn.Module):
 class RmtSegmentCell(nn.Module):
     """RMT segment graph: one [read memory | tokens | write memory] slot through the base model."""
 
-    def __init__(self, model: RmtModel, fused: bool = False):
-        super().__init__()
+    def __init__(self, model: RmtModel, fused: bool = False, fast_memory: bool = False):
+        super().__init__()  # `fast_memory` does not apply (an RMT has no associative memory)
         self.model = model
         self.fused = fused  # fused SDPA attention (torch only; the exporter traces fused=False)
 
@@ -120,9 +123,10 @@ def _pos_embed(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 class DecodeCell(nn.Module):
     """ARMT generation step: the graph of graphs/decode.py `decode_layers` + the LM head."""
 
-    def __init__(self, model: ArmtModel, fused: bool = False):
+    def __init__(self, model: ArmtModel, fused: bool = False, fast_memory: bool = False):
         super().__init__()
         self.model = model  # attention is always written out here (explicit cache masks)
+        self.fast_memory = fast_memory  # graphs.memory.memory_read_fast (fp16/bf16 opset-23 exports)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
                 k_cache_in: torch.Tensor, v_cache_in: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor,
@@ -131,16 +135,18 @@ class DecodeCell(nn.Module):
         written_in: the memory every layer reads -> logits (B, n, V) f32, k_cache_out, v_cache_out."""
         m = self.model
         x = _pos_embed(m, m.globals["embed"][input_ids], positions)  # (B, n, d)
-        h, k, v = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, (A_in, z_in, written_in))
+        h, k, v = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, (A_in, z_in, written_in),
+                                fast_memory=self.fast_memory)
         return m.head(h)[0].float(), k, v
 
 
 class MemoryWriteCell(nn.Module):
     """ARMT segment boundary while generating: graphs/decode.py `armt_write_hook` over decode_layers."""
 
-    def __init__(self, model: ArmtModel, fused: bool = False):
+    def __init__(self, model: ArmtModel, fused: bool = False, fast_memory: bool = False):
         super().__init__()
         self.model = model
+        self.fast_memory = fast_memory  # graphs.memory.memory_read_fast (fp16/bf16 opset-23 exports)
 
     def forward(self, positions: torch.Tensor, lengths: torch.Tensor, k_cache_in: torch.Tensor,
                 v_cache_in: torch.Tensor, write: torch.Tensor, A_in: torch.Tensor, z_in: torch.Tensor,
@@ -151,7 +157,8 @@ class MemoryWriteCell(nn.Module):
         B = positions.shape[0]
         x = _pos_embed(m, m.globals["memory"][None].expand(B, -1, -1), positions)  # (B, M, d)
         memory = [A_in, z_in, written_in]
-        decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, memory, armt_write_hook(m, memory, write))
+        decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, memory, armt_write_hook(m, memory, write),
+                      fast_memory=self.fast_memory)
         return tuple(memory)
 
 
@@ -159,8 +166,8 @@ class RmtDecodeCell(nn.Module):
     """RMT generation step: the places [read memory | tokens] of rows with `read`, [tokens | junk]
     of the others, through the base model against the cache; logits of the token places."""
 
-    def __init__(self, model: RmtModel, fused: bool = False):
-        super().__init__()
+    def __init__(self, model: RmtModel, fused: bool = False, fast_memory: bool = False):
+        super().__init__()  # `fast_memory` does not apply (an RMT has no associative memory)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, read: torch.Tensor,
@@ -185,8 +192,8 @@ class RmtDecodeCell(nn.Module):
 class RmtMemoryWriteCell(nn.Module):
     """RMT segment boundary while generating: the write block against the cached segment."""
 
-    def __init__(self, model: RmtModel, fused: bool = False):
-        super().__init__()
+    def __init__(self, model: RmtModel, fused: bool = False, fast_memory: bool = False):
+        super().__init__()  # `fast_memory` does not apply (an RMT has no associative memory)
         self.model = model
 
     def forward(self, positions: torch.Tensor, lengths: torch.Tensor, k_cache_in: torch.Tensor,
@@ -203,9 +210,9 @@ class RmtMemoryWriteCell(nn.Module):
 class LmHeadCell(nn.Module):
     """LM head graph: final-norm hidden rows (float32, as the step graphs output them) -> logits."""
 
-    def __init__(self, model: ArmtModel | RmtModel, fused: bool = False):
+    def __init__(self, model: ArmtModel | RmtModel, fused: bool = False, fast_memory: bool = False):
         super().__init__()
-        self.model = model  # `fused` does not apply (no attention)
+        self.model = model  # `fused` and `fast_memory` do not apply (no attention, no memory)
 
     def forward(self, hidden: torch.Tensor):
         """hidden (B, R, d) f32 -> logits (B, R, V) f32: the hidden state back in the compute dtype
@@ -218,6 +225,7 @@ CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: Diagon
                                      RMT_DECODE: RmtDecodeCell, RMT_MEMORY_WRITE: RmtMemoryWriteCell}
 
 
-def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False) -> nn.Module:
-    """The cell module of graph `role` over `model` (eval mode)."""
-    return CELLS[role](model, fused).eval()
+def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False, fast_memory: bool = False) -> nn.Module:
+    """The cell module of graph `role` over `model` (eval mode). `fast_memory`: the ARMT cells read
+    the memory with graphs.memory.memory_read_fast (the exporter's fp16/bf16 opset-23 graphs only)."""
+    return CELLS[role](model, fused, fast_memory).eval()

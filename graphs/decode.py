@@ -30,7 +30,7 @@ import torch
 from graphs.blocks import (_merge_heads, _rotate_half, _split_heads, gelu_tanh, layer_norm, linear, rms_norm,
                            rope_tables)
 from graphs.kv_cache import KvCache
-from graphs.memory import memory_read, memory_write
+from graphs.memory import memory_read, memory_read_fast, memory_write
 
 LayerHook = Callable[[int, torch.Tensor], None]
 
@@ -115,12 +115,13 @@ def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, k_cache:
 
 
 def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, memory=None, hook: LayerHook | None = None, inplace: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  v_cache: torch.Tensor, memory=None, hook: LayerHook | None = None, inplace: bool = False,
+                  fast_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor core of `cached_layers` (no numpy: what the decode graphs trace). x (B, n, d);
     positions (B, n) int64; lengths (B,) int64; k_cache/v_cache (L, B, Hkv, C, hd); memory: (A, z,
     written) read by every layer (None: nothing read) -> last hidden state (B, n, d) before the final
-    norm, and the caches with the new places stored (inplace: the given tensors, written; else new ones)."""
+    norm, and the caches with the new places stored (inplace: the given tensors, written; else new ones).
+    `fast_memory`: the read of graphs.memory.memory_read_fast (the fp16/bf16 opset-23 decode graphs)."""
     n = x.shape[1]
     allowed = key_mask(lengths, n, k_cache.shape[3])[:, None]  # (B, 1, n, C)
     rope = rope_tables(positions[None], model.inv_freq, model.dtype) if model.inv_freq is not None else None
@@ -129,8 +130,9 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, lengths: torc
     for l in range(model.cfg.base.n_layers):
         if memory is not None:
             A, z, written = memory
-            h = memory_read(h[None], model.mem["w_q"][l:l + 1], A[l:l + 1], z[l:l + 1], written[l:l + 1],
-                            model.cfg.armt.nu)[0]
+            read = memory_read_fast if fast_memory else memory_read
+            h = read(h[None], model.mem["w_q"][l:l + 1], A[l:l + 1], z[l:l + 1], written[l:l + 1],
+                     model.cfg.armt.nu)[0]
         h, k_l, v_l = _layer(model, l, h, rope, allowed, k_cache[l], v_cache[l], lengths, inplace)
         ks.append(k_l)
         vs.append(v_l)

@@ -27,7 +27,7 @@ from torch import nn
 from graphs.blocks import BLOCKS, attention_mask, layer_norm, rms_norm, rope_inv_freq, rope_tables
 from graphs.config import ModelConfig
 from graphs.errors import InputError
-from graphs.memory import memory_read, memory_write
+from graphs.memory import memory_read, memory_read_fast, memory_write
 from graphs.schedule import build_schedule
 from graphs.segments import Slot, check_ids, make_slots
 from graphs.state import MemoryState, check_state, refuse_pending
@@ -184,12 +184,14 @@ class ArmtModel(nn.Module):
 
     def cells(self, lo: int, hi: int, h: torch.Tensor, rope, allowed: torch.Tensor,
               A: torch.Tensor, z: torch.Tensor, written: torch.Tensor, write: torch.Tensor,
-              fused: bool = False) -> tuple[torch.Tensor, ...]:
+              fused: bool = False, fast_memory: bool = False) -> tuple[torch.Tensor, ...]:
         """Layers lo..hi-1, each on its own slot: h (n, B, P, d), A (n, B, K, d), z (n, B, K),
-        written/write (n, B) -> new (h, A, z, written)."""
+        written/write (n, B) -> new (h, A, z, written). `fast_memory`: the read of
+        graphs.memory.memory_read_fast (what fp16/bf16 opset-23 exports trace; never the reference)."""
         a = self.cfg.armt
         mem = {k: v[lo:hi] for k, v in self.mem.items()}
-        h = memory_read(h, mem["w_q"], A, z, written, a.nu)
+        read = memory_read_fast if fast_memory else memory_read
+        h = read(h, mem["w_q"], A, z, written, a.nu)
         h = BLOCKS[self.cfg.base.architecture](self.cfg.base, {k: v[lo:hi] for k, v in self.layers.items()},
                                                h, rope, allowed, fused)
         m = h[:, :, -a.num_mem_tokens:]  # (n, B, M, d)

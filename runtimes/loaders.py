@@ -77,8 +77,9 @@ class OrtSessionLoader:
     """An ONNX Runtime session of one .onnx file on the CPU or CUDA execution provider.
 
     CPU: weight prepacking off (it would copy every weight once more). CUDA: TF32 off (fp32 products at
-    full precision: the fp32 parity promise, and the memory state's fp32 arithmetic in fp16/bf16
-    graphs); `cuda_graph=True` asks the CUDA provider to capture CUDA graphs (run options then pick
+    full precision: the fp32 parity promise) unless `tf32` (the export's Manifest.tf32: fp16/bf16
+    graphs with tensor-core memory math, whose only fp32 products are the memory's, meant to run as
+    TF32; the CUDA-graph sessions get the same option); `cuda_graph=True` asks the CUDA provider to capture CUDA graphs (run options then pick
     the graph by `gpu_graph_id`). `fixed_dims` pins the graph's symbolic dims ("batch", "width", ...)
     with ONNX Runtime's free-dimension overrides: shape arithmetic then folds to constants at load
     (no Shape nodes left for the CPU, which would make the CUDA provider refuse capture)."""
@@ -88,6 +89,7 @@ class OrtSessionLoader:
     threads: int | None = None
     cuda_graph: bool = False
     fixed_dims: dict[str, int] | None = None  # symbolic dims pinned (free-dimension overrides)
+    tf32: bool = False  # CUDA: fp32 MatMuls as TF32 (Manifest.tf32; never for fp32 graphs)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -99,7 +101,7 @@ class OrtSessionLoader:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
                                      f"matching the CUDA version; available: {ort.get_available_providers()})")
-        options = {"device_id": str(self.device.id), "use_tf32": "0"}
+        options = {"device_id": str(self.device.id), "use_tf32": "1" if self.tf32 else "0"}
         if self.cuda_graph:
             options["enable_cuda_graph"] = "1"
         return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]

@@ -70,7 +70,8 @@ class OrtDecoder:
             graph = manifest.graph(role)
             c = contract(self.cfg, role, self.precision)
             c.check_io(graph.inputs, graph.outputs, f"export {manifest.root}")
-            self._sessions[role] = (c, OrtSessionLoader(manifest.graph_path(role), self.device, threads)())
+            loader = OrtSessionLoader(manifest.graph_path(role), self.device, threads, tf32=manifest.tf32)
+            self._sessions[role] = (c, loader())
 
     def _run(self, role: str, feeds: dict) -> dict[str, np.ndarray]:
         from runtimes.loaders import raise_if_not_runnable

@@ -121,7 +121,7 @@ class OrtRunner(Runner):
             contract = contract_of(self.manifest.model_config(), role, self.manifest.precision)
             contract.check_io(graph.inputs, graph.outputs, f"export {self.manifest.root}")
             model_id = self.manifest.model_id
-            self.loader = OrtSessionLoader(self.manifest.graph_path(role), dev, threads)
+            self.loader = OrtSessionLoader(self.manifest.graph_path(role), dev, threads, tf32=self.manifest.tf32)
             self.where = f"export {self.manifest.root}"
         super().__init__(contract, dev, model_id)
         self.loader.device = dev

@@ -56,7 +56,8 @@ def main() -> None:
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(args.out) / "ort_step_profile")
     opts.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"use_tf32": "1" if manifest.tf32 else "0"})  # as runtimes/loaders.py
+    providers = [cuda, "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(str(manifest.graph_path("diagonal_step")), sess_options=opts, providers=providers)
     feeds = steady_feeds(manifest, dtype)
     for _ in range(args.runs + 1):  # the first run includes the kernels' set-up
