@@ -177,13 +177,12 @@ class _Sampler:
         Runtime CPU against it -> (GraphValidation or None, sample feeds, sample reference)."""
         from exporter.trace import decode_example_feeds
         from graphs.cells import cell_for
-        from graphs.dtypes import torch_dtype
+        from runtimes.torch_runner import to_torch
         cell = cell_for(draft.model, c.role)
         t0 = time.perf_counter()
 
         def torch_outputs(feeds):
-            args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in c.inputs]
-            args = [a.to(torch_dtype(s.dtype)) if s.dtype == "bfloat16" else a for a, s in zip(args, c.inputs)]
+            args = [to_torch(feeds[s.name], torch.device("cpu")) for s in c.inputs]  # bfloat16 (ml_dtypes) too
             with torch.no_grad():
                 out = cell(*args)
             return {s.name: (o.float().numpy().astype(np.float32) if o.dtype == torch.bfloat16 else o.numpy())

@@ -221,3 +221,106 @@ def test_tensorrt_rtx_builds_the_fused_graphs(fused_exports, precision, tmp_path
     for role, g in m.graphs.items():
         assert len(g.engines) == 1 and g.engines[0].precision == precision, role
         assert (d / g.engines[0].file).stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------ the memory math (fast read)
+# Per layer call, the memory's fp32 MatMuls (graphs/memory.py): the reference read has 3 (h Wq, q A,
+# q z) and casts the token rows to fp32 once; memory_read_fast keeps h Wq in the compute dtype
+# (fp16: q z and qs A fp32, 2; bf16: q z only, 1) and casts no token-sized tensor to fp32 (only the
+# d_mem-wide h Wq). The write is the reference's in both: 6 (m Wk, m Wv, m Wb, k z, k A, (k beta)^T dv).
+READ_FP32_MATMULS = {"reference": 3, "fp16": 2, "bf16": 1}
+WRITE_FP32_MATMULS = 6
+
+
+def _memory_ops(proto, d: int) -> tuple[int, int]:
+    """(fp32 MatMul nodes, Casts half -> fp32 of a token-sized memory operand (n, B, symbolic rows, d);
+    the step outputs' final hidden (B, W, d) is cast by the contract, not the memory)."""
+    from onnx import TensorProto, shape_inference
+    proto = shape_inference.infer_shapes(proto)
+    info = {v.name: v.type.tensor_type for v in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output)}
+    fp32_matmuls = token_casts = 0
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and info[node.output[0]].elem_type == TensorProto.FLOAT:
+            fp32_matmuls += 1
+        if node.op_type == "Cast" and {a.name: a.i for a in node.attribute}["to"] == TensorProto.FLOAT:
+            src = info.get(node.input[0])
+            if src is not None and src.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                dims = src.shape.dim
+                if len(dims) == 4 and dims[-1].dim_value == d and dims[-2].dim_param:
+                    token_casts += 1
+    return fp32_matmuls, token_casts
+
+
+def _expected(role: str, L: int, precision: str) -> tuple[int, int]:
+    calls = {"segment": L, "diagonal_step": 1, "decode": L, "memory_write": L}[role]  # memory read/write calls
+    writes = 0 if role == "decode" else calls
+    return calls * READ_FP32_MATMULS[precision] + writes * WRITE_FP32_MATMULS, 0
+
+
+def test_fp16_export_memory_runs_fewer_fp32_matmuls_and_no_token_casts(fused_exports):
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    assert m.memory_math == "tensor-core-fp16" and m.tf32
+    L, dm = m.dims["layers"], m.dims["d_model"]
+    for role in ("segment", "diagonal_step"):
+        got = _memory_ops(onnx.load(str(d / m.graph(role).file), load_external_data=False), dm)
+        assert got == _expected(role, L, "fp16"), (role, got)
+        reference = _expected(role, L, "reference")[0]
+        assert got[0] < reference  # the reference math: 9 per layer call, and one token cast per read
+
+
+@pytest.mark.parametrize("precision,role,fast", [("bf16", "diagonal_step", True), ("fp16", "decode", True),
+                                                 ("bf16", "memory_write", True), ("fp16", "diagonal_step", False)])
+def test_traced_memory_ops_per_precision(precision, role, fast):
+    """The traced opset-23 graph (no full export): bf16 reads in bf16, the decode roles use the same
+    read; with the switch off (what these graphs were before) the reference math shows: 3 + 6 fp32
+    MatMuls per layer call and one token-sized cast to fp32 per read."""
+    from unittest import mock
+    import onnx_ir as ir
+    import exporter.trace as trace
+    model = _model().cast({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+    L, dm = model.cfg.base.n_layers, model.cfg.base.d_model
+    with mock.patch.object(trace, "fast_memory", lambda p, o: fast):
+        got = _memory_ops(ir.serde.to_proto(trace.trace_graph(model, role, precision, 23)), dm)
+    if fast:
+        want = _expected(role, L, precision)
+    else:
+        reads = {"segment": L, "diagonal_step": 1, "decode": L, "memory_write": L}[role]
+        want = (_expected(role, L, "reference")[0], reads)
+    assert got == want, (precision, role, got, want)
+
+
+class _FakeOrt:
+    """The one onnxruntime call OrtSessionLoader.providers makes (a CUDA build, without a GPU)."""
+
+    @staticmethod
+    def get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_ort_cuda_sessions_turn_tf32_on_only_for_tensor_core_memory_graphs(fused_exports, tmp_path):
+    import dataclasses
+    from exporter.manifest import Manifest
+    from runtimes.loaders import OrtSessionLoader
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    runner = OrtRunner(d, "segment")
+    assert runner.loader.tf32 is True
+    loader = dataclasses.replace(runner.loader, device="cuda:0")  # as the runner's own on a CUDA device
+    for cuda_graph in (False, True):  # the CUDA-graph sessions copy the same loader
+        loader.cuda_graph = cuda_graph
+        options = dict(loader.providers(_FakeOrt)[0][1])
+        assert options["use_tf32"] == "1" and options.get("enable_cuda_graph") == ("1" if cuda_graph else None)
+    plain = OrtSessionLoader(d / m.graph("segment").file, "cuda:0")  # the default: fp32 graphs, the parity path
+    assert plain.providers(_FakeOrt)[0][1]["use_tf32"] == "0"
+    # a manifest written before the field existed: its graphs hold the reference math, TF32 stays off
+    raw = m.to_dict()
+    raw.pop("memory_math")
+    assert Manifest.from_dict(raw).memory_math == "fp32" and not Manifest.from_dict(raw).tf32
+    # a value that does not fit the precision is refused at load
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    text = (bad / "manifest.json").read_text().replace('"memory_math": "tensor-core-fp16"', '"memory_math": "tensor-core-bf16"')
+    (bad / "manifest.json").write_text(text)
+    with pytest.raises(ExportError, match="memory_math 'tensor-core-bf16' does not fit precision fp16"):
+        load_manifest(bad)
