@@ -54,7 +54,9 @@ def _tf32_matmul(a, b, **kw):
     return _matmul(a, b, **kw)
 
 
-def _run(model, ids, mask, fast=False, tf32=False, drop_memory=False):
+def run_chain(model, ids, mask, fast=False, tf32=False, drop_memory=False):
+    """The model's sequential loop -> {logits, A, z}; `fast`: the fast read; `tf32`: fp32 products
+    with TF32 operands (_tf32_matmul); `drop_memory`: no read at all (the memory-matters probe)."""
     with torch.no_grad(), contextlib.ExitStack() as stack:
         if fast:  # the read the fp16/bf16 graphs trace (cells(fast_memory=True)), on the model's own loop
             stack.enter_context(mock.patch("graphs.model.memory_read", memory_read_fast))
@@ -66,7 +68,8 @@ def _run(model, ids, mask, fast=False, tf32=False, drop_memory=False):
     return {"logits": out.logits, "A": out.state.A, "z": out.state.z}
 
 
-def _inputs(model, seed):
+def chain_inputs(model, seed):
+    """(ids (2, N), mask): 5.5 segments + 1 token; row 1 padded from inside segment 3."""
     rng = np.random.default_rng(seed)
     T = model.cfg.armt.segment_size
     N = 5 * T + T // 2 + 1
@@ -146,16 +149,16 @@ def test_fast_memory_parity_cost_within_factor_of_the_plain_half_reference(arch,
     m32 = tiny_model(arch, seed=seed, **(WIDE if arch == "llama" else {}))
     mh = copy.deepcopy(m32).cast(dtype)
     for input_seed in (0, 1):
-        ids, mask = _inputs(m32, input_seed)
-        ref = _run(m32, ids, mask)
-        plain = _run(mh, ids, mask)
+        ids, mask = chain_inputs(m32, input_seed)
+        ref = run_chain(m32, ids, mask)
+        plain = run_chain(mh, ids, mask)
         bound = {k: FAST_FACTOR * max(rel_err(plain[k], ref[k]), UNIT[dtype]) for k in KINDS}
         # precondition: the memory matters beyond the bound (a fast read that read nothing would fail)
         real = mask.bool()[..., None]
-        alone = _run(mh, ids, mask, drop_memory=True)["logits"]
+        alone = run_chain(mh, ids, mask, drop_memory=True)["logits"]
         assert rel_err(alone * real, ref["logits"] * real) > bound["logits"], (arch, seed, input_seed)
         for tf32 in (False, True):
-            fast = _run(mh, ids, mask, fast=True, tf32=tf32)
+            fast = run_chain(mh, ids, mask, fast=True, tf32=tf32)
             for k in KINDS:
                 assert torch.isfinite(fast[k]).all()
                 err = rel_err(fast[k], ref[k])
@@ -168,7 +171,7 @@ def test_reference_cells_are_untouched_by_the_switch():
     """The cells with fast_memory=False and the model's own loop give the same numbers as before the
     switch existed: cells(fast_memory=False) calls graphs.memory.memory_read (checked by patching it)."""
     model = tiny_model("llama", seed=0, **WIDE).cast(torch.float16)
-    ids, mask = _inputs(model, 0)
+    ids, mask = chain_inputs(model, 0)
     calls = []
 
     def spy(*a):
