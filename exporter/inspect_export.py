@@ -43,6 +43,7 @@ def describe(manifest: Manifest, top_ops: int = 8) -> str:
     lines = [f"export {m.root}  (format {m.format_version}, {m.precision}, opset {m.opset})",
              f"model: {cfg.base.architecture}, {cfg.base.n_layers} layers, d_model {cfg.base.d_model}, vocab "
              f"{cfg.base.vocab_size}; {wrapper}{', wrap_pos' if a.wrap_pos else ''}",
+             f"memory math: {m.memory_math}" + (" (ONNX Runtime CUDA: TF32 on)" if m.tf32 else ""),
              "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
              f"validation: {m.validation.get('status', 'unknown')}"
              + (f" ({m.validation['reason']})" if m.validation.get("reason") else ""), ""]

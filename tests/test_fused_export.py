@@ -198,6 +198,7 @@ def test_inspect_shows_attention_in_the_fused_ops_column(fused_exports, capsys):
     assert main(["inspect", str(fused_exports("armt"))]) == 0
     out = capsys.readouterr().out
     assert "Attention 3" in out and "Attention 1" in out and "RMSNormalization" in out, out
+    assert "memory math: tensor-core-fp16 (ONNX Runtime CUDA: TF32 on)" in out, out
 
 
 # ------------------------------------------------------------------------------ TensorRT-RTX
