@@ -325,3 +325,34 @@ def test_ort_cuda_sessions_turn_tf32_on_only_for_tensor_core_memory_graphs(fused
     (bad / "manifest.json").write_text(text)
     with pytest.raises(ExportError, match="memory_math 'tensor-core-bf16' does not fit precision fp16"):
         load_manifest(bad)
+
+
+def _cuda_ep():
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ep(), reason="needs a CUDA GPU and onnxruntime-gpu")
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_ort_cuda_fp16_tensor_core_memory_matches_torch(fused_exports, schedule):
+    """On the GPU: the session really runs with use_tf32=1, and the fp16 graphs (fast read, TF32
+    memory products) stay within the fp16 row of torch fp16 and torch fp32 (padded batch)."""
+    d = fused_exports("armt")
+    model = _model()
+    ids, mask, _ = _padded(model.cfg.base.vocab_size)
+    with torch.no_grad():
+        ref32 = model(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
+        ref16 = _model().cast(torch.float16)(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
+    real = torch.from_numpy(mask.astype(bool))[..., None]
+    with OrtRunner(d, SCHEDULES[schedule], device="cuda") as runner:
+        got = run_schedule(runner, ids, mask, collect=("logits", "hidden"))
+        options = runner._session.get_provider_options()["CUDAExecutionProvider"]
+    assert options["use_tf32"] == "1", options
+    for ref, what in ((ref16, "cuda vs torch fp16"), (ref32, "cuda vs torch fp32")):
+        _close("logits", got.logits, ref.logits, f"{schedule} {what}", real)
+        _close("A", got.state.A, ref.state.A, f"{schedule} {what}")
+        _close("z", got.state.z, ref.state.z, f"{schedule} {what}")
