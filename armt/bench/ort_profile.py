@@ -115,7 +115,7 @@ def main_gpu() -> None:
     rows = gpu_kernels(sys.argv[2])
     total = sum(us for _, us in rows)
     print(f"ORT diagonal step, GPU kernel time {total / 1e3:.2f} ms per step (CUPTI)")
-    for name, us in rows[:20]:
+    for name, us in rows[:45]:
         print(f"{us:9.0f} us  {100 * us / total:5.1f}%  {name[:100]}")
 
 
