@@ -9,12 +9,12 @@ the model's own tensors. A hit therefore gives the same graph and weight bytes a
 
 Key (sha256 of a canonical JSON): the model kind, its HF config and ARMT/RMT config, the role,
 precision, opset and whether attention is fused, every parameter's and buffer's name, shape and
-dtype in the cell, the torch/onnx/onnxscript/onnx_ir/Python versions, and the content and location
+dtype in the cell, the torch/onnx/onnxscript/onnx_ir/numpy/Python versions, and the content and location
 of the code that decides the graph (graphs/*.py, exporter/trace.py, this module; the location
 because the graphs' node metadata records source paths). Any change of these is another key.
 
-Where: $ARMT_CACHE/traces, else $XDG_CACHE_HOME/armt/traces, else ~/.cache/armt/traces (the
-checksum cache's directory, exporter/checksums.py), one file per key, written atomically
+Where: $ARMT_TRACE_CACHE_DIR, else $ARMT_CACHE/traces, else $XDG_CACHE_HOME/armt/traces, else
+~/.cache/armt/traces (the checksum cache's directory, exporter/checksums.py), one file per key, written atomically
 (graphs.atomic), at most MAX_ENTRIES (least recently used dropped). An entry is never trusted
 blindly: a wrong magic, sha256, key or parse, or a cell tensor of another shape/dtype than recorded,
 is a miss with a warning (the fresh trace then replaces the entry). `ARMT_TRACE_CACHE=0` or
@@ -47,6 +47,7 @@ KEY_PROP = "armt.trace_cache.key"
 BOUND_PROP = "armt.trace_cache.bound"  # JSON {name: [onnx dtype name, shape]} of the re-bound initializers
 NAMES_PROP = "armt.trace_cache.names"  # JSON: the graph's name-authority state (see _names_state)
 ENV_SWITCH = "ARMT_TRACE_CACHE"
+DIR_ENV = "ARMT_TRACE_CACHE_DIR"
 _ROOT = Path(__file__).resolve().parent.parent  # the project root (graphs/, exporter/)
 
 
@@ -56,14 +57,18 @@ def enabled() -> bool:
 
 
 def cache_root() -> Path:
+    """$ARMT_TRACE_CACHE_DIR, else the traces/ folder of the checksum cache's directory."""
+    if os.environ.get(DIR_ENV):
+        return Path(os.environ[DIR_ENV])
     from exporter.checksums import cache_dir
     return cache_dir() / "traces"
 
 
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 over the path and bytes of every source file that shapes a traced graph."""
-    files = sorted((_ROOT / "graphs").glob("*.py")) + [_ROOT / "exporter" / "trace.py", Path(__file__).resolve()]
+@functools.lru_cache(maxsize=4)
+def source_digest(root: Path = _ROOT) -> str:
+    """sha256 over the path and bytes of every source file that shapes a traced graph (under `root`,
+    the project's checkout)."""
+    files = sorted((root / "graphs").glob("*.py")) + [root / "exporter" / "trace.py", root / "exporter" / "trace_cache.py"]
     h = hashlib.sha256()
     for f in files:
         h.update(str(f).encode() + b"\0" + f.read_bytes() + b"\0")
@@ -71,11 +76,12 @@ def source_digest() -> str:
 
 
 def _versions() -> dict[str, str]:
+    import numpy
     import onnx
     import onnx_ir
     import onnxscript
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
-            "onnx_ir": onnx_ir.__version__, "python": sys.version.split()[0]}
+            "onnx_ir": onnx_ir.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0]}
 
 
 def cell_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

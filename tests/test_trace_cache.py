@@ -21,6 +21,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("ARMT_CACHE", str(root))
     monkeypatch.delenv(trace_cache.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(trace_cache.DIR_ENV, raising=False)
     return root / "traces"
 
 
@@ -67,15 +68,15 @@ def test_reexport_after_finetuning_is_byte_identical_to_a_fresh_export(cache_dir
     assert cached["weights.data"] != first["weights.data"]
 
 
-@pytest.mark.parametrize("precision", ["fp16"])
-def test_fused_fp16_segment_from_the_cache_is_the_fresh_graph(cache_dir, monkeypatch, precision):
+def test_fused_fp16_graph_from_the_cache_is_the_fresh_graph(cache_dir, monkeypatch):
     """The fused opset-23 graphs (Attention, RMSNormalization) go through the cache unchanged too."""
     with torch.no_grad():
         model = tiny_model().cast(torch.float16)
-        fresh = _serialized(trace.trace_graph(model, "segment", precision, cache=False))
-        trace.trace_graph(model, "segment", precision, cache=True)  # stores
+        graph = trace.trace_graph(model, "diagonal_step", "fp16", cache=True)  # a miss: traced and stored
+        assert {"Attention", "RMSNormalization"} <= {n.op_type for n in graph.graph}
+        fresh = _serialized(graph)
         _no_tracing(monkeypatch)
-        cached = _serialized(trace.trace_graph(model, "segment", precision, cache=True))
+        cached = _serialized(trace.trace_graph(model, "diagonal_step", "fp16", cache=True))
     assert cached == fresh
 
 
@@ -160,14 +161,24 @@ def test_the_key_moves_with_everything_that_shapes_the_graph(monkeypatch):
     monkeypatch.setattr(trace_cache, "_versions", lambda: {"torch": "0.0"})
     assert key() != base
     monkeypatch.undo()
-    trace_cache.source_digest.cache_clear()
-    monkeypatch.setattr(trace_cache, "_ROOT", Path(trace_cache._ROOT) / "elsewhere" / "..")  # another checkout path
-    try:
-        assert key() != base
-    finally:
-        monkeypatch.undo()
-        trace_cache.source_digest.cache_clear()
     assert key() == base
+
+
+def test_the_source_digest_covers_the_code_and_its_location(tmp_path):
+    """The graphs' node metadata records source paths and lines: another checkout or an edit is another key."""
+    import shutil
+    root = trace_cache._ROOT
+    copy = tmp_path / "checkout"
+    for rel in ["graphs", "exporter"]:
+        (copy / rel).mkdir(parents=True)
+    for f in list((root / "graphs").glob("*.py")) + [root / "exporter" / "trace.py", root / "exporter" / "trace_cache.py"]:
+        shutil.copy(f, copy / f.relative_to(root))
+    here, there = trace_cache.source_digest(), trace_cache.source_digest(copy)
+    assert here != there  # same bytes, another location
+    with open(copy / "graphs" / "blocks.py", "a") as f:
+        f.write("\n# an edit\n")
+    trace_cache.source_digest.cache_clear()
+    assert trace_cache.source_digest(copy) not in (here, there)
 
 
 def test_the_cache_can_be_switched_off(cache_dir, monkeypatch):
@@ -178,6 +189,15 @@ def test_the_cache_can_be_switched_off(cache_dir, monkeypatch):
     assert _entries(cache_dir) == []
     monkeypatch.setenv(trace_cache.ENV_SWITCH, "1")
     assert trace_cache.enabled()
+
+
+def test_the_cache_directory_can_be_chosen(cache_dir, tmp_path, monkeypatch):
+    assert trace_cache.cache_root() == cache_dir
+    monkeypatch.setenv(trace_cache.DIR_ENV, str(tmp_path / "mine"))
+    assert trace_cache.cache_root() == tmp_path / "mine"
+    with torch.no_grad():
+        trace.trace_graph(tiny_model(), "lm_head", "fp32", cache=True)
+    assert len(_entries(tmp_path / "mine")) == 1 and _entries(cache_dir) == []
 
 
 def test_cli_flag_no_trace_cache():
