@@ -157,7 +157,7 @@ def test_the_key_moves_with_everything_that_shapes_the_graph(monkeypatch):
     assert key(m=tiny_model(segment_size=7)) != base
     assert key(m=tiny_model(correction=False)) != base
     assert key(m=tiny_model().cast(torch.float16)) != base  # tensor dtypes
-    assert key(m=tiny_rmt()) != key(m=tiny_rmt(segment_size=7))
+    assert key(m=tiny_rmt(), role="rmt_segment") != key(m=tiny_rmt(segment_size=7), role="rmt_segment")
     monkeypatch.setattr(trace_cache, "_versions", lambda: {"torch": "0.0"})
     assert key() != base
     monkeypatch.undo()
