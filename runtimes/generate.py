@@ -64,6 +64,17 @@ def as_decoder(model_or_decoder, device: str = "cpu", precision: str = "fp32"):
     return TorchDecoder(model_or_decoder, device=device, precision=precision)
 
 
+def _step_last(dec, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ids (B, n), counts (B,) 1 .. n (0: a stopped row) -> each row's logits at its last real place
+    (B, V): the decoder's `step_last` where it has one (only those places through the head), else
+    its full `step`."""
+    fn = getattr(dec, "step_last", None)
+    if fn is not None:
+        return fn(ids, counts)
+    logits = dec.step(ids, counts)  # (B, n, V)
+    return logits[np.arange(ids.shape[0]), np.maximum(counts, 1) - 1]
+
+
 def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: int = 32, policy: str = "frozen",
              sampling: SamplingConfig | None = None, eos_ids: Iterable[int] = (), state=None,
              prefill_schedule: str | None = None, device: str = "cpu", precision: str = "fp32",
@@ -98,8 +109,7 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
     extra = M if cfg.kind == "rmt" else 0
     capacity = extra + width + max_new_tokens if policy == "frozen" else extra + T + M + extra + 1
     dec.start(start, capacity)
-    logits = dec.step(last, counts)  # (B, width, V)
-    next_logits = logits[np.arange(B), counts - 1]  # (B, V)
+    next_logits = _step_last(dec, last, counts)  # (B, V)
     V = next_logits.shape[-1]
     tokens = np.zeros((B, max_new_tokens), dtype=np.int64)
     scores = np.zeros((B, max_new_tokens, V), dtype=np.float32)
@@ -123,5 +133,5 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
             full = (dec.segment_tokens() >= T) & ~done
             dec.complete(full)
         step_counts = (~done).astype(np.int64)
-        next_logits = dec.step(np.where(done, 0, tok)[:, None], step_counts)[:, 0]
+        next_logits = _step_last(dec, np.where(done, 0, tok)[:, None], step_counts)
     return GenerateResult(tokens[:, :steps], scores[:, :steps], n_new, dec.state())
