@@ -229,8 +229,9 @@ class GraphDecoder(TorchDecoder):
 
 
 def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """graphs.blocks.rms_norm on rows h (B, d): normalised in fp32, scaled in h's dtype."""
-    return w * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+    """graphs.blocks.rms_norm on rows h (B, d): normalised in fp32 (F.rms_norm upcasts half inputs
+    and rounds its result once to h's dtype, as the reference's .float() ... .to(dtype)), scaled in h's dtype."""
+    return w * F.rms_norm(h, (h.shape[-1],), eps=eps)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
