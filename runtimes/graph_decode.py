@@ -13,8 +13,8 @@ run as one replay of a CUDA graph captured at the first such step of a call:
     per segment         the frozen memory as one (L, B, K, d+1) fp32 table [A | z], zero where a
                         layer is unwritten (recomputed only when the memory changes: start, boundary)
     graph               embed -> per layer: memory read (one GEMM to both DPFP factors, one batched
-                        GEMV against [A | z], one addcdiv), LLaMA block on (B, d) rows with 2-D GEMMs
-                        (residual adds in addmm), rotary from a precomputed (capacity, hd) table,
+                        GEMV against [A | z] with the eps in its bias, one addcdiv), LLaMA block on
+                        (B, d) rows with 2-D GEMMs (residual adds in addmm), rotary from a precomputed (capacity, hd) table,
                         K/V written at each row's length, SDPA over the fixed-capacity cache (the
                         grouped query heads as the query axis, keys 0 .. length visible) -> final norm,
                         head GEMV, (B, V) fp32
@@ -23,10 +23,10 @@ run as one replay of a CUDA graph captured at the first such step of a call:
 The math is graphs/decode.py's for n = 1, re-associated only where the result is the same up to
 rounding: DPFP as relu(h [W | -W] gathered) products (u * roll(u, j) as two gathered weight column
 sets), the read's num and den from one product with [A | z], fused residual adds, SDPA instead of
-the written-out softmax (fp32: within rounding of the eager decoder; bf16: one rounding less in the
-residual adds and the attention probabilities, so greedy tokens can part where two logits tie
-within bf16 rounding). `use_graph=False` runs the same static step eagerly (that is how it is tested
-on a CPU). Everything else (the prompt's completed segments, the last prompt segment, the memory
+the written-out softmax, RMSNorm and its weight in one op. fp32: within rounding of the eager
+decoder; bf16: one rounding less in the norms, the residual adds and the attention probabilities,
+so greedy tokens can part where two logits tie within bf16 rounding. `use_graph=False` runs the
+same static step eagerly (that is how it is tested on a CPU). Everything else (the prompt's completed segments, the last prompt segment, the memory
 write at a boundary, RMTs, GPT-2) is TorchDecoder's own code.
 """
 
@@ -111,6 +111,7 @@ class GraphDecoder(TorchDecoder):
                 # rotate_half(x) * sin == roll(x, half) * [-sin_1 | sin_2]: the sign in the table
                 "sin": torch.cat([-sin[:, :half], sin[:, half:]], -1).contiguous(),
                 "Az": torch.zeros(L, B, K, d + 1, dtype=torch.float32, device=dev),  # [A | z], 0 where unwritten
+                "eps": F.pad(torch.zeros(1, 1, d, device=dev), (0, 1), value=EPS),  # (1, 1, d+1): [0 | eps]
                 "logits_host": torch.zeros(B, self.cfg.base.vocab_size, dtype=torch.float32, pin_memory=cuda)}
 
     def _memory_table(self) -> None:
@@ -146,9 +147,9 @@ class GraphDecoder(TorchDecoder):
         h32 = h.float()
         r = torch.relu(torch.mm(h32, w_dpfp))  # (B, 2K): both DPFP factors
         q = r[:, :K] * r[:, K:]  # (B, K)
-        nd = torch.bmm(q[:, None], Az)[:, 0]  # (B, d+1): q A | q z (0 | 0 where unwritten)
         d = h.shape[1]
-        return torch.addcdiv(h32, nd[:, :d], nd[:, d:] + EPS).to(h.dtype)
+        nd = torch.baddbmm(self._static["eps"], q[:, None], Az)[:, 0]  # (B, d+1): q A | q z + eps
+        return torch.addcdiv(h32, nd[:, :d], nd[:, d:]).to(h.dtype)
 
     def _block(self, l: int, w: dict, h: torch.Tensor, rope, allowed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """graphs.decode._layer's LLaMA block for one place per row h (B, d), the K/V stored at `at`."""
@@ -229,9 +230,9 @@ class GraphDecoder(TorchDecoder):
 
 
 def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """graphs.blocks.rms_norm on rows h (B, d): normalised in fp32 (F.rms_norm upcasts half inputs
-    and rounds its result once to h's dtype, as the reference's .float() ... .to(dtype)), scaled in h's dtype."""
-    return w * F.rms_norm(h, (h.shape[-1],), eps=eps)
+    """graphs.blocks.rms_norm on rows h (B, d): normalised in fp32 and scaled by w in one op (F.rms_norm
+    upcasts half inputs; fp32: the reference's arithmetic; half: its result rounded once, not twice)."""
+    return F.rms_norm(h, (h.shape[-1],), w, eps)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None

@@ -105,8 +105,8 @@ class TorchDecoder:
         m, dev = self.model, self.model.device
         B = state.batch
         if self.kind == "armt":
-            self.memory = [t.to(dev) if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(to_numpy(t))).to(dev)
-                           for t in (state.A, state.z, state.written)]
+            self.memory = [t.to(dev) if isinstance(t, torch.Tensor)  # a fast prefill's state: on the device
+                           else torch.as_tensor(np.asarray(to_numpy(t))).to(dev) for t in (state.A, state.z, state.written)]
         else:
             mem = torch.as_tensor(np.asarray(to_numpy(state.memory), dtype=np.float32)).to(dev, m.dtype)
             self.memory = [mem, torch.as_tensor(np.asarray(to_numpy(state.written))).to(dev)]
