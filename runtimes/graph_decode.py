@@ -14,10 +14,10 @@ run as one replay of a CUDA graph captured at the first such step of a call:
                         layer is unwritten (recomputed only when the memory changes: start, boundary)
     graph               embed -> per layer: memory read (one GEMM to both DPFP factors, one batched
                         GEMV against [A | z] with the eps in its bias, one addcdiv), LLaMA block on
-                        (B, d) rows with 2-D GEMMs (residual adds in addmm), rotary from a precomputed (capacity, hd) table,
-                        K/V written at each row's length, SDPA over the fixed-capacity cache (the
-                        grouped query heads as the query axis, keys 0 .. length visible) -> final norm,
-                        head GEMV, (B, V) fp32
+                        (B, d) rows with 2-D GEMMs (residual adds in addmm), rotary from a
+                        precomputed (capacity, hd) table, K/V written at each row's length, SDPA over
+                        the fixed-capacity cache (a KV head's query heads as the query axis, keys
+                        0 .. length visible) -> final norm, head GEMV, (B, V) fp32
     host                (B, V) logits -> pinned host buffer (one copy, one sync); cache lengths advanced
 
 The math is graphs/decode.py's for n = 1, re-associated only where the result is the same up to
@@ -26,8 +26,9 @@ sets), the read's num and den from one product with [A | z], fused residual adds
 the written-out softmax, RMSNorm and its weight in one op. fp32: within rounding of the eager
 decoder; bf16: one rounding less in the norms, the residual adds and the attention probabilities,
 so greedy tokens can part where two logits tie within bf16 rounding. `use_graph=False` runs the
-same static step eagerly (that is how it is tested on a CPU). Everything else (the prompt's completed segments, the last prompt segment, the memory
-write at a boundary, RMTs, GPT-2) is TorchDecoder's own code.
+same static step eagerly (that is how it is tested on a CPU). Everything else (the prompt's
+completed segments, the last prompt segment, the memory write at a boundary, RMTs, GPT-2) is
+TorchDecoder's own code.
 """
 
 from __future__ import annotations
