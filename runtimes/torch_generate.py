@@ -107,7 +107,8 @@ class TorchDecoder:
         if self.kind == "armt":
             # a fast prefill's state is already torch on the device: no host round trip
             as_dev = lambda t: torch.as_tensor(np.asarray(to_numpy(t))).to(dev)  # noqa: E731
-            self.memory = [t.to(dev) if isinstance(t, torch.Tensor) else as_dev(t) for t in (state.A, state.z, state.written)]
+            self.memory = [t.to(dev) if isinstance(t, torch.Tensor) else as_dev(t)
+                           for t in (state.A, state.z, state.written)]
         else:
             mem = torch.as_tensor(np.asarray(to_numpy(state.memory), dtype=np.float32)).to(dev, m.dtype)
             self.memory = [mem, torch.as_tensor(np.asarray(to_numpy(state.written))).to(dev)]
