@@ -39,7 +39,8 @@ POLICIES = ("frozen", "recurrent")
 @dataclass
 class GenerateResult:
     tokens: np.ndarray  # (B, T) int64 new tokens only; 0 after a row's EOS
-    scores: np.ndarray  # (B, T, V) float32 the raw logits each token was chosen from; 0 after EOS
+    scores: np.ndarray | None  # (B, T, V) float32 the raw logits each token was chosen from; 0 after EOS
+    # (None when generate was called with scores=False)
     lengths: np.ndarray  # (B,) int64 new tokens of each row (its EOS included)
     state: object  # MemoryState / RmtState (numpy): what the current segment reads (recurrent: after every write)
 
@@ -78,8 +79,11 @@ def _step_last(dec, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: int = 32, policy: str = "frozen",
              sampling: SamplingConfig | None = None, eos_ids: Iterable[int] = (), state=None,
              prefill_schedule: str | None = None, device: str = "cpu", precision: str = "fp32",
-             on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> GenerateResult:
-    """Generate up to `max_new_tokens` per row after a right-padded prompt (B, N) (see the module doc)."""
+             on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+             scores: bool = True) -> GenerateResult:
+    """Generate up to `max_new_tokens` per row after a right-padded prompt (B, N) (see the module doc).
+    `scores=False`: no scores kept (result.scores None); under greedy sampling a decoder with a
+    `step_greedy` then picks each token on its device (only the ids come back to the host)."""
     from runtimes.execute import continue_input
     dec = as_decoder(model_or_decoder, device, precision)
     cfg = dec.cfg
@@ -112,15 +116,17 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
     next_logits = _step_last(dec, last, counts)  # (B, V)
     V = next_logits.shape[-1]
     tokens = np.zeros((B, max_new_tokens), dtype=np.int64)
-    scores = np.zeros((B, max_new_tokens, V), dtype=np.float32)
+    kept = np.zeros((B, max_new_tokens, V), dtype=np.float32) if scores else None
+    on_device = not scores and sampler.config.greedy and hasattr(dec, "step_greedy")
+    tok = sampler(next_logits)
     done = np.zeros(B, dtype=bool)
     n_new = np.zeros(B, dtype=np.int64)
     steps = 0
     for t in range(max_new_tokens):
-        tok = sampler(next_logits)
         live = ~done
         tokens[live, t] = tok[live]
-        scores[live, t] = next_logits[live]
+        if kept is not None:
+            kept[live, t] = next_logits[live]
         n_new += live
         steps = t + 1
         if eos:
@@ -133,5 +139,10 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
             full = (dec.segment_tokens() >= T) & ~done
             dec.complete(full)
         step_counts = (~done).astype(np.int64)
-        next_logits = _step_last(dec, np.where(done, 0, tok)[:, None], step_counts)
-    return GenerateResult(tokens[:, :steps], scores[:, :steps], n_new, dec.state())
+        ids_t = np.where(done, 0, tok)[:, None]
+        if on_device:  # the greedy token chosen on the device (the same argmax, NaN/Inf refused there)
+            tok = dec.step_greedy(ids_t, step_counts)
+        else:
+            next_logits = _step_last(dec, ids_t, step_counts)
+            tok = sampler(next_logits)
+    return GenerateResult(tokens[:, :steps], None if kept is None else kept[:, :steps], n_new, dec.state())

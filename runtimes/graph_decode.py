@@ -18,7 +18,8 @@ run as one replay of a CUDA graph captured at the first such step of a call:
                         precomputed (capacity, hd) table, K/V written at each row's length, SDPA over
                         the fixed-capacity cache (a KV head's query heads as the query axis, keys
                         0 .. length visible) -> final norm, head GEMV, (B, V) fp32
-    host                (B, V) logits -> pinned host buffer (one copy, one sync); cache lengths advanced
+    host                (B, V) logits -> pinned host buffer (one copy, one sync); cache lengths advanced;
+                        greedy without scores (step_greedy): only the (B,) argmax and finiteness come back
 
 The math is graphs/decode.py's for n = 1, re-associated only where the result is the same up to
 rounding: DPFP as relu(h [W | -W] gathered) products (u * roll(u, j) as two gathered weight column
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from graphs.blocks import rope_tables
+from graphs.errors import NonFiniteError
 from graphs.memory import EPS
 from runtimes.fast_torch import silu_mul
 from runtimes.torch_generate import TorchDecoder
@@ -113,7 +115,8 @@ class GraphDecoder(TorchDecoder):
                 "sin": torch.cat([-sin[:, :half], sin[:, half:]], -1).contiguous(),
                 "Az": torch.zeros(L, B, K, d + 1, dtype=torch.float32, device=dev),  # [A | z], 0 where unwritten
                 "eps": F.pad(torch.zeros(1, 1, d, device=dev), (0, 1), value=EPS),  # (1, 1, d+1): [0 | eps]
-                "logits_host": torch.zeros(B, self.cfg.base.vocab_size, dtype=torch.float32, pin_memory=cuda)}
+                "logits_host": torch.zeros(B, self.cfg.base.vocab_size, dtype=torch.float32, pin_memory=cuda),
+                "pick_host": torch.zeros(2, B, dtype=torch.int64, pin_memory=cuda)}
 
     def _memory_table(self) -> None:
         """The memory the segment reads (fixed until the next boundary) as the static [A | z] table."""
@@ -122,8 +125,10 @@ class GraphDecoder(TorchDecoder):
         self._static["Az"].copy_(torch.where(written[:, :, None, None], Az, torch.zeros((), device=Az.device)))
         self._mem_src = list(self.memory)
 
-    def _compute(self) -> torch.Tensor:
-        """One token per row through every layer against the cache -> logits (B, V) fp32."""
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row through every layer against the cache -> logits (B, V) fp32 and
+        (2, B) int64: each row's greedy token (argmax, the first of equal maxima as numpy's) and
+        whether its logits are all finite."""
         m, s, spec = self.model, self._static, self.cfg.base
         B = s["feed"].shape[0]
         ids, lengths, positions = s["feed"][:, 0], s["feed"][:, 1], s["feed"][:, 2]  # (B,) each
@@ -136,7 +141,8 @@ class GraphDecoder(TorchDecoder):
             h = self._read(h, w["dpfp"], s["Az"][l])
             h = self._block(l, w, h, (cos, sin), allowed, at)
         x = _rms(h, m.globals["final_norm_w"], spec.norm_eps)
-        return torch.mm(x, self._head_w()).float()  # (B, V)
+        logits = torch.mm(x, self._head_w()).float()  # (B, V)
+        return logits, torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()])
 
     def _head_w(self) -> torch.Tensor:
         g = self.model.globals
@@ -172,7 +178,7 @@ class GraphDecoder(TorchDecoder):
         gu = _mm(_rms(h, w["mlp_norm"], spec.norm_eps), w["gate_up"], w.get("gate_up_bias"))  # (B, 2F)
         return _mm(silu_mul(gu), w["down"], w.get("down_bias"), h)
 
-    def _run_static(self) -> torch.Tensor:
+    def _run_static(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graph:
             return self._compute()
         if self._graph is None:
@@ -192,8 +198,9 @@ class GraphDecoder(TorchDecoder):
         self.replays += 1
         return self._out
 
-    def _static_step(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """ids (B, 1), counts (B,) -> logits (B, V) float32 through the static step."""
+    def _static_step(self, ids: np.ndarray, counts: np.ndarray, greedy: bool = False) -> np.ndarray:
+        """ids (B, 1), counts (B,) -> logits (B, V) float32 through the static step; `greedy`: only
+        each row's greedy token (B,) int64 comes back (NonFiniteError if any row's logits are not finite)."""
         self.cache.check_room(1)
         B = ids.shape[0]
         if self._static is None:
@@ -208,14 +215,17 @@ class GraphDecoder(TorchDecoder):
         feed[:, 1] = lengths
         feed[:, 2] = np.where(counts > 0, lengths, 0)
         s["feed"].copy_(s["feed_host"], non_blocking=True)
-        out = self._run_static()  # (B, V) fp32 on the device
-        host = s["logits_host"]
-        host.copy_(out, non_blocking=True)
+        logits, pick = self._run_static()  # (B, V) fp32, (2, B) int64 on the device
+        host = s["pick_host"] if greedy else s["logits_host"]
+        host.copy_(pick if greedy else logits, non_blocking=True)
         if self.model.device.type == "cuda":
             torch.cuda.current_stream(self.model.device).synchronize()  # the copy done; the staging free
+        out = host.numpy().copy()
+        if greedy and not out[1].all():
+            raise NonFiniteError("the logits hold NaN or Inf: no token can be chosen")
         self.static_steps += 1
         self.cache.advance(counts)
-        return host.numpy().copy()
+        return out[0] if greedy else out
 
     @torch.no_grad()
     def step(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -228,6 +238,15 @@ class GraphDecoder(TorchDecoder):
         if not self.applies() or ids.shape[1] != 1:
             return super().step_last(ids, counts)
         return self._static_step(ids, counts)
+
+    @torch.no_grad()
+    def step_greedy(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """As step_last, then the greedy token of each row (B,) int64, chosen on the device: only B
+        ids (and B finiteness flags) cross to the host (runtimes.generate with scores=False)."""
+        if not self.applies() or ids.shape[1] != 1:
+            from graphs.sampling import Sampler, SamplingConfig
+            return Sampler(SamplingConfig(), ids.shape[0])(super().step_last(ids, counts))
+        return self._static_step(ids, counts, greedy=True)
 
 
 def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

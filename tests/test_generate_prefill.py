@@ -106,3 +106,21 @@ def test_step_last_is_step_at_each_rows_last_place():
     got = last.step_last(ids, counts)  # (B, V)
     assert rel_err(got, every[np.arange(3), counts - 1]) <= 1e-6
     np.testing.assert_array_equal(last.cache.lengths, full.cache.lengths)
+
+
+@pytest.mark.gpu
+def test_fast_prefill_on_cuda_equals_the_reference_cells():
+    """On CUDA the decoder's FastArmt replays its CUDA graphs (captured at the first call): fp32 state
+    against the CPU reference cells within the case's bounds, on the first call and the replayed second."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_model(seed=5)
+    ids = prompt(2, 4 * T)
+    ref = reference_state(model, ids, "diagonal")
+    bounds = fp32_bounds(model, torch.from_numpy(ids))
+    dec = TorchDecoder(model, device="cuda")
+    for _ in range(2):
+        state = dec.prefill(ids, np.full(2, 4 * T), empty_state(model.cfg, 2), "diagonal")
+        assert dec.prefill_path == "fast" and state.A.is_cuda
+        assert rel_err(to_numpy(state.A), ref.A) <= bounds["A"] and rel_err(to_numpy(state.z), ref.z) <= bounds["z"]
+    assert dec._fast.graphs_on and len(dec._fast._graphs) > 0

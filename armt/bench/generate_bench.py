@@ -161,7 +161,8 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
     def run(clock: Clock):
         with torch.no_grad():
             return gen.generate(decoder, ids, None, max_new_tokens=new_tokens, policy="frozen",
-                                sampling=SamplingConfig(greedy=True), on_token=lambda *_: clock.tick())
+                                sampling=SamplingConfig(greedy=True), on_token=lambda *_: clock.tick(),
+                                scores=False)  # as HF's generate here: tokens only (torch-graph: argmax on the device)
     return run
 
 
