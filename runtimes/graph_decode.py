@@ -34,6 +34,7 @@ TorchDecoder's own code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -137,9 +138,10 @@ class GraphDecoder(TorchDecoder):
         cos, sin = s["cos"][positions][:, None], s["sin"][positions][:, None]  # (B, 1, hd)
         allowed = (s["places"][None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, C)
         at = lengths[:, None, None, None].expand(B, Hkv, 1, hd)  # each row's new place
-        for l, w in enumerate(self._weights):
-            h = self._read(h, w["dpfp"], s["Az"][l])
-            h = self._block(l, w, h, (cos, sin), allowed, at)
+        with _sdpa_backends(h.device):
+            for l, w in enumerate(self._weights):
+                h = self._read(h, w["dpfp"], s["Az"][l])
+                h = self._block(l, w, h, (cos, sin), allowed, at)
         x = _rms(h, m.globals["final_norm_w"], spec.norm_eps)
         logits = torch.mm(x, self._head_w()).float()  # (B, V)
         return logits, torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()])
@@ -247,6 +249,15 @@ class GraphDecoder(TorchDecoder):
             from graphs.sampling import Sampler, SamplingConfig
             return Sampler(SamplingConfig(), ids.shape[0])(super().step_last(ids, counts))
         return self._static_step(ids, counts, greedy=True)
+
+
+def _sdpa_backends(device: torch.device):
+    """CUDA: SDPA's memory-efficient kernel (boolean masks, capturable in a CUDA graph), math as the
+    fallback; CPU: torch's own choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
