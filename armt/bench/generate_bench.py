@@ -7,11 +7,12 @@ transformers' own `generate` on the same base model (no memory, its default cach
                 bf16 read, TF32 products on CUDA; no effect in fp32); decode: one token per row per
                 call through the cached decode layers)
     torch-graph the same with the one-token step as a CUDA graph (runtimes/graph_decode.py; on a CPU
-                the same static step, eagerly)
+                the same static step, eagerly), the greedy token picked in the graph
     torch-ref   the same loop with the prefill on the reference cells (graphs.model's schedule loop)
     ort         runtimes.generate.generate on the export's decode graphs (ONNX Runtime)
     hf          transformers AutoModelForCausalLM(base config).generate, greedy, min = max new tokens
 
+The ARMT backends run generate with scores=False (tokens only, as HF's generate here).
 For each (backend, batch, prompt length), one generate call of --new-tokens tokens is clocked at its
 start and at every new token (device synchronized; HF through a streamer that only stamps times):
 `prefill_ms` = start to the first token (the prompt through the model, the first token chosen),
