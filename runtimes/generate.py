@@ -100,7 +100,10 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
         raise InputError("every row needs at least one prompt token")
     # 1. the completed segments of every row: all but the last (which holds 1 .. T tokens)
     done_len = T * ((lengths - 1) // T)  # (B,)
-    start = cont.start if cont.start is not None else empty_state(cfg, B)
+    if cont.start is not None:
+        start = cont.start
+    else:  # a decoder may make the fresh state where it computes (torch: zeros on its device)
+        start = dec.empty_state(B) if hasattr(dec, "empty_state") else empty_state(cfg, B)
     if int(done_len.max()) > 0:
         start = dec.prefill(ids[:, :int(done_len.max())], done_len, start, schedule)
     # 2. the last segment

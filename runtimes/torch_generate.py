@@ -6,6 +6,7 @@ segments, a finite state), else through `run_torch` (the diagonal schedule for a
 
 Decoder protocol (what the generation loop calls; an ONNX Runtime decoder implements the same):
 
+    empty_state(batch) -> state                       optional: the fresh state (torch: on the device)
     prefill(ids, lengths, state, schedule) -> state   completed prompt segments, written as `armt run`
     start(state, capacity)                            the state the current segment reads; empty cache
     step(ids (B, n), counts (B,)) -> logits (B, n, V) new tokens appended to each row's segment
@@ -27,7 +28,7 @@ from graphs.decode import armt_write_hook, cached_layers, empty_cache
 from graphs.dtypes import check_precision, compute_dtype, torch_dtype
 from graphs.errors import InputError
 from graphs.rmt_segments import write_block_positions
-from graphs.state import MemoryState, RmtState, to_numpy
+from graphs.state import MemoryState, RmtState, empty_state, to_numpy
 from runtimes.torch_runner import check_torch_device
 
 log = logging.getLogger("armt.generate")
@@ -56,6 +57,15 @@ class TorchDecoder:
         self._fast = None  # the prefill's FastArmt (its CUDA graphs kept across calls), built on first use
         self.prefill_path: str | None = None  # what the last prefill ran: "fast" or "run_torch"
 
+    def empty_state(self, batch: int):
+        """The fresh state of `batch` rows; an ARMT's as torch zeros on the device (no host arrays to
+        fill, check and copy: (L, B, K, d) fp32 is 50 MB a row at the LLaMA-1B shape)."""
+        if self.kind != "armt":
+            return empty_state(self.cfg, batch)
+        L, K, d, dev = self.cfg.base.n_layers, self.cfg.armt.d_key, self.cfg.base.d_model, self.model.device
+        return MemoryState(torch.zeros(L, batch, K, d, device=dev), torch.zeros(L, batch, K, device=dev),
+                           torch.zeros(L, batch, dtype=torch.bool, device=dev))
+
     # ---------------------------------------------------------------- prompt's completed segments
     def prefill(self, ids: np.ndarray, lengths: np.ndarray, state, schedule: str):
         """ids (B, W) int64, row b's first lengths[b] (a multiple of T) real -> the state after them."""
@@ -65,6 +75,8 @@ class TorchDecoder:
         log.debug("prefill through run_torch (%s)", why)
         from runtimes.torch_runner import run_torch
         self.prefill_path = "run_torch"
+        if isinstance(getattr(state, "A", None), torch.Tensor):
+            state = state.numpy()  # run_torch's state: host arrays
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         res = run_torch(self._source, ids, mask, state=state, schedule=schedule, device=self.device_name,
                         precision=self.precision, collect=())
@@ -82,8 +94,11 @@ class TorchDecoder:
             return why
         if getattr(state, "pending", None) is not None:
             return "a state with pending tokens"
-        A, z = (to_numpy(t) for t in (state.A, state.z))
-        if not (np.isfinite(A).all() and np.isfinite(z).all()):
+        if isinstance(state.A, torch.Tensor):  # checked where it lies (one sync)
+            finite = bool(torch.isfinite(state.A).all() and torch.isfinite(state.z).all())
+        else:
+            finite = bool(np.isfinite(state.A).all() and np.isfinite(state.z).all())
+        if not finite:
             return "a non-finite state"
         return None
 

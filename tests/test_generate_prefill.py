@@ -124,3 +124,16 @@ def test_fast_prefill_on_cuda_equals_the_reference_cells():
         assert dec.prefill_path == "fast" and state.A.is_cuda
         assert rel_err(to_numpy(state.A), ref.A) <= bounds["A"] and rel_err(to_numpy(state.z), ref.z) <= bounds["z"]
     assert dec._fast.graphs_on and len(dec._fast._graphs) > 0
+
+
+def test_fresh_state_on_the_device_equals_an_explicit_empty_state():
+    """Without a state, the torch decoder makes the fresh memory as zeros on its device (no host
+    arrays): the same tokens and scores as a caller's numpy empty state."""
+    model = tiny_model(seed=5)
+    ids = prompt(2, 2 * T + 3, seed=4)
+    dec = TorchDecoder(model)
+    assert isinstance(dec.empty_state(2).A, torch.Tensor)
+    a = generate(dec, ids, max_new_tokens=4)
+    b = generate(TorchDecoder(model), ids, max_new_tokens=4, state=empty_state(model.cfg, 2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.scores, b.scores)
