@@ -158,7 +158,7 @@ class GraphDecoder(TorchDecoder):
         q = r[:, :K] * r[:, K:]  # (B, K)
         d = h.shape[1]
         nd = torch.baddbmm(self._static["eps"], q[:, None], Az)[:, 0]  # (B, d+1): q A | q z + eps
-        return torch.addcdiv(h32, nd[:, :d], nd[:, d:]).to(h.dtype)
+        return torch.addcdiv(h32, nd[:, :d], nd[:, d:], out=torch.empty_like(h))  # rounded to h's dtype once
 
     def _block(self, l: int, w: dict, h: torch.Tensor, rope, allowed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """graphs.decode._layer's LLaMA block for one place per row h (B, d), the K/V stored at `at`."""
