@@ -17,7 +17,8 @@ run as one replay of a CUDA graph captured at the first such step of a call:
                         (B, d) rows with 2-D GEMMs (residual adds in addmm), rotary from a
                         precomputed (capacity, hd) table, K/V written at each row's length, SDPA over
                         the fixed-capacity cache (a KV head's query heads as the query axis, keys
-                        0 .. length visible) -> final norm, head GEMV, (B, V) fp32
+                        0 .. length visible: one additive mask per step, rows aligned to 16)
+                        -> final norm, head GEMV, (B, V) fp32
     host                (B, V) logits -> pinned host buffer (one copy, one sync); cache lengths advanced;
                         greedy without scores (step_greedy): only the (B,) argmax and finiteness come back
 
@@ -110,7 +111,7 @@ class GraphDecoder(TorchDecoder):
         cuda = dev.type == "cuda"
         return {"feed": torch.zeros(B, 3, dtype=torch.int64, device=dev),  # ids, lengths, positions
                 "feed_host": torch.zeros(B, 3, dtype=torch.int64, pin_memory=cuda),
-                "places": torch.arange(C, device=dev),
+                "places": torch.arange(-(-C // 16) * 16, device=dev),  # C rounded up to 16
                 "cos": cos.contiguous(),
                 # rotate_half(x) * sin == roll(x, half) * [-sin_1 | sin_2]: the sign in the table
                 "sin": torch.cat([-sin[:, :half], sin[:, half:]], -1).contiguous(),
@@ -136,7 +137,12 @@ class GraphDecoder(TorchDecoder):
         Hkv, hd = spec.n_kv_heads, spec.head_dim
         h = m.globals["embed"][ids]  # (B, d)
         cos, sin = s["cos"][positions][:, None], s["sin"][positions][:, None]  # (B, 1, hd)
-        allowed = (s["places"][None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, C)
+        # the additive mask SDPA would make of the boolean one (0 / -inf), once per step instead of per
+        # layer; its rows padded to a multiple of 16 places (the memory-efficient kernel's alignment)
+        C = self.cache.capacity
+        hidden = s["places"][None, :] > lengths[:, None]  # (B, C16)
+        allowed = torch.zeros(hidden.shape, dtype=m.dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+        allowed = allowed[:, None, None, :C]  # (B, 1, 1, C)
         at = lengths[:, None, None, None].expand(B, Hkv, 1, hd)  # each row's new place
         with _sdpa_backends(h.device):
             for l, w in enumerate(self._weights):
@@ -161,7 +167,8 @@ class GraphDecoder(TorchDecoder):
         return torch.addcdiv(h32, nd[:, :d], nd[:, d:], out=torch.empty_like(h))  # rounded to h's dtype once
 
     def _block(self, l: int, w: dict, h: torch.Tensor, rope, allowed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """graphs.decode._layer's LLaMA block for one place per row h (B, d), the K/V stored at `at`."""
+        """graphs.decode._layer's LLaMA block for one place per row h (B, d), the K/V stored at `at`;
+        allowed (B, 1, 1, C) the additive key mask (0 for keys 0 .. length, -inf beyond)."""
         spec = self.cfg.base
         B = h.shape[0]
         Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
