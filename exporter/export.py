@@ -21,13 +21,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import contract, decode_roles_of, model_dims, roles_of
+from graphs.config import ModelConfig
+from graphs.contracts import all_roles_of, contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -108,10 +109,24 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__}
 
 
+def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The roles an export writes, in the contract's order: every role of the kind (+ the decode
+    roles), or `only` those (ExportError naming any role this kind has not)."""
+    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
+    if only is None:
+        return roles
+    unknown = sorted(set(only) - set(all_roles_of(cfg)))
+    if unknown or not only:
+        raise ExportError(f"cannot export only {', '.join(unknown) or 'no graphs'}: a {cfg.kind.upper()} "
+                          f"export holds {', '.join(all_roles_of(cfg))}")
+    return tuple(r for r in all_roles_of(cfg) if r in set(only))
+
+
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False, trace_cache: bool | None = None) -> ExportResult:
+                 decode: bool = False, only: Sequence[str] | None = None,
+                 trace_cache: bool | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
@@ -119,7 +134,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
     (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
-    generation graphs (decode roles). `trace_cache`: reuse/store
+    generation graphs (decode roles). `only`: export just these roles (a bench exports the graphs of
+    the schedules it times: the sequential `segment` graph is the slow one to trace). `trace_cache`: reuse/store
     the translated graphs in the trace cache (exporter/trace_cache.py; None: on unless ARMT_TRACE_CACHE=0)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -133,7 +149,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
-    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
+    roles = export_roles(cfg, decode, only)
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
