@@ -111,15 +111,15 @@ def _versions() -> dict[str, str]:
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False) -> ExportResult:
+                 decode: bool = True) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
     manifest: it may write files there (draft.samples) and fill draft.validation; an exception from
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
-    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
-    generation graphs (decode roles)."""
+    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode` (default True): also export the
+    generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)

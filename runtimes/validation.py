@@ -284,10 +284,11 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False) -> ExportResult:
+                 decode: bool = True) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
-    validation tables. Raises ParityFailure when an output misses its bound (nothing is written then)."""
+    validation tables. Raises ParityFailure when an output misses its bound (nothing is written then).
+    `decode` (default True): with the generation graphs (exporter/export.py)."""
     if validate:
         try:
             from runtimes.loaders import import_onnxruntime

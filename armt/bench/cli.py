@@ -356,8 +356,9 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         export_dir = args.export_to
     cfg = model.cfg
     bench = GenerateBench(model, device, args.precision, args.new_tokens, args.warmup, args.repeats,
-                          export_dir=export_dir, max_hf=args.max_hf, max_ref=args.max_ref)
-    meta = dict(_meta(args, device, cfg), new_tokens=args.new_tokens, generate=True, policy="frozen")
+                          export_dir=export_dir, max_hf=args.max_hf, max_ref=args.max_ref, cuda_graph=args.cuda_graph)
+    meta = dict(_meta(args, device, cfg), new_tokens=args.new_tokens, generate=True, policy="frozen",
+                cuda_graph=args.cuda_graph)
     rows: list[dict] = []
     record = {"meta": meta, "results": rows, "targets": {}, "complete": False}
     rng = np.random.default_rng(args.seed)

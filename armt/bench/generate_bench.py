@@ -131,8 +131,9 @@ def _prefill_on_reference(decoder) -> None:
 
 
 def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, device: torch.device,
-                     precision: str, export_dir: str | None) -> Callable[[Clock], Any]:
-    """The timed call: runtimes.generate.generate on the backend's decoder."""
+                     precision: str, export_dir: str | None, cuda_graph: bool | None = None) -> Callable[[Clock], Any]:
+    """The timed call: runtimes.generate.generate on the backend's decoder (its `decoder` attribute).
+    `cuda_graph`: the ort decoder's CUDA graphs (runtimes/ort_generate.py; default off)."""
     from graphs.sampling import SamplingConfig
     import runtimes.generate as gen
     if backend in ("torch", "torch-ref", "torch-graph"):
@@ -149,7 +150,7 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
         from armt.api import open_export_decoder
         if not export_dir:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) or --export-to DIR")
-        decoder = open_export_decoder(export_dir, "ort", device.type, precision)
+        decoder = open_export_decoder(export_dir, "ort", device.type, precision, cuda_graph=cuda_graph)
         make = lambda: decoder  # noqa: E731  (one session set; generate restarts its cache each call)
     else:
         raise InputError(f"generate backends are {', '.join(GENERATE_BACKENDS)}, got {backend!r}")
@@ -159,6 +160,7 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
         with torch.no_grad():
             return gen.generate(decoder, ids, None, max_new_tokens=new_tokens, policy="frozen",
                                 sampling=SamplingConfig(greedy=True), on_token=lambda *_: clock.tick())
+    run.decoder = decoder
     return run
 
 
@@ -174,6 +176,7 @@ class GenerateBench:
     export_dir: str | None = None
     max_hf: int | None = None
     max_ref: int | None = None
+    cuda_graph: bool | None = None  # ort: the decoder's CUDA graphs (--cuda-graph)
 
     def __post_init__(self):
         if self.new_tokens < 2:
@@ -227,9 +230,13 @@ class GenerateBench:
                 t = self._timed(hf_generate_fn(self._hf, tids, self.new_tokens))
                 tokens = t.pop("result")[:, N:].cpu().numpy()
             else:
-                t = self._timed(armt_generate_fn(backend, self._device_model(), ids, self.new_tokens, self.device,
-                                                 self.precision, self.export_dir))
+                fn = armt_generate_fn(backend, self._device_model(), ids, self.new_tokens, self.device,
+                                      self.precision, self.export_dir, self.cuda_graph)
+                t = self._timed(fn)
                 tokens = t.pop("result").tokens
+                if backend == "ort":  # what ran: CUDA graphs asked for may have been refused (reason logged)
+                    t["cuda_graph"] = fn.decoder.cuda_graph
+                    fn.decoder.close()
             if backend == "torch":
                 t["diagonal_ms"] = self._diagonal_ms(ids)
         except torch.OutOfMemoryError:
