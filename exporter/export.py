@@ -21,13 +21,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import contract, decode_roles_of, model_dims, roles_of
+from graphs.contracts import all_roles_of, contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -108,10 +108,25 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__}
 
 
+def select_roles(cfg, decode: bool, only: Sequence[str] | None) -> tuple[str, ...]:
+    """The graph roles to export, in the model's order: every step role and lm_head (+ the decode
+    roles), or the subset `only` (ExportError for a role the model does not have, or lm_head alone:
+    its sample feed comes from a step graph's run)."""
+    if only is None:
+        return roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
+    every = all_roles_of(cfg)
+    unknown = sorted(set(only) - set(every))
+    if unknown or not only:
+        raise ExportError(f"graphs to export must be some of {', '.join(every)}, got {', '.join(only) or 'none'}")
+    if "lm_head" in only and not set(only) & set(roles_of(cfg)) - {"lm_head"}:
+        raise ExportError("lm_head needs a step graph in the same export (its sample feed is a step graph's output)")
+    return tuple(r for r in every if r in only)
+
+
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = True) -> ExportResult:
+                 decode: bool = True, roles: Sequence[str] | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
@@ -119,7 +134,9 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
     (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode` (default True): also export the
-    generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only."""
+    generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only.
+    `roles`: export only these graphs (a subset of the model's roles, e.g. what `armt bench --generate`
+    needs); overrides `decode`."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
@@ -132,7 +149,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
-    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
+    roles = select_roles(cfg, decode, roles)
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}

@@ -52,7 +52,7 @@ def open_decoder(export_dir: str | Path, backend: str, device: str = "cpu", prec
     manifest = open_export(export_dir, precision)
     kind = manifest.model_config().kind
     missing = [r for r in DECODE_ROLES[kind] if r not in manifest.graphs]
-    if missing:
+    if DECODE_ROLES[kind][0] in missing:  # without the memory-write graph: the frozen policy only
         raise InputError(f"export {manifest.root} has no decode graphs ({', '.join(missing)}; it has: "
                          f"{', '.join(manifest.graphs)}): export it again without --no-decode, or generate "
                          "with --backend torch on the model directory")
@@ -77,10 +77,11 @@ class OrtDecoder:
         self.model_id = manifest.model_id
         self.extra = self.cfg.armt.num_mem_tokens if self.kind == "rmt" else 0  # read block in front
         self.decode_role, self.write_role = DECODE_ROLES[self.kind]
-        # one runner per decode role, active for the decoder's life (sessions load here: errors surface now)
+        # one runner per decode role the export has, active for the decoder's life (sessions load here:
+        # errors surface now); an export of some roles (`armt bench --generate`) may lack the memory write
         self.runners = {role: OrtRunner(manifest, role, device=self.device_name, verify_checksums=False,
                                         threads=threads, cuda_graph=cuda_graph).activate()
-                        for role in (self.decode_role, self.write_role)}
+                        for role in (self.decode_role, self.write_role) if role in manifest.graphs}
         self._prefill_runners: dict = {}  # schedule role -> active OrtRunner (opened at the first prefill)
         self.memory: dict = {}  # recurrent input name -> device Buffer
         self.k = self.v = None  # the KV cache (L, B, H_kv, C, hd): device Buffers
@@ -180,7 +181,11 @@ class OrtDecoder:
             pos = write_block_positions(self.cfg, np.full(B, T))
         pos = np.ascontiguousarray(pos, dtype=np.int64)  # (B, M)
         self.cache.check_room(M)
-        runner = self.runners[self.write_role]
+        runner = self.runners.get(self.write_role)
+        if runner is None:
+            raise InputError(f"export {self.manifest.root} has no {self.write_role} graph (exported with only "
+                             f"{', '.join(self.manifest.graphs)}): --memory-policy recurrent needs it; export "
+                             "again without --no-decode")
         feeds = {"positions": pos, "lengths": self.cache.lengths, "k_cache_in": self.cache.k,
                  "v_cache_in": self.cache.v, "write": np.asarray(rows, dtype=bool), **self.memory}
         out = runner.infer(feeds)  # the decode runner's cache and the memory buffers, bound as they are

@@ -224,6 +224,30 @@ def test_cli_generate_on_ort(exports, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), want.tokens)
 
 
+def test_export_of_some_roles_generates_frozen(tmp_path):
+    """`export_model(..., roles=...)` (what `armt bench --generate --export-to` writes): only the
+    diagonal step and the decode graph; provenance agrees; frozen generation equals torch; the
+    recurrent policy is refused with one line at its first memory write."""
+    from exporter.export import select_roles
+    from graphs.errors import ExportError
+    from runtimes.validation import export_model
+    model = official_model("llama")
+    with pytest.raises(ExportError, match="must be some of"):
+        select_roles(model.cfg, True, ("decode", "rmt_decode"))
+    with pytest.raises(ExportError, match="lm_head needs a step graph"):
+        select_roles(model.cfg, True, ("lm_head", "decode"))
+    res = export_model(copy.deepcopy(model), tmp_path / "e", precision="fp32", roles=("decode", "diagonal_step"))
+    assert list(res.manifest.graphs) == ["diagonal_step", "decode"]
+    assert main(["inspect", str(tmp_path / "e"), "--verify"]) == 0
+    dec = open_decoder(tmp_path / "e", "ort")
+    ref = np.load(FIXTURES / "llama" / "generate_multi.npz")
+    _same(generate(dec, ref["prompt_ids"], max_new_tokens=8), generate(model, ref["prompt_ids"], max_new_tokens=8),
+          "some roles")
+    T = model.cfg.armt.segment_size
+    with pytest.raises(InputError, match="has no memory_write graph .*recurrent needs it"):
+        generate(dec, ref["prompt_ids"], max_new_tokens=T + 1, policy="recurrent")
+
+
 def test_trt_backend_refused_with_one_line(exports):
     with pytest.raises(InputError, match="--backend trt is not implemented"):
         open_decoder(exports["llama"][1], "trt")

@@ -352,7 +352,12 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     export_dir = args.export_dir
     if "ort" in backends and not export_dir and args.export_to:
         from armt.bench.workloads import export_bench_model
-        export_bench_model(model, args.export_to, args.precision, "armt bench --generate", decode=True)
+        from graphs.contracts import DECODE, RMT_DECODE, role_for
+        # only what the timed job runs: the prefill's schedule graph and the decode graph (frozen policy:
+        # no memory write, no lm_head), a third of the full export's tracing on the LLaMA-1B shape
+        prefill = role_for(model.cfg, "diagonal" if model.cfg.kind == "armt" else "sequential")
+        export_bench_model(model, args.export_to, args.precision, "armt bench --generate",
+                           roles=(prefill, DECODE if model.cfg.kind == "armt" else RMT_DECODE))
         export_dir = args.export_to
     cfg = model.cfg
     bench = GenerateBench(model, device, args.precision, args.new_tokens, args.warmup, args.repeats,

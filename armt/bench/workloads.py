@@ -135,13 +135,14 @@ def reference_run(model: ArmtModel, ids: torch.Tensor, schedule: str, collect: b
     return Outcome(last[0], state), hidden
 
 
-def export_bench_model(model, where: str, precision: str, source: str, decode: bool = False) -> None:
+def export_bench_model(model, where: str, precision: str, source: str, decode: bool = False, roles=None) -> None:
     """Export a copy of the bench's fp32 model to `where` for the ort backend, without validation (the
-    bench's own parity rows measure the export on the real device); `decode`: with the generation graphs."""
+    bench's own parity rows measure the export on the real device); `decode`: with the generation graphs;
+    `roles`: only these graphs."""
     from runtimes.validation import export_model
     log.info("exporting the model (%s) to %s for the ort backend ...", precision, where)
     export_model(copy.deepcopy(model), where, precision=precision, validate=False, overwrite=True, source=source,
-                 decode=decode)
+                 decode=decode, roles=roles)
 
 
 class Workloads:
