@@ -84,8 +84,7 @@ class OrtDecoder:
                         for role in (self.decode_role, self.write_role) if role in manifest.graphs}
         self._prefill_runners: dict = {}  # schedule role -> active OrtRunner (opened at the first prefill)
         self.memory: dict = {}  # recurrent input name -> device Buffer
-        self.k = self.v = None  # the KV cache (L, B, H_kv, C, hd): device Buffers
-        self.lengths = None  # (B,) int64 on the host: each row's valid places
+        self.cache: KvCache | None = None  # k/v (L, B, H_kv, C, hd): device Buffers; lengths (B,) int64 on the host
 
     @property
     def cuda_graph(self) -> bool:
@@ -97,7 +96,7 @@ class OrtDecoder:
         for r in (*self.runners.values(), *self._prefill_runners.values()):
             r.deactivate()
         self._prefill_runners.clear()
-        self.memory, self.k, self.v = {}, None, None
+        self.memory, self.cache = {}, None
 
     # ---------------------------------------------------------------- prompt's completed segments
     def prefill(self, ids: np.ndarray, lengths: np.ndarray, state, schedule: str):
