@@ -224,6 +224,22 @@ def test_cli_generate_on_ort(exports, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), want.tokens)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_verify_per_graph_covers_the_decode_graphs(exports, name, capsys):
+    """`armt verify --graphs-only --per-graph`: every graph of the default export on its sample feed
+    against the recorded torch outputs, the decode graphs included (caches compared whole: the places
+    beyond each row's length + n are the input's, copied through)."""
+    pytest.importorskip("polygraphy")
+    _, export_dir, manifest = exports[name]
+    capsys.readouterr()
+    assert main(["verify", str(export_dir), "--graphs-only", "--per-graph"]) == 0
+    out = capsys.readouterr().out
+    outputs = sum(len(g.outputs) for g in manifest.graphs.values())
+    assert f"{outputs}/{outputs} comparisons within bounds (fp32)" in out, out
+    for role in manifest.graphs:
+        assert f"graph {role} " in out
+
+
 def test_export_of_some_roles_generates_frozen(tmp_path):
     """`export_model(..., roles=...)` (what `armt bench --generate --export-to` writes): only the
     diagonal step and the decode graph; provenance agrees; frozen generation equals torch; the
