@@ -71,9 +71,11 @@ for name in ("llama", "rmt-gpt2-wrap-pos"):
         dec.close()
 print(json.dumps({"device": device, "ort_fp32_worst_rel_vs_torch": worst, "all_tokens_identical_and_within_1e-5": ok}))
 PY
-# 1. decode speed: ort next to torch-graph and HF generate (exports the bench's model first)
+# 1. decode speed: ort next to torch-graph and HF generate (exports the bench's model first, unless an
+#    earlier run of this script left it in $EXPORT)
+if [ -f "$EXPORT/manifest.json" ]; then SRC="--export-dir $EXPORT"; else SRC="--export-to $EXPORT"; fi
 timeout 300 $PY -m armt bench --generate --device "$DEVICE" "${MODEL[@]}" --batch-sizes 1,8 "${RUNS[@]}" \
-    --backends ort,torch-graph,hf --export-to "$EXPORT" \
+    --backends ort,torch-graph,hf $SRC \
     --output "$OUT/generate_${NAME}_ort.json" 2>&1 | tee -a "$LOG"
 # 2. the ort rows with CUDA graphs (dry run: plainly, on the same export through --export-dir)
 timeout 110 $PY -m armt bench --generate --device "$DEVICE" "${MODEL[@]}" --batch-sizes 1,8 "${RUNS[@]}" \

@@ -131,9 +131,11 @@ def _prefill_on_reference(decoder) -> None:
 
 
 def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, device: torch.device,
-                     precision: str, export_dir: str | None, cuda_graph: bool | None = None) -> Callable[[Clock], Any]:
+                     precision: str, export_dir: str | None, cuda_graph: bool | None = None,
+                     decoder=None) -> Callable[[Clock], Any]:
     """The timed call: runtimes.generate.generate on the backend's decoder (its `decoder` attribute).
-    `cuda_graph`: the ort decoder's CUDA graphs (runtimes/ort_generate.py; default off)."""
+    `cuda_graph`: the ort decoder's CUDA graphs (runtimes/ort_generate.py; default off); `decoder`: an
+    ort decoder opened before (its sessions reused)."""
     from graphs.sampling import SamplingConfig
     import runtimes.generate as gen
     if backend in ("torch", "torch-ref", "torch-graph"):
@@ -150,7 +152,8 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
         from armt.api import open_export_decoder
         if not export_dir:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) or --export-to DIR")
-        decoder = open_export_decoder(export_dir, "ort", device.type, precision, cuda_graph=cuda_graph)
+        if decoder is None:
+            decoder = open_export_decoder(export_dir, "ort", device.type, precision, cuda_graph=cuda_graph)
         make = lambda: decoder  # noqa: E731  (one session set; generate restarts its cache each call)
     else:
         raise InputError(f"generate backends are {', '.join(GENERATE_BACKENDS)}, got {backend!r}")
@@ -185,6 +188,7 @@ class GenerateBench:
         self._work = None
         self._torch_tokens: dict = {}  # (batch, prompt) -> the torch backend's tokens
         self._on_device = None
+        self._ort = None  # the ort decoder, shared by the rows (not with CUDA graphs: a session per step shape)
 
     def _device_model(self):
         if self._on_device is None:  # moved and cast once; TorchDecoder then uses it as it is
@@ -231,12 +235,16 @@ class GenerateBench:
                 tokens = t.pop("result")[:, N:].cpu().numpy()
             else:
                 fn = armt_generate_fn(backend, self._device_model(), ids, self.new_tokens, self.device,
-                                      self.precision, self.export_dir, self.cuda_graph)
+                                      self.precision, self.export_dir, self.cuda_graph,
+                                      self._ort if backend == "ort" else None)
                 t = self._timed(fn)
                 tokens = t.pop("result").tokens
                 if backend == "ort":  # what ran: CUDA graphs asked for may have been refused (reason logged)
                     t["cuda_graph"] = fn.decoder.cuda_graph
-                    fn.decoder.close()
+                    if self.cuda_graph:
+                        fn.decoder.close()
+                    else:
+                        self._ort = fn.decoder
             if backend == "torch":
                 t["diagonal_ms"] = self._diagonal_ms(ids)
         except torch.OutOfMemoryError:
@@ -272,6 +280,9 @@ class GenerateBench:
     def close(self) -> None:
         if self._work is not None:
             self._work.close()
+        if self._ort is not None:
+            self._ort.close()
+            self._ort = None
 
 
 # ------------------------------------------------------------------------------------------ targets
