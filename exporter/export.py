@@ -27,6 +27,7 @@ import onnx
 import torch
 
 from graphs.atomic import atomic_directory
+from graphs.config import ModelConfig
 from graphs.contracts import all_roles_of, contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
@@ -108,25 +109,26 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__}
 
 
-def select_roles(cfg, decode: bool, only: Sequence[str] | None) -> tuple[str, ...]:
-    """The graph roles to export, in the model's order: every step role and lm_head (+ the decode
-    roles), or the subset `only` (ExportError for a role the model does not have, or lm_head alone:
-    its sample feed comes from a step graph's run)."""
+def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The roles an export writes, in the contract's order: every role of the kind (+ the decode
+    roles), or `only` those (ExportError naming any role this kind has not, or lm_head without a step
+    graph: its sample feed is a step graph's output)."""
+    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
     if only is None:
-        return roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
-    every = all_roles_of(cfg)
-    unknown = sorted(set(only) - set(every))
+        return roles
+    unknown = sorted(set(only) - set(all_roles_of(cfg)))
     if unknown or not only:
-        raise ExportError(f"graphs to export must be some of {', '.join(every)}, got {', '.join(only) or 'none'}")
-    if "lm_head" in only and not set(only) & set(roles_of(cfg)) - {"lm_head"}:
+        raise ExportError(f"cannot export only {', '.join(unknown) or 'no graphs'}: a {cfg.kind.upper()} "
+                          f"export holds {', '.join(all_roles_of(cfg))}")
+    if "lm_head" in only and not set(only) & (set(roles_of(cfg)) - {"lm_head"}):
         raise ExportError("lm_head needs a step graph in the same export (its sample feed is a step graph's output)")
-    return tuple(r for r in every if r in only)
+    return tuple(r for r in all_roles_of(cfg) if r in set(only))
 
 
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = True, roles: Sequence[str] | None = None) -> ExportResult:
+                 decode: bool = True, only: Sequence[str] | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
@@ -134,9 +136,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
     (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode` (default True): also export the
-    generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only.
-    `roles`: export only these graphs (a subset of the model's roles, e.g. what `armt bench --generate`
-    needs); overrides `decode`."""
+    generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only. `only`: export just these roles (a bench exports the graphs of
+    the schedules it times: the sequential `segment` graph is the slow one to trace)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
@@ -149,7 +150,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
-    roles = select_roles(cfg, decode, roles)
+    roles = export_roles(cfg, decode, only)
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}

@@ -12,8 +12,8 @@
 #    writes), plain and with CUDA graphs: greedy tokens identical, scores <= 1e-5 rel.
 # 1. `armt bench --generate`, LLaMA-1B shape, bf16 (memory weights std 1e-3), 1,024-token prompt,
 #    batch 1 and 8, 256 new tokens, frozen policy, greedy: ort, torch-graph and HF generate side by side.
-#    --export-to exports only what the timed job runs (diagonal_step + decode: no segment graph, no
-#    memory write, no lm_head; the full export traced 147 s of segment graph and ~150 s of decode graphs).
+#    --export-to exports only what the timed job runs (diagonal_step + decode, and lm_head: no segment
+#    graph, no memory write; the full export traced 147 s of segment graph and ~150 s of decode graphs).
 #    Targets in the JSON: ORT >= 500 tokens/s at batch 1 and >= 3x HF.
 # 2. The ort rows again with ONNX Runtime CUDA graphs (--cuda-graph: opt-in, docs/runtimes.md), on the
 #    same export; each row's "cuda_graph" says whether they ran (a refused capture falls back, logged).
@@ -53,7 +53,7 @@ for name in ("llama", "rmt-gpt2-wrap-pos"):
     model = official_model(name)
     prefill = role_for(model.cfg, "diagonal" if model.cfg.kind == "armt" else "sequential")  # generate's default
     export_model(copy.deepcopy(model), root / name, precision="fp32", validate=False,
-                 roles=(prefill, *decode_roles_of(model.cfg)))
+                 only=(prefill, *decode_roles_of(model.cfg)))
     T = model.cfg.armt.segment_size
     for graphs in ((False, True) if device == "cuda" else (False,)):
         dec = open_decoder(root / name, "ort", device=device, cuda_graph=graphs or None)

@@ -51,6 +51,10 @@ def test_side_by_side_record(bench_export):
             assert (backend, "diagonal", tensor) in got
     for p in rec["parity"]:
         assert p["finite"] and p["max_rel"] < 1e-4, p
+    # the bench's own export holds the benched schedule's graphs only: no ort sequential parity row
+    assert not any(b == "ort" and s == "sequential" for b, s, _ in got)
+    from exporter.manifest import load_manifest
+    assert set(load_manifest(bench_export[0], verify_checksums=False).graphs) == {"diagonal_step", "lm_head"}
     t = {x["target"]: x for x in rec["targets"]}
     time_t = t["ort / torch time, diagonal, 40 tokens, batch 1"]
     assert time_t["value"] == pytest.approx(rows["ort"]["median_ms"] / rows["torch"]["median_ms"])
@@ -99,6 +103,18 @@ def test_bench_option_errors(argv, message, capsys):
     rc = main(["bench", *TINY, "--lengths", "32", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_export_roles_subset():
+    from exporter.export import export_roles
+    from graphs.errors import ExportError
+    from graphs.synthetic import synthetic_config
+    cfg = synthetic_config("tiny")
+    assert export_roles(cfg, False) == ("segment", "diagonal_step", "lm_head")
+    assert export_roles(cfg, True, ["lm_head", "diagonal_step"]) == ("diagonal_step", "lm_head")
+    for bad in (["rmt_segment"], []):
+        with pytest.raises(ExportError, match="cannot export only"):
+            export_roles(cfg, False, bad)
 
 
 def test_targets_evaluation():
@@ -162,7 +178,7 @@ def test_steady_step_feeds_fit_the_graph(precision):
 
 def test_bench_generate_on_ort_exports_only_what_it_runs(tmp_path):
     """`armt bench --generate --backends torch,ort --export-to DIR`: the bench exports the prefill's
-    step graph and the decode graph only; the ort rows (one decoder shared by the rows) generate the
+    step graph, lm_head and the decode graph only (no memory write: the timed job is frozen); the ort rows (one decoder shared by the rows) generate the
     torch decoder's greedy tokens; no CUDA graphs on a CPU."""
     from exporter.manifest import load_manifest
     out = tmp_path / "gen.json"
@@ -170,7 +186,7 @@ def test_bench_generate_on_ort_exports_only_what_it_runs(tmp_path):
                "--new-tokens", "4", "--backends", "torch,ort", "--export-to", str(tmp_path / "export"),
                "--output", str(out)])
     assert rc == 0
-    assert list(load_manifest(tmp_path / "export").graphs) == ["diagonal_step", "decode"]
+    assert list(load_manifest(tmp_path / "export").graphs) == ["diagonal_step", "lm_head", "decode"]
     rows = [r for r in json.loads(out.read_text())["results"] if r["backend"] == "ort"]
     assert len(rows) == 4
     for r in rows:

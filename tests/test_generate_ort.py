@@ -241,18 +241,18 @@ def test_verify_per_graph_covers_the_decode_graphs(exports, name, capsys):
 
 
 def test_export_of_some_roles_generates_frozen(tmp_path):
-    """`export_model(..., roles=...)` (what `armt bench --generate --export-to` writes): only the
+    """`export_model(..., only=...)` (as `armt bench --generate --export-to` writes): only the
     diagonal step and the decode graph; provenance agrees; frozen generation equals torch; the
     recurrent policy is refused with one line at its first memory write."""
-    from exporter.export import select_roles
+    from exporter.export import export_roles
     from graphs.errors import ExportError
     from runtimes.validation import export_model
     model = official_model("llama")
-    with pytest.raises(ExportError, match="must be some of"):
-        select_roles(model.cfg, True, ("decode", "rmt_decode"))
+    with pytest.raises(ExportError, match="cannot export only rmt_decode"):
+        export_roles(model.cfg, True, ("decode", "rmt_decode"))
     with pytest.raises(ExportError, match="lm_head needs a step graph"):
-        select_roles(model.cfg, True, ("lm_head", "decode"))
-    res = export_model(copy.deepcopy(model), tmp_path / "e", precision="fp32", roles=("decode", "diagonal_step"))
+        export_roles(model.cfg, True, ("lm_head", "decode"))
+    res = export_model(copy.deepcopy(model), tmp_path / "e", precision="fp32", only=("decode", "diagonal_step"))
     assert list(res.manifest.graphs) == ["diagonal_step", "decode"]
     assert main(["inspect", str(tmp_path / "e"), "--verify"]) == 0
     dec = open_decoder(tmp_path / "e", "ort")
