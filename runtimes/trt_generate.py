@@ -57,6 +57,8 @@ class TrtDecoder(ExportDecoder):
             raise InputError("the trt backend runs TensorRT engines on a CUDA GPU: use --device cuda")
         check_decode_engines(manifest)
         super().__init__(manifest, device=device, cuda_graph=cuda_graph)
+        log.debug("trt decoder on %s: %s", self.device_name,
+                  ", ".join(f"{r.role} ({r.engine_record.file})" for r in self.runners.values()))
 
     def _open_runner(self, role: str, prefill: bool):
         from runtimes.trt_runner import TrtRunner

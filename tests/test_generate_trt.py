@@ -191,6 +191,20 @@ def test_no_engines_refused_with_one_line(exports, tmp_path):
     assert main(["generate", str(export_dir), "--backend", "trt", "--input-ids", str(tmp_path / "ids.npy")]) == 2
 
 
+def test_prefill_without_its_step_engine_refused_with_one_line(exports, stand_in):
+    """Decode engines only: a prompt that fits the last segment generates; one that completes a
+    segment needs the schedule's step engine (one line naming `armt build`)."""
+    from graphs.errors import ExportError
+    from runtimes.trt_generate import TrtDecoder
+    model, _, manifest = exports["llama"]
+    dec = TrtDecoder(with_engines(manifest, ("decode", "memory_write")), device="cuda")
+    T = model.cfg.armt.segment_size
+    short = generate(dec, np.ones((1, 3), dtype=np.int64), max_new_tokens=2)
+    np.testing.assert_array_equal(short.tokens, generate(model, np.ones((1, 3), dtype=np.int64), max_new_tokens=2).tokens)
+    with pytest.raises(ExportError, match="no TensorRT engine for graph diagonal_step: run `armt build"):
+        generate(dec, np.ones((1, T + 1), dtype=np.int64), max_new_tokens=2)
+
+
 def test_no_tensorrt_refused_naming_the_extra(exports, monkeypatch, tmp_path):
     from runtimes import loaders, trt_runner
     from runtimes.trt_generate import TrtDecoder
@@ -235,17 +249,17 @@ def test_trt_decoder_on_real_engines(exports, tmp_path):
         pytest.skip("no TensorRT builder installed (pip install '.[trt]')")
     if not _cuda_gpu():
         pytest.skip("needs a CUDA GPU")
+    import torch
+    cc = torch.cuda.get_device_capability()
+    if importlib.util.find_spec("tensorrt") is None and cc[0] == 9:
+        pytest.skip(f"only TensorRT-RTX is installed, and it does not support compute capability {cc[0]}.{cc[1]}")
     model, export_dir, _ = exports["llama"]
     d = tmp_path / "export"
     shutil.copytree(export_dir, d)
     assert main(["build", str(d), "--max-batch", "3"]) == 0
     T = model.cfg.armt.segment_size
     ids = np.random.default_rng(12).integers(0, model.cfg.base.vocab_size, (3, T + 3)).astype(np.int64)
-    try:
-        trt = open_decoder(d, "trt", device="cuda")
-    except BackendUnavailable as exc:  # e.g. TensorRT-RTX 1.7 on compute capability 9.0 (H100, H200)
-        pytest.skip(f"the built engines cannot run on this GPU: {exc}")
-    got = generate(trt, ids, max_new_tokens=T + 2, policy="recurrent")
+    got = generate(open_decoder(d, "trt", device="cuda"), ids, max_new_tokens=T + 2, policy="recurrent")
     want = generate(open_decoder(d, "ort"), ids, max_new_tokens=T + 2, policy="recurrent")
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert rel_err(got.scores, want.scores) <= FP32
