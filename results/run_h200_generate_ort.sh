@@ -8,12 +8,14 @@
 #   bash results/run_h200_generate_ort.sh --dry-run                  (a CPU: the same steps on the tiny model)
 # $OUT (default results/h200; dry run /tmp/armt-generate-ort-dry) receives generate_ort.log and the two JSONs.
 # 0. Parity on CUDA: the official LLaMA and RMT GPT-2 wrap_pos fixtures (fp32, exported without
-#    validation, only the prefill's step graph and the decode graphs), ORT CUDA decoder vs the torch decoder on CUDA, frozen and recurrent (several memory
-#    writes), plain and with CUDA graphs: greedy tokens identical, scores <= 1e-5 rel.
+#    validation, only the prefill's step graph and the decode graphs), the ORT CUDA decoder against
+#    the torch decoder on CUDA, frozen and recurrent (several memory writes), plain and with CUDA
+#    graphs: greedy tokens identical, scores <= 1e-5 rel.
 # 1. `armt bench --generate`, LLaMA-1B shape, bf16 (memory weights std 1e-3), 1,024-token prompt,
 #    batch 1 and 8, 256 new tokens, frozen policy, greedy: ort, torch-graph and HF generate side by side.
 #    --export-to exports only what the timed job runs (diagonal_step + decode, and lm_head: no segment
-#    graph, no memory write; the full export traced 147 s of segment graph and ~150 s of decode graphs).
+#    graph, no memory write; the full export on the H200 traced 147 s of segment graph, 89 s of decode
+#    graph, then the memory write).
 #    Targets in the JSON: ORT >= 500 tokens/s at batch 1 and >= 3x HF.
 # 2. The ort rows again with ONNX Runtime CUDA graphs (--cuda-graph: opt-in, docs/runtimes.md), on the
 #    same export; each row's "cuda_graph" says whether they ran (a refused capture falls back, logged).
