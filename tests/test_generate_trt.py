@@ -263,3 +263,30 @@ def test_trt_decoder_on_real_engines(exports, tmp_path):
     want = generate(open_decoder(d, "ort"), ids, max_new_tokens=T + 2, policy="recurrent")
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert rel_err(got.scores, want.scores) <= FP32
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_engines_this_gpu_cannot_run_refused_with_one_line(exports, tmp_path, capsys):
+    """Where only TensorRT-RTX is installed and the GPU has compute capability 9.x (the H200): engines
+    built for 8.9 are refused when the decoder opens them (the real import, device and deserialize
+    path): one line, exit 3."""
+    import importlib.util
+    import shutil
+    if importlib.util.find_spec("tensorrt_rtx") is None or importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("checks TensorRT-RTX alone (installed: neither, or the full tensorrt too)")
+    if not _cuda_gpu():
+        pytest.skip("needs a CUDA GPU")
+    import torch
+    cc = torch.cuda.get_device_capability()
+    if cc[0] != 9:
+        pytest.skip(f"compute capability {cc[0]}.{cc[1]}: TensorRT-RTX may run these engines here")
+    _, export_dir, _ = exports["llama"]
+    d = tmp_path / "export"
+    shutil.copytree(export_dir, d)
+    assert main(["build", str(d), "--builder", "tensorrt_rtx", "--max-batch", "2", "--compute-capability", "8.9"]) == 0
+    with pytest.raises(BackendUnavailable, match="cannot load .* on this GPU"):
+        open_decoder(d, "trt", device="cuda")
+    np.save(tmp_path / "ids.npy", np.ones((1, 4), dtype=np.int64))
+    capsys.readouterr()
+    assert main(["generate", str(d), "--backend", "trt", "--input-ids", str(tmp_path / "ids.npy")]) == 3
