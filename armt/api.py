@@ -211,7 +211,8 @@ class LoadedModel:
 
     def _decoder(self):
         """What runtimes.generate.generate runs: the torch model (its TorchDecoder is made there, on
-        the requested device and precision), or the export's decoder (runtimes.ort_generate)."""
+        the requested device and precision), or the export's decoder (runtimes/ort_generate.py
+        OrtDecoder, runtimes/trt_generate.py TrtDecoder)."""
         if self.backend == "torch":
             return self._model
         if self._export_decoder is None:
@@ -223,7 +224,7 @@ class LoadedModel:
 def open_export_decoder(path, backend: str, device: str, precision: str | None = None,
                         cuda_graph: bool | None = None):
     """The decoder over an export's decode graphs (as `armt generate --backend ort|trt` opens it);
-    `cuda_graph`: ONNX Runtime CUDA graphs for its steps (CUDA only; default off)."""
+    `cuda_graph`: CUDA graphs for its steps (ort: CUDA only, default off; trt: default on)."""
     try:
         from runtimes.ort_generate import open_decoder
     except ImportError:

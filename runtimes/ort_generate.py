@@ -21,8 +21,9 @@ same path (OrtValues on the CPU), so the tests run it. `cuda_graph=True` (CUDA o
 the runner) replays each step shape as a CUDA graph (the runner's call keys: the two cache parities
 are two graphs).
 
-An export without decode graphs (exported with --no-decode) is refused with one line (exit 2). Only
-ONNX Runtime runs the decode graphs here: `--backend trt` is refused.
+An export without decode graphs (exported with --no-decode) is refused with one line (exit 2).
+`ExportDecoder` holds all of the above over any buffer-owning runner; `OrtDecoder` opens OrtRunners,
+runtimes/trt_generate.py `TrtDecoder` TrtRunners (the TensorRT engines of `armt build`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ DECODE_ROLES = DECODE_ROLES_OF_KIND
 
 def open_decoder(export_dir: str | Path, backend: str, device: str = "cpu", precision: str | None = None,
                  cuda_graph: bool | None = None):
-    """The decoder of an export on `backend` (ort); one line (InputError) for an export without
-    decode graphs or a backend that cannot run them."""
+    """The decoder of an export on `backend` (ort, or trt: the engines of `armt build`); one line
+    (InputError) for an export without decode graphs or a backend that cannot run them."""
     from runtimes.loaders import open_export
     manifest = open_export(export_dir, precision)
     kind = manifest.model_config().kind
@@ -56,21 +57,33 @@ def open_decoder(export_dir: str | Path, backend: str, device: str = "cpu", prec
         raise InputError(f"export {manifest.root} has no decode graphs ({', '.join(missing)}; it has: "
                          f"{', '.join(manifest.graphs)}): export it again without --no-decode, or generate "
                          "with --backend torch on the model directory")
+    if backend == "trt":
+        from runtimes.trt_generate import TrtDecoder
+        return TrtDecoder(manifest, device=device, cuda_graph=cuda_graph)
     if backend != "ort":
-        raise InputError(f"generation on --backend {backend} is not implemented yet; use --backend ort or torch")
+        raise InputError(f"generation on an export runs on --backend ort or trt, got {backend!r}")
     return OrtDecoder(manifest, device=device, cuda_graph=cuda_graph)
 
 
-class OrtDecoder:
-    backend = "ort"
+class ExportDecoder:
+    """The decoder protocol over an export's decode graphs on any runner of runtimes/base.py that
+    owns its buffers (runtimes/buffers.py) and has `upload`: the feeds, the cache and memory
+    bookkeeping. Subclasses open the runners (`_open_runner`): OrtDecoder here, TrtDecoder in
+    runtimes/trt_generate.py."""
+
+    backend = ""
+
+    def _open_runner(self, role: str, prefill: bool):
+        """A runner (not active) of `role`: a decode role, or (`prefill`) the schedule's step graph."""
+        raise NotImplementedError
 
     def __init__(self, manifest, device: str = "cpu", threads: int | None = None, cuda_graph: bool | None = None):
         from runtimes.base import parse_device
-        from runtimes.ort_runner import OrtRunner
         self.manifest = manifest
         self.device = parse_device(device)
         self.device_name = str(self.device)
         self.threads = threads
+        self.cuda_graph_option = cuda_graph
         self.cfg = manifest.model_config()
         self.kind = self.cfg.kind
         self.precision = manifest.precision
@@ -79,10 +92,15 @@ class OrtDecoder:
         self.decode_role, self.write_role = DECODE_ROLES[self.kind]
         # one runner per decode role the export has, active for the decoder's life (sessions load here:
         # errors surface now); an export of some roles (`armt bench --generate`) may lack the memory write
-        self.runners = {role: OrtRunner(manifest, role, device=self.device_name, verify_checksums=False,
-                                        threads=threads, cuda_graph=cuda_graph).activate()
-                        for role in (self.decode_role, self.write_role) if role in manifest.graphs}
-        self._prefill_runners: dict = {}  # schedule role -> active OrtRunner (opened at the first prefill)
+        self.runners: dict = {}
+        self._prefill_runners: dict = {}  # schedule role -> active runner (opened at the first prefill)
+        try:
+            for role in (self.decode_role, self.write_role):
+                if role in manifest.graphs:
+                    self.runners[role] = self._open_runner(role, prefill=False).activate()
+        except BaseException:
+            self.close()  # the runners opened so far (their device memory)
+            raise
         self.memory: dict = {}  # recurrent input name -> device Buffer
         self.cache: KvCache | None = None  # k/v (L, B, H_kv, C, hd): device Buffers; lengths (B,) int64 on the host
 
@@ -102,12 +120,10 @@ class OrtDecoder:
     def prefill(self, ids: np.ndarray, lengths: np.ndarray, state, schedule: str):
         from graphs.contracts import role_for
         from runtimes.execute import run_schedule
-        from runtimes.ort_runner import OrtRunner
         role = role_for(self.cfg, schedule)
         runner = self._prefill_runners.get(role)
         if runner is None:
-            runner = self._prefill_runners[role] = OrtRunner(
-                self.manifest, role, device=self.device_name, verify_checksums=False, threads=self.threads).activate()
+            runner = self._prefill_runners[role] = self._open_runner(role, prefill=True).activate()
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)  # (B, N)
         res = run_schedule(runner, ids, mask, state=state, collect=())
         return res.state.without_pending()
@@ -199,3 +215,13 @@ class OrtDecoder:
         if self.kind == "armt":
             return MemoryState(host["A_in"], host["z_in"], host["written_in"])
         return RmtState(host["memory_in"], host["written_in"])
+
+
+class OrtDecoder(ExportDecoder):
+    backend = "ort"
+
+    def _open_runner(self, role: str, prefill: bool):
+        from runtimes.ort_runner import OrtRunner
+        graphs = {} if prefill else {"cuda_graph": self.cuda_graph_option}  # the prefill: no CUDA graphs (as before)
+        return OrtRunner(self.manifest, role, device=self.device_name, verify_checksums=False,
+                         threads=self.threads, **graphs)

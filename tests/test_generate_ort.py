@@ -264,8 +264,11 @@ def test_export_of_some_roles_generates_frozen(tmp_path):
         generate(dec, ref["prompt_ids"], max_new_tokens=T + 1, policy="recurrent")
 
 
-def test_trt_backend_refused_with_one_line(exports):
-    with pytest.raises(InputError, match="--backend trt is not implemented"):
+def test_other_backends_refused_with_one_line(exports):
+    """open_decoder runs an export on ort or trt (tests/test_generate_trt.py); trt on the CPU: one line."""
+    with pytest.raises(InputError, match="runs on --backend ort or trt, got 'torch'"):
+        open_decoder(exports["llama"][1], "torch")
+    with pytest.raises(InputError, match="use --device cuda"):
         open_decoder(exports["llama"][1], "trt")
 
 
@@ -274,7 +277,7 @@ def test_trt_backend_refused_with_one_line(exports):
 @pytest.mark.skipif(not _have_trt_rtx(), reason="tensorrt_rtx is not installed (pip install '.[trt]')")
 def test_build_decode_engines_with_tensorrt_rtx(exports, tmp_path):
     """`armt build` builds the decode graphs (ahead of time: no GPU needed); their profiles carry the
-    KV-cache capacity range. Running them (a TensorRT decoder) is not implemented."""
+    KV-cache capacity range (runtimes/trt_generate.py runs them where a supported GPU exists)."""
     import shutil
 
     from exporter.manifest import load_manifest
