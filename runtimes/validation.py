@@ -90,8 +90,9 @@ class _Sampler:
         width = self.width or sample_width(model.cfg)
         ids, mask = sample_batch(model.cfg, width)
         feeds, reference = {}, {}
-        with Progress(len(roles_of(model.cfg)), "validating graphs" if self.validate else "sample feeds") as bar:
-            for role in roles_of(model.cfg):
+        step_roles = [r for r in roles_of(model.cfg) if r in draft.graphs]  # an export of some roles: those
+        with Progress(len(step_roles), "validating graphs" if self.validate else "sample feeds") as bar:
+            for role in step_roles:
                 bar.describe(role)
                 self._one_graph(draft, role, ids, mask, width, feeds, reference)
                 bar.update()
@@ -283,11 +284,12 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False, only: Sequence[str] | None = None,
+                 decode: bool = True, only: Sequence[str] | None = None,
                  trace_cache: bool | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
     validation tables. Raises ParityFailure when an output misses its bound (nothing is written then).
+    `decode` (default True): with the generation graphs; `only`: just these roles (exporter/export.py);
     `trace_cache`: exporter/trace_cache.py (None: on unless ARMT_TRACE_CACHE=0)."""
     if validate:
         try:
