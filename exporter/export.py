@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import contract, decode_roles_of, model_dims, roles_of
+from graphs.contracts import CAUSAL, causal_roles_of, contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -35,9 +35,9 @@ from graphs.model import ArmtModel
 import exporter
 from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSpec, record_files, write_manifest
 from exporter.polygraphy_loader import write_script
-from exporter.portability import check_portable, op_counts
+from exporter.portability import attention_variant, check_portable, op_counts
 from exporter.provenance import graph_metadata
-from exporter.trace import check_opset, default_opset, fused_attention, trace_graph
+from exporter.trace import causal_variants, check_opset, default_opset, fused_attention, trace_graph
 from graphs.progress import Progress
 from exporter.weights import SharedWeights
 
@@ -132,12 +132,13 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
-    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
+    causal = causal_roles_of(cfg) if causal_variants(precision, opset) else ()  # fp16/bf16: is_causal twins
+    roles = roles_of(cfg) + causal + (decode_roles_of(cfg) if decode else ())
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
         with Progress(len(roles), "tracing graphs") as bar:
-            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_decode, rmt_memory_write)
+            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ *_causal) (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_segment_causal) (+ rmt_decode, rmt_memory_write)
                 bar.describe(role)
                 c = contract(cfg, role, precision)
                 path = stage / c.file
@@ -157,7 +158,10 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                     raise ExportError(f"{role} graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
                 graphs[role] = GraphRecord(role=role, file=c.file, data_files=(shared.name,), inputs=c.inputs,
                                            outputs=c.outputs, precision=precision, opset=opset,
-                                           op_counts=op_counts(proto))
+                                           op_counts=op_counts(proto), attention=attention_variant(proto))
+                if c.variant == CAUSAL and graphs[role].attention != CAUSAL:
+                    raise ExportError(f"the {role} graph's Attention nodes are {graphs[role].attention or 'absent'}, "
+                                      "its role needs is_causal without a mask")
                 del proto
                 log.info("wrote %s (%d nodes); %s is %.1f MB", c.file, sum(graphs[role].op_counts.values()),
                          shared.name, shared.size / 1e6)
