@@ -168,6 +168,7 @@ class CudaGraph:
 
 class TrtRunner(Runner):
     backend = "trt"
+    _causal: tuple | None = None  # (engine, context, profiles, runtime) of the causal variant, once active
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cuda",
                  precision: str | None = None, verify_checksums: bool = True, cuda_graph: bool | None = None,
@@ -191,7 +192,7 @@ class TrtRunner(Runner):
         self.has_causal = self.causal_record is not None
         self._runtime = self._engine = self._context = self._stream = self._buffers = self._storage = None
         self._profiles: list[dict] = []
-        self._causal: tuple | None = None  # (engine, context, profiles, runtime) of the causal variant
+        self._causal = None
         self._graphs: dict[int, CudaGraph] = {}  # graph id -> captured call
 
     def _causal_engine(self, role: str) -> EngineRecord | None:
@@ -287,7 +288,7 @@ class TrtRunner(Runner):
 
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
-        variant = self.pick_variant(feeds) if self._causal is not None else self.pick_variant({})
+        variant = self.pick_variant(feeds if self._causal is not None else {})  # {}: masked
         ctx, profiles = (self._causal[1], self._causal[2]) if variant == CAUSAL else (self._context, self._profiles)
         inputs = self._buffers.bind_inputs(feeds)
         outputs = self._buffers.bind_outputs(dims, inputs)
