@@ -31,6 +31,11 @@ is not required: max |diff| and non-finite counts are logged, `graph_checks` kee
 inputs are also compared before and after the replay (a graph that wrote into an input buffer
 would break the staging's skip-if-equal). A mismatch logs a warning naming the graph id and output.
 
+Graph variants (fp16/bf16 exports at opset 23): a runner of a masked step role also opens the
+export's `<role>_causal` graph and runs it on calls whose active slots are full (Runner.pick_variant,
+docs/runtimes.md); same I/O, same buffers; sessions, pinned-dims sessions and CUDA-graph keys are
+per variant. `causal=False`: always the masked graph.
+
     OrtRunner(export_dir, role, device="cuda")                 from an export directory (manifest)
     OrtRunner(OrtSessionLoader(path), contract=c, model_id=i)  from a loader (export-time validation)
 """

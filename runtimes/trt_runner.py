@@ -12,6 +12,10 @@ runner's ids) runs plainly the first time, is captured on its second call (`exec
 cudaStreamBeginCapture .. EndCapture, relaxed mode) and replayed with cudaGraphLaunch from then on;
 a capture that fails turns graphs off for the runner with one warning (plain `execute_async_v3`).
 
+Graph variants: where the export holds the role's causal variant with an engine this host can load,
+both engines are deserialized (one execution context each, same buffers) and each call runs the one
+Runner.pick_variant names (causal on full slots); the variant is part of the call key.
+
 Engines come from `armt build` (manifest: graph -> engines, each with its builder `tensorrt` or
 `tensorrt_rtx`); the runner imports whichever of the two modules the engine needs and is installed.
 
