@@ -343,7 +343,7 @@ def test_causal_graphs_share_the_weights_of_the_masked_graphs(fused_exports):
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_runner_picks_causal_on_full_calls_and_masked_on_the_short_segment(fused_exports, schedule, caplog):
     """22 tokens per row, segments of 6: segments 0..2 full, 3 short. Sequential: 3 causal calls, 1
-    masked. Diagonal (L = 2): steps 0..2 hold only full segments (causal), steps 3, 4 hold segment 3
+    masked. Diagonal (L = 3): steps 0..2 hold only full segments (causal), steps 3..5 hold segment 3
     (masked). The whole run matches torch fp16/fp32 as the other fused tests, and the masked-only run
     (causal=False); a padded batch runs masked throughout."""
     import logging
@@ -358,7 +358,8 @@ def test_runner_picks_causal_on_full_calls_and_masked_on_the_short_segment(fused
     with OrtRunner(d, SCHEDULES[schedule]) as runner, OrtRunner(d, SCHEDULES[schedule], causal=False) as masked:
         assert runner.has_causal and not masked.has_causal
         got = run_schedule(runner, ids, mask, segment_size=6, collect=("logits", "hidden"))
-        want = {"sequential": {"causal": 3, "masked": 1}, "diagonal": {"causal": 3, "masked": 2}}[schedule]
+        L = model.cfg.base.n_layers  # 3: 6 diagonal steps, steps 3..5 hold segment 3
+        want = {"sequential": {"causal": 3, "masked": 1}, "diagonal": {"causal": 3, "masked": L}}[schedule]
         assert runner.variant_calls == want, runner.variant_calls
         assert "causal graph" in caplog.text and "masked graph" in caplog.text
         only = run_schedule(masked, ids, mask, segment_size=6, collect=("logits", "hidden"))
