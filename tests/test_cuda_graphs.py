@@ -447,12 +447,13 @@ def _fake_trt(model, role, fail_capture=False):
     runner.is_active = True
     captured = []
 
-    def capture():
+    def capture(context):  # the execution context of the call's graph variant (here always the masked one)
+        assert context is ctx
         if fail_capture:
             if runner.graphs.disable("capture failed: stand-in"):
                 logging.getLogger("armt.trt").warning("%s: CUDA graphs off (stand-in)", runner.name)
             return None
-        captured.append(_FakeCudaGraph(ctx))
+        captured.append(_FakeCudaGraph(context))
         return captured[-1]
     runner._capture = capture
     return runner, ref, captured
