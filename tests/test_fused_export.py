@@ -430,3 +430,31 @@ def test_inspect_shows_causal_and_masked_attention(fused_exports, capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if ".onnx" in line}  # the graphs table
     assert "Attention 3 (masked)" in lines["segment"] and "Attention 3 (causal)" in lines["segment_causal"]
     assert "Attention 1 (masked)" in lines["diagonal_step"] and "Attention 1 (causal)" in lines["diagonal_step_causal"]
+
+
+def test_bench_steady_step_times_the_causal_graph_and_the_masked_one(fused_exports):
+    """`armt bench --steady-step` on an export with the causal variant: the ort row's steady (full-slot)
+    calls run the causal graph, and an "ort-masked" row times the masked graph on the same feeds."""
+    from armt.bench.cli import _steady
+    from armt.bench.report import step_table
+    d = fused_exports("armt")
+
+    class Work:  # what _steady reads of armt.bench.workloads.Workloads, for the ort backend
+        precision, export_dir, device, cuda_graph = "fp16", str(d), torch.device("cpu"), None
+        _runner = None
+
+        def ort_runner(self, role):
+            if self._runner is None:
+                self._runner = OrtRunner(d, role).activate()
+            return self._runner
+
+        def ort_cuda_graph(self, schedule):
+            return {"cuda_graph": False, "graph_variants": dict(self._runner.variant_calls)}
+
+    work = Work()
+    rows = {r["backend"]: r for r in _steady(work, ["ort"], 1, torch.device("cpu"), calls=2)}
+    work._runner.deactivate()
+    assert set(rows) == {"ort", "ort-masked"} and all(r["step_ms"] > 0 for r in rows.values())
+    assert rows["ort"]["graph_variants"]["masked"] == 0 and rows["ort"]["graph_variants"]["causal"] > 0
+    assert rows["ort-masked"]["graph_variants"]["causal"] == 0 and rows["ort-masked"]["graph_variants"]["masked"] > 0
+    assert "causal" in step_table(list(rows.values()))
