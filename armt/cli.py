@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return _run(args)
-    finally:  # main() is also called in-process (tests, python -m armt.demo): leave things as found
+    finally:  # main() is also called in-process (tests): leave things as found
         set_mode(previous)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)

@@ -8,7 +8,7 @@
       |-- runtimes.verify ------------> per-segment parity vs the PyTorch sequential reference
       '-- memory-zeroed control ------> the query segment alone, from an empty memory: ~chance
 
-    armt demo [--out DIR] [--rows 64] [--no-engines] [--quick] [--full]      (also: python -m armt.demo)
+    armt demo [--out DIR] [--rows 64] [--no-engines] [--quick] [--full]      (also: python -m armt demo)
 
 The model ships inside the wheel (armt/models/armt-recall, copied there by setup.py) and is read from
 models/armt-recall in a checkout. The exports go to --out (default ./armt-demo in the current
@@ -189,12 +189,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m armt.demo`: the same as `armt demo`."""
-    from armt.cli import main as armt_main
-    return armt_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
 def armt_command() -> str:
     """How to call `armt` from here: on PATH, else the script next to this Python (a venv's bin)."""
     if shutil.which("armt"):
@@ -354,7 +348,3 @@ def demo(args) -> int:
           "  retrain the demo model (in a checkout): python scripts/train_recall.py --out my-armt-recall "
           "(docs/demo-model.md)")
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

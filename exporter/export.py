@@ -21,13 +21,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import onnx
 import torch
 
 from graphs.atomic import atomic_directory
-from graphs.contracts import CAUSAL, causal_roles_of, contract, decode_roles_of, model_dims, roles_of
+from graphs.config import ModelConfig
+from graphs.contracts import CAUSAL, CAUSAL_OF, MASKED_OF, all_roles_of, contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -108,10 +109,27 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__}
 
 
+def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = None,
+                 causal: bool = False) -> tuple[str, ...]:
+    """The roles an export writes, in the contract's order: every role of the kind (+ the decode
+    roles), or `only` those (ExportError naming any role this kind has not); `causal` (fp16/bf16 at
+    opset 23): each written step role's causal variant too (without it a causal role is refused)."""
+    allowed = tuple(r for r in all_roles_of(cfg) if causal or r not in MASKED_OF)
+    roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
+    if only is not None:
+        unknown = sorted(set(only) - set(allowed))
+        if unknown or not only:
+            raise ExportError(f"cannot export only {', '.join(unknown) or 'no graphs'}: a {cfg.kind.upper()} "
+                              f"export{' at this precision/opset' if not causal else ''} holds {', '.join(allowed)}")
+        roles = tuple(only)
+    twins = {CAUSAL_OF[r] for r in roles if r in CAUSAL_OF} if causal else set()
+    return tuple(r for r in allowed if r in set(roles) | twins)
+
+
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False) -> ExportResult:
+                 decode: bool = False, only: Sequence[str] | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
@@ -119,7 +137,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
     (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
-    generation graphs (decode roles)."""
+    generation graphs (decode roles). `only`: export just these roles (a bench exports the graphs of
+    the schedules it times: the sequential `segment` graph is the slow one to trace)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
@@ -132,8 +151,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
-    causal = causal_roles_of(cfg) if causal_variants(precision, opset) else ()  # fp16/bf16: is_causal twins
-    roles = roles_of(cfg) + causal + (decode_roles_of(cfg) if decode else ())
+    roles = export_roles(cfg, decode, only, causal=causal_variants(precision, opset))  # fp16/bf16: + is_causal twins
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}

@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from graphs.config import ModelConfig
-from graphs.segments import Slot, _np, segment_count
+from graphs.slots import Slot, segment_count
+from graphs.slots import host_array as _np
 
 
 def read_block_positions(cfg: ModelConfig) -> np.ndarray:

@@ -15,36 +15,12 @@ Everything here is numpy (no torch): the runtimes lay out slots on hosts without
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from graphs.config import ModelConfig
 from graphs.errors import InputError
-
-
-@dataclass
-class Slot:
-    """One segment of a batch, laid out for the layers."""
-
-    index: int  # segment number s within this call
-    ids: np.ndarray  # (B, width) int64, padding places hold token 0
-    positions: np.ndarray  # (B, width + M) int64 (an RMT's slot: (B, width + 2M), graphs/rmt_segments.py)
-    key_valid: np.ndarray  # (B, width + M) bool
-    counts: np.ndarray  # (B,) int64: real tokens of each row in this segment
-    start: int  # offset of the segment's first token in the call's input
-
-    @property
-    def write(self) -> np.ndarray:
-        """(B,) bool: rows that hold tokens here and so write their memory."""
-        return self.counts > 0
-
-
-def _np(x) -> np.ndarray:
-    """A host numpy array of a numpy array or a torch tensor (no torch import needed)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+from graphs.slots import Slot, segment_count  # noqa: F401  (Slot: re-exported)
+from graphs.slots import host_array as _np
 
 
 def row_lengths(input_ids, attention_mask) -> np.ndarray:
@@ -63,12 +39,6 @@ def row_lengths(input_ids, attention_mask) -> np.ndarray:
     if not np.array_equal(mask, expected):
         raise InputError("attention mask must be right-padded: each row ones, then zeros")
     return lengths
-
-
-def segment_count(lengths: np.ndarray, segment_size: int) -> int:
-    """Number of segments needed for the longest row."""
-    longest = int(lengths.max()) if lengths.size else 0
-    return -(-longest // segment_size)
 
 
 def make_slots(cfg: ModelConfig, input_ids, lengths, uniform: bool, segment_size: int | None = None) -> list[Slot]:

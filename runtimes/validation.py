@@ -30,7 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -292,7 +292,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False) -> ExportResult:
+                 decode: bool = False, only: Sequence[str] | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
     validation tables. Raises ParityFailure when an output misses its bound (nothing is written then)."""
@@ -305,6 +305,6 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     sampler = _Sampler(validate, sample_width, report)
     result = export_graphs(model, export_dir, precision=precision, opset=opset, overwrite=overwrite, source=source,
                            finalize=sampler, free_model=free_model, tokenizer_dir=tokenizer_dir,
-                           decode=decode)
+                           decode=decode, only=only)
     result.validation = sampler.results
     return result

@@ -51,6 +51,10 @@ def test_side_by_side_record(bench_export):
             assert (backend, "diagonal", tensor) in got
     for p in rec["parity"]:
         assert p["finite"] and p["max_rel"] < 1e-4, p
+    # the bench's own export holds the benched schedule's graphs only: no ort sequential parity row
+    assert not any(b == "ort" and s == "sequential" for b, s, _ in got)
+    from exporter.manifest import load_manifest
+    assert set(load_manifest(bench_export[0], verify_checksums=False).graphs) == {"diagonal_step", "lm_head"}
     t = {x["target"]: x for x in rec["targets"]}
     time_t = t["ort / torch time, diagonal, 40 tokens, batch 1"]
     assert time_t["value"] == pytest.approx(rows["ort"]["median_ms"] / rows["torch"]["median_ms"])
@@ -99,6 +103,23 @@ def test_bench_option_errors(argv, message, capsys):
     rc = main(["bench", *TINY, "--lengths", "32", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_export_roles_subset():
+    from exporter.export import export_roles
+    from graphs.errors import ExportError
+    from graphs.synthetic import synthetic_config
+    cfg = synthetic_config("tiny")
+    assert export_roles(cfg, False) == ("segment", "diagonal_step", "lm_head")
+    assert export_roles(cfg, True, ["lm_head", "diagonal_step"]) == ("diagonal_step", "lm_head")
+    for bad in (["rmt_segment"], [], ["segment_causal"]):  # a causal variant only where attention is fused
+        with pytest.raises(ExportError, match="cannot export only"):
+            export_roles(cfg, False, bad)
+    # fp16/bf16 at opset 23: each written step role with its causal variant
+    assert export_roles(cfg, False, causal=True) == ("segment", "diagonal_step", "lm_head", "segment_causal",
+                                                     "diagonal_step_causal")
+    assert export_roles(cfg, False, ["diagonal_step", "lm_head"], causal=True) == (
+        "diagonal_step", "lm_head", "diagonal_step_causal")
 
 
 def test_targets_evaluation():

@@ -220,7 +220,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         work = Workloads(model, device, args.precision, export_dir=args.export_dir, logits=logits,
                          cuda_graph=args.cuda_graph)
     if "ort" in backends and not args.export_dir and args.export_to:
-        work.ensure_export(args.export_to)
+        if rmt:
+            work.ensure_export(args.export_to)
+        else:  # the graphs of the benched schedules only (tracing `segment` is most of an export's time)
+            work.ensure_export(args.export_to, [s for s in schedules if s in ("sequential", "diagonal")] or None)
     cfg = model.cfg
     meta = {
         "command": "armt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(("armt", "main.py"))
@@ -372,7 +375,9 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     export_dir = args.export_dir
     if "ort" in backends and not export_dir and args.export_to:
         from armt.bench.workloads import export_bench_model
-        export_bench_model(model, args.export_to, args.precision, "armt bench --generate", decode=True)
+        from graphs.contracts import default_schedule
+        export_bench_model(model, args.export_to, args.precision, "armt bench --generate", decode=True,
+                           schedules=[default_schedule(model.cfg)])  # the prefill's schedule + decode graphs
         export_dir = args.export_to
     cfg = model.cfg
     bench = GenerateBench(model, device, args.precision, args.new_tokens, args.warmup, args.repeats,

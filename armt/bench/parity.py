@@ -64,6 +64,9 @@ def run_parity(work: Workloads, backends: list[str], length: int, batch: int, se
         from graphs.errors import ArmtError
         from runtimes.execute import run_schedule
         for schedule in ("sequential", "diagonal"):
+            if not work.export_has(ROLE_OF_SCHEDULE[schedule]):
+                log.info("ort %s parity not run: the export has no %s graph", schedule, ROLE_OF_SCHEDULE[schedule])
+                continue
             try:
                 r = run_schedule(work.ort_runner(ROLE_OF_SCHEDULE[schedule]), ids.numpy(),
                                  collect=("hidden", "last_logits"), head=work.ort_runner(LM_HEAD))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -135,13 +135,20 @@ def reference_run(model: ArmtModel, ids: torch.Tensor, schedule: str, collect: b
     return Outcome(last[0], state), hidden
 
 
-def export_bench_model(model, where: str, precision: str, source: str, decode: bool = False) -> None:
+def export_bench_model(model, where: str, precision: str, source: str, decode: bool = False,
+                       schedules: Sequence[str] | None = None) -> None:
     """Export a copy of the bench's fp32 model to `where` for the ort backend, without validation (the
-    bench's own parity rows measure the export on the real device); `decode`: with the generation graphs."""
+    bench's own parity rows measure the export on the real device); `decode`: with the generation graphs;
+    `schedules`: only the step graphs of these schedules (+ lm_head), None: every graph of the kind."""
+    from graphs.contracts import LM_HEAD, decode_roles_of, role_for
     from runtimes.validation import export_model
-    log.info("exporting the model (%s) to %s for the ort backend ...", precision, where)
+    only = None
+    if schedules is not None:
+        only = [role_for(model.cfg, s) for s in schedules] + [LM_HEAD] + list(decode_roles_of(model.cfg) if decode else ())
+    log.info("exporting the model (%s%s) to %s for the ort backend ...", precision,
+             f": {', '.join(only)}" if only else "", where)
     export_model(copy.deepcopy(model), where, precision=precision, validate=False, overwrite=True, source=source,
-                 decode=decode)
+                 decode=decode, only=only)
 
 
 class Workloads:
@@ -206,16 +213,22 @@ class Workloads:
             return self._ort_callable(schedule, ids)
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
-    def ensure_export(self, where: str | None) -> None:
+    def ensure_export(self, where: str | None, schedules: Sequence[str] | None = None) -> None:
         """For the ort backend without --export-dir: export the bench's own model (B's exporter,
-        validation skipped: the bench's parity rows measure the same thing on the real device)."""
+        validation skipped: the bench's parity rows measure the same thing on the real device) with
+        the graphs of `schedules` only (None: all)."""
         if self.export_dir:
             return
         if not where:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) "
                              "or --export-to DIR (the bench exports its model there)")
-        export_bench_model(self.fp32_model, where, self.precision, "armt bench")
+        export_bench_model(self.fp32_model, where, self.precision, "armt bench", schedules=schedules)
         self.export_dir = where
+
+    def export_has(self, role: str) -> bool:
+        """Whether the export holds a `role` graph (the bench's own export holds the benched schedules')."""
+        from exporter.manifest import load_manifest
+        return bool(self.export_dir) and role in load_manifest(self.export_dir, verify_checksums=False).graphs
 
     def ort_runner(self, role: str):
         """The export's `role` graph on ONNX Runtime (opened once, kept active)."""
