@@ -129,7 +129,8 @@ def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = No
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False, only: Sequence[str] | None = None) -> ExportResult:
+                 decode: bool = False, only: Sequence[str] | None = None,
+                 trace_cache: bool | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
@@ -138,7 +139,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
     (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
     generation graphs (decode roles). `only`: export just these roles (a bench exports the graphs of
-    the schedules it times: the sequential `segment` graph is the slow one to trace)."""
+    the schedules it times: the sequential `segment` graph is the slow one to trace). `trace_cache`: reuse/store
+    the translated graphs in the trace cache (exporter/trace_cache.py; None: on unless ARMT_TRACE_CACHE=0)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
@@ -160,7 +162,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                 bar.describe(role)
                 c = contract(cfg, role, precision)
                 path = stage / c.file
-                traced = trace_graph(model, role, precision, opset)
+                traced = trace_graph(model, role, precision, opset, cache=trace_cache)
 
                 def edit(proto: onnx.ModelProto, c=c) -> None:
                     fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))

@@ -190,24 +190,64 @@ def check_opset(opset: int, precision: str = "fp32") -> None:
                           "TensorRT does not build the opset-23 Attention op in fp32)")
 
 
-def trace_graph(model: ArmtModel, role: str, precision: str, opset: int | None = None):
+def trace_graph(model: ArmtModel, role: str, precision: str, opset: int | None = None, cache: bool | None = None):
     """Trace the `role` cell of `model` (already cast to the export precision): an onnx_ir Model whose
-    initializers still share memory with the torch parameters. opset None: default_opset(precision)."""
+    initializers still share memory with the torch parameters. opset None: default_opset(precision).
+    cache: use the trace cache (exporter/trace_cache.py; None: its default, on unless ARMT_TRACE_CACHE=0).
+
+    torch.onnx.export(dynamo=True, optimize=False) captures, decomposes and translates; the onnxscript
+    optimizer and the renaming of the graph's inputs/outputs to the contract's names then run here, in
+    the order torch.onnx.export(optimize=True, input_names=..., output_names=...) runs them, so the
+    graph is the one that call gives. A trace-cache hit replaces only the first step."""
+    from exporter import trace_cache
     opset = default_opset(precision) if opset is None else opset
     check_opset(opset, precision)
     c = contract(model.cfg, role, precision)
-    args = example_args(model, role, precision)
+    module = cell_module(model, role, precision, opset)
+    use_cache = trace_cache.enabled() if cache is None else cache
+    store = trace_cache.TraceCache() if use_cache else None
+    key = trace_cache.trace_key(model, role, precision, opset, fused_attention(precision, opset), module) if store else ""
     t0 = time.perf_counter()
-    log.info("tracing %s graph (torch.onnx dynamo exporter, opset %d, %s) ...", role, opset, precision)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation/user warnings are not ours to show
+        translated = store.load(key, module) if store else None
+        hit = translated is not None
+        if not hit:
+            log.info("tracing %s graph (torch.onnx dynamo exporter, opset %d, %s) ...", role, opset, precision)
+            translated = _translate(module, model, role, precision, opset)
+            if store:
+                store.save(key, translated, module)
+        program = torch.onnx.ONNXProgram(translated, None)
         try:
-            program = torch.onnx.export(
-                cell_module(model, role, precision, opset), args, dynamic_shapes=dynamic_shapes(model, role),
-                input_names=list(c.input_names), output_names=list(c.output_names),
-                opset_version=opset, dynamo=True, optimize=True, external_data=True, verbose=False)
-        except Exception as exc:  # torch.export raises many types; the message is what the user needs
-            raise ExportError(f"torch.onnx.export of the {role} graph failed: {exc.__class__.__name__}: "
+            program.optimize()  # onnxscript optimizer (constant folding, redundancy elimination), in place
+        except Exception as exc:
+            raise ExportError(f"the onnxscript optimizer failed on the {role} graph: {exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    log.info("traced %s graph in %.1f s", role, time.perf_counter() - t0)
+    _rename(program.model.graph.inputs, c.input_names)
+    _rename(program.model.graph.outputs, c.output_names)
+    log.info("traced %s graph in %.1f s%s", role, time.perf_counter() - t0, " (from the trace cache)" if hit else "")
     return program.model
+
+
+def _translate(module: torch.nn.Module, model: ArmtModel, role: str, precision: str, opset: int):
+    """torch.export capture, aten decompositions and FX -> ONNX translation (no optimizer, torch's own
+    names on the inputs/outputs): the onnx_ir Model the trace cache stores."""
+    args = example_args(model, role, precision)
+    try:
+        program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes(model, role), opset_version=opset,
+                                    dynamo=True, optimize=False, external_data=True, verbose=False)
+    except Exception as exc:  # torch.export raises many types; the message is what the user needs
+        raise ExportError(f"torch.onnx.export of the {role} graph failed: {exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return program.model
+
+
+def _rename(values, names: tuple[str, ...] | list[str]) -> None:
+    """Give graph inputs/outputs the contract's names, recording torch's name as torch.onnx.export's
+    input_names/output_names do (metadata "pkg.torch.onnx.original_node_name")."""
+    names = list(names)
+    if len(values) != len(names):
+        raise ExportError(f"the traced graph has {len(values)} inputs/outputs where the contract names {len(names)}")
+    for value, name in zip(values, names):
+        value.metadata_props["pkg.torch.onnx.original_node_name"] = str(value.name)
+        value.name = name

@@ -14,7 +14,7 @@
 # the comparison). Each JSON's "targets" says met / MISSED / not measured.
 # The ort backend exports the model first (--export-to; a few minutes of CPU tracing) and needs
 # onnxruntime-gpu in /tmp/site (/work/shared/gpu/stage-wheels.sh). No polygraphy, no install.
-# Wall time < 9 minutes: each step has its own timeout (90 + 40 + 290 + 110 s); a bench cut short keeps its rows.
+# Wall time < 9 minutes: each step has its own timeout (90 + 60 + 290 + 110 s); a bench cut short keeps its rows.
 # torch-graph: the one-token decode step as a CUDA graph (runtimes/graph_decode.py), the path to 800 tokens/s.
 # Dry run on a CPU (same command, tiny model): bash results/run_h200_generate.sh --dry-run
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -55,8 +55,9 @@ for name in NAMES:
 print(json.dumps({"fp32_worst_rel_vs_official": worst, "fp32_all_tokens_identical_and_within_1e-5": ok}))
 sys.exit(0 if ok else 1)
 PY
-# the CUDA-graph decode step against the eager one on the GPU (tiny model)
-timeout 40 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda_graph 2>&1 | tail -3 | tee -a "$OUT/generate.log"
+# the CUDA-graph decode step against the eager one, the decoder's FastArmt prefill (CUDA graphs) against
+# the reference cells, on the GPU (tiny model)
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py tests/test_generate_prefill.py -k cuda 2>&1 | tail -3 | tee -a "$OUT/generate.log"
 # 1. decode: 1,024-token prompt, batch 1 and 8, 256 new tokens, every backend and HF side by side (exports first for ort)
 timeout 290 $PY -m armt bench --generate --synthetic llama-1b --device cuda --precision bf16 --mem-std 0.001 \
     --lengths 1024 --batch-sizes 1,8 --new-tokens 256 --backends torch,torch-graph,hf,ort \

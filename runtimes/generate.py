@@ -39,7 +39,8 @@ POLICIES = ("frozen", "recurrent")
 @dataclass
 class GenerateResult:
     tokens: np.ndarray  # (B, T) int64 new tokens only; 0 after a row's EOS
-    scores: np.ndarray  # (B, T, V) float32 the raw logits each token was chosen from; 0 after EOS
+    scores: np.ndarray | None  # (B, T, V) float32 the raw logits each token was chosen from; 0 after EOS
+    # (None when generate was called with scores=False)
     lengths: np.ndarray  # (B,) int64 new tokens of each row (its EOS included)
     state: object  # MemoryState / RmtState (numpy): what the current segment reads (recurrent: after every write)
 
@@ -64,11 +65,25 @@ def as_decoder(model_or_decoder, device: str = "cpu", precision: str = "fp32"):
     return TorchDecoder(model_or_decoder, device=device, precision=precision)
 
 
+def _step_last(dec, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ids (B, n), counts (B,) 1 .. n (0: a stopped row) -> each row's logits at its last real place
+    (B, V): the decoder's `step_last` where it has one (only those places through the head), else
+    its full `step`."""
+    fn = getattr(dec, "step_last", None)
+    if fn is not None:
+        return fn(ids, counts)
+    logits = dec.step(ids, counts)  # (B, n, V)
+    return logits[np.arange(ids.shape[0]), np.maximum(counts, 1) - 1]
+
+
 def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: int = 32, policy: str = "frozen",
              sampling: SamplingConfig | None = None, eos_ids: Iterable[int] = (), state=None,
              prefill_schedule: str | None = None, device: str = "cpu", precision: str = "fp32",
-             on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> GenerateResult:
-    """Generate up to `max_new_tokens` per row after a right-padded prompt (B, N) (see the module doc)."""
+             on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+             scores: bool = True) -> GenerateResult:
+    """Generate up to `max_new_tokens` per row after a right-padded prompt (B, N) (see the module doc).
+    `scores=False`: no scores kept (result.scores None); under greedy sampling a decoder with a
+    `step_greedy` then picks each token on its device (only the ids come back to the host)."""
     from runtimes.execute import continue_input
     dec = as_decoder(model_or_decoder, device, precision)
     cfg = dec.cfg
@@ -85,7 +100,10 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
         raise InputError("every row needs at least one prompt token")
     # 1. the completed segments of every row: all but the last (which holds 1 .. T tokens)
     done_len = T * ((lengths - 1) // T)  # (B,)
-    start = cont.start if cont.start is not None else empty_state(cfg, B)
+    if cont.start is not None:
+        start = cont.start
+    else:  # a decoder may make the fresh state where it computes (torch: zeros on its device)
+        start = dec.empty_state(B) if hasattr(dec, "empty_state") else empty_state(cfg, B)
     if int(done_len.max()) > 0:
         start = dec.prefill(ids[:, :int(done_len.max())], done_len, start, schedule)
     # 2. the last segment
@@ -98,19 +116,20 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
     extra = M if cfg.kind == "rmt" else 0
     capacity = extra + width + max_new_tokens if policy == "frozen" else extra + T + M + extra + 1
     dec.start(start, capacity)
-    logits = dec.step(last, counts)  # (B, width, V)
-    next_logits = logits[np.arange(B), counts - 1]  # (B, V)
+    next_logits = _step_last(dec, last, counts)  # (B, V)
     V = next_logits.shape[-1]
     tokens = np.zeros((B, max_new_tokens), dtype=np.int64)
-    scores = np.zeros((B, max_new_tokens, V), dtype=np.float32)
+    kept = np.zeros((B, max_new_tokens, V), dtype=np.float32) if scores else None
+    on_device = not scores and sampler.config.greedy and hasattr(dec, "step_greedy")
+    tok = sampler(next_logits)
     done = np.zeros(B, dtype=bool)
     n_new = np.zeros(B, dtype=np.int64)
     steps = 0
     for t in range(max_new_tokens):
-        tok = sampler(next_logits)
         live = ~done
         tokens[live, t] = tok[live]
-        scores[live, t] = next_logits[live]
+        if kept is not None:
+            kept[live, t] = next_logits[live]
         n_new += live
         steps = t + 1
         if eos:
@@ -123,5 +142,10 @@ def generate(model_or_decoder, input_ids, attention_mask=None, max_new_tokens: i
             full = (dec.segment_tokens() >= T) & ~done
             dec.complete(full)
         step_counts = (~done).astype(np.int64)
-        next_logits = dec.step(np.where(done, 0, tok)[:, None], step_counts)[:, 0]
-    return GenerateResult(tokens[:, :steps], scores[:, :steps], n_new, dec.state())
+        ids_t = np.where(done, 0, tok)[:, None]
+        if on_device:  # the greedy token chosen on the device (the same argmax, NaN/Inf refused there)
+            tok = dec.step_greedy(ids_t, step_counts)
+        else:
+            next_logits = _step_last(dec, ids_t, step_counts)
+            tok = sampler(next_logits)
+    return GenerateResult(tokens[:, :steps], None if kept is None else kept[:, :steps], n_new, dec.state())

@@ -1,12 +1,16 @@
 """The torch decoder of generation (runtimes/generate.py drives it): an ArmtModel or RmtModel with a
-KV cache of the current segment (graphs/decode.py), the prompt's completed segments run by
-`run_torch` (the diagonal schedule for an ARMT by default).
+KV cache of the current segment (graphs/decode.py). The prompt's completed segments run on the
+decoder's own fast executor (runtimes/fast_torch.py `FastArmt`, kept with its CUDA graphs across
+calls) where it applies (a LLaMA ARMT without biases, every row the same number of completed
+segments, a finite state), else through `run_torch` (the diagonal schedule for an ARMT by default).
 
 Decoder protocol (what the generation loop calls; an ONNX Runtime decoder implements the same):
 
+    empty_state(batch) -> state                       optional: the fresh state (torch: on the device)
     prefill(ids, lengths, state, schedule) -> state   completed prompt segments, written as `armt run`
     start(state, capacity)                            the state the current segment reads; empty cache
     step(ids (B, n), counts (B,)) -> logits (B, n, V) new tokens appended to each row's segment
+    step_last(ids, counts) -> logits (B, V)           optional: as step, only each row's last real place
     segment_tokens() -> (B,)                          tokens in each row's current segment
     complete(rows (B,) bool)                          memory write of those rows' full segments, new segment
     state() -> MemoryState | RmtState (numpy)         the state the current segment reads
@@ -15,6 +19,7 @@ Decoder protocol (what the generation loop calls; an ONNX Runtime decoder implem
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -23,14 +28,18 @@ from graphs.decode import armt_write_hook, cached_layers, empty_cache
 from graphs.dtypes import check_precision, compute_dtype, torch_dtype
 from graphs.errors import InputError
 from graphs.rmt_segments import write_block_positions
-from graphs.state import MemoryState, RmtState, to_numpy
+from graphs.state import MemoryState, RmtState, empty_state, to_numpy
 from runtimes.torch_runner import check_torch_device
+
+log = logging.getLogger("armt.generate")
 
 
 class TorchDecoder:
     backend = "torch"
 
-    def __init__(self, model, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, model, device: str = "cpu", precision: str = "fp32", exact_memory: bool = True):
+        """`exact_memory`: the prefill's fast executor keeps the memory math in fp32 (as `armt run`);
+        False: its half-precision read and TF32 products on CUDA (as `armt bench`; no effect in fp32)."""
         dev = check_torch_device(device)
         check_precision(precision)
         self.precision = precision
@@ -44,21 +53,77 @@ class TorchDecoder:
         self.cfg = model.cfg
         self.kind = model.cfg.kind
         self.extra = model.cfg.armt.num_mem_tokens if self.kind == "rmt" else 0  # read block in front
+        self.exact_memory = exact_memory
+        self._fast = None  # the prefill's FastArmt (its CUDA graphs kept across calls), built on first use
+        self.prefill_path: str | None = None  # what the last prefill ran: "fast" or "run_torch"
+
+    def empty_state(self, batch: int):
+        """The fresh state of `batch` rows; an ARMT's as torch zeros on the device (no host arrays to
+        fill, check and copy: (L, B, K, d) fp32 is 50 MB a row at the LLaMA-1B shape)."""
+        if self.kind != "armt":
+            return empty_state(self.cfg, batch)
+        L, K, d, dev = self.cfg.base.n_layers, self.cfg.armt.d_key, self.cfg.base.d_model, self.model.device
+        return MemoryState(torch.zeros(L, batch, K, d, device=dev), torch.zeros(L, batch, K, device=dev),
+                           torch.zeros(L, batch, dtype=torch.bool, device=dev))
 
     # ---------------------------------------------------------------- prompt's completed segments
     def prefill(self, ids: np.ndarray, lengths: np.ndarray, state, schedule: str):
+        """ids (B, W) int64, row b's first lengths[b] (a multiple of T) real -> the state after them."""
+        why = self._fast_prefill_refused(ids, lengths, state)
+        if why is None:
+            return self._fast_prefill(ids, state, schedule)
+        log.debug("prefill through run_torch (%s)", why)
         from runtimes.torch_runner import run_torch
+        self.prefill_path = "run_torch"
+        if isinstance(getattr(state, "A", None), torch.Tensor):
+            state = state.numpy()  # run_torch's state: host arrays
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         res = run_torch(self._source, ids, mask, state=state, schedule=schedule, device=self.device_name,
                         precision=self.precision, collect=())
         return res.state.without_pending()
+
+    def _fast_prefill_refused(self, ids: np.ndarray, lengths: np.ndarray, state) -> str | None:
+        """None when the decoder's FastArmt runs this prefill, else why not."""
+        from runtimes.torch_runner import fast_executor_applies
+        if self.kind != "armt":
+            return "an RMT"
+        if not bool(np.all(lengths == ids.shape[1])):
+            return "rows with different numbers of completed segments"
+        why = fast_executor_applies(self.model, ids, None)
+        if why is not None:
+            return why
+        if getattr(state, "pending", None) is not None:
+            return "a state with pending tokens"
+        if isinstance(state.A, torch.Tensor):  # checked where it lies (one sync)
+            finite = bool(torch.isfinite(state.A).all() and torch.isfinite(state.z).all())
+        else:
+            finite = bool(np.isfinite(state.A).all() and np.isfinite(state.z).all())
+        if not finite:
+            return "a non-finite state"
+        return None
+
+    def _fast_prefill(self, ids: np.ndarray, state, schedule: str) -> MemoryState:
+        """Every row's completed segments (B, k T) through the decoder's FastArmt -> the state as
+        torch tensors on the device (start() takes them as they are: no host round trip)."""
+        from graphs.model import torch_state
+        from runtimes.fast_torch import FastArmt
+        if self._fast is None:
+            self._fast = FastArmt(self.model, exact_memory=self.exact_memory)  # the decoder's copy: on device, cast
+        self.prefill_path = "fast"
+        dev = self.model.device
+        res = self._fast.run(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(dev), schedule,
+                             state=torch_state(state, dev))
+        return res.state  # MemoryState (L, B, K, d), (L, B, K), (L, B) fp32/bool torch clones
 
     # ---------------------------------------------------------------- the current segment
     def start(self, state, capacity: int) -> None:
         m, dev = self.model, self.model.device
         B = state.batch
         if self.kind == "armt":
-            self.memory = [torch.as_tensor(np.asarray(to_numpy(t))).to(dev) for t in (state.A, state.z, state.written)]
+            # a fast prefill's state is already torch on the device: no host round trip
+            as_dev = lambda t: torch.as_tensor(np.asarray(to_numpy(t))).to(dev)  # noqa: E731
+            self.memory = [t.to(dev) if isinstance(t, torch.Tensor) else as_dev(t)
+                           for t in (state.A, state.z, state.written)]
         else:
             mem = torch.as_tensor(np.asarray(to_numpy(state.memory), dtype=np.float32)).to(dev, m.dtype)
             self.memory = [mem, torch.as_tensor(np.asarray(to_numpy(state.written))).to(dev)]
@@ -87,6 +152,25 @@ class TorchDecoder:
     @torch.no_grad()
     def step(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """ids (B, n) int64 (row b's first counts[b] real) -> logits (B, n, V) float32 of those places."""
+        h, offset = self._advance(ids, counts)  # (B, width, d)
+        n = ids.shape[1]
+        logits = self._head(h).float()  # (B, width, V)
+        out = torch.stack([logits[b, int(offset[b]):int(offset[b]) + n] for b in range(ids.shape[0])])
+        return to_numpy(out)
+
+    @torch.no_grad()
+    def step_last(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """As step, but only each row's last real place (its first place for a row with count 0)
+        goes through the head -> logits (B, V) float32 (the last prompt segment: one row of logits
+        per row instead of (B, n, V))."""
+        h, offset = self._advance(ids, counts)  # (B, width, d)
+        at = torch.from_numpy((offset + np.maximum(counts, 1) - 1).astype(np.int64)).to(h.device)  # (B,)
+        last = h[torch.arange(h.shape[0], device=h.device), at][:, None]  # (B, 1, d)
+        return to_numpy(self._head(last).float()[:, 0])
+
+    def _advance(self, ids: np.ndarray, counts: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """The new places through every layer, the cache advanced -> last hidden (B, width, d) before
+        the final norm and where each row's tokens start among the places (B,)."""
         m, dev = self.model, self.model.device
         B, n = ids.shape
         tok = m.globals["embed"][torch.from_numpy(ids).to(dev)]  # (B, n, d)
@@ -109,9 +193,7 @@ class TorchDecoder:
         memory = self.memory if self.kind == "armt" else None
         h = cached_layers(m, x, positions, self.cache, memory=memory, advance=offset + counts)
         self.needs_read = self.needs_read & ~((offset + counts) > 0)
-        logits = self._head(h).float()  # (B, width, V)
-        out = torch.stack([logits[b, int(offset[b]):int(offset[b]) + n] for b in range(B)])
-        return to_numpy(out)
+        return h, offset
 
     @torch.no_grad()
     def complete(self, rows: np.ndarray) -> None:

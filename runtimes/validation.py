@@ -292,10 +292,12 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False, only: Sequence[str] | None = None) -> ExportResult:
+                 decode: bool = False, only: Sequence[str] | None = None,
+                 trace_cache: bool | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
-    validation tables. Raises ParityFailure when an output misses its bound (nothing is written then)."""
+    validation tables. Raises ParityFailure when an output misses its bound (nothing is written then).
+    `trace_cache`: exporter/trace_cache.py (None: on unless ARMT_TRACE_CACHE=0)."""
     if validate:
         try:
             from runtimes.loaders import import_onnxruntime
@@ -305,6 +307,6 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     sampler = _Sampler(validate, sample_width, report)
     result = export_graphs(model, export_dir, precision=precision, opset=opset, overwrite=overwrite, source=source,
                            finalize=sampler, free_model=free_model, tokenizer_dir=tokenizer_dir,
-                           decode=decode, only=only)
+                           decode=decode, only=only, trace_cache=trace_cache)
     result.validation = sampler.results
     return result

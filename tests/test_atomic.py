@@ -69,7 +69,7 @@ def test_sigkill_leftovers_are_listed_and_cleaned_by_the_next_export(tmp_path, c
     _, model_dir = exported("llama")
     out = export_copy("llama", tmp_path / "out")  # an existing export the killed run was replacing
     proc = subprocess.Popen([sys.executable, "-m", "armt.cli", "-q", "export", str(model_dir), "-o", str(out),
-                             "--overwrite", "--no-validate"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             "--overwrite", "--no-validate", "--no-trace-cache"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -372,7 +372,7 @@ def test_no_validate_export_then_failed_validation_keeps_it(tmp_path, monkeypatc
 def test_failed_trace_writes_nothing(tmp_path, monkeypatch):
     import exporter.export as ex
 
-    def broken(model, role, precision, opset):
+    def broken(model, role, precision, opset, cache=None):
         raise ExportError("simulated trace failure")
 
     monkeypatch.setattr(ex, "trace_graph", broken)

@@ -62,3 +62,34 @@ def test_cuda_graph_replay_equals_the_eager_decoder():
             got = generate(dec, ids, mask, max_new_tokens=15, policy=policy)
             assert dec.replays == got.tokens.shape[1] - 1
             assert np.array_equal(got.tokens, ref.tokens) and rel_err(got.scores, ref.scores) < 1e-5
+
+
+@pytest.mark.parametrize("policy", ["frozen", "recurrent"])
+def test_greedy_on_the_device_without_scores(policy):
+    """scores=False under greedy: every step after the prompt's picks its token in the static step
+    (step_greedy); the tokens are the ones chosen on the host from the logits."""
+    model = tiny_model(seed=3)
+    ids, mask = ragged()
+    ref = generate(model, ids, mask, max_new_tokens=15, policy=policy, eos_ids=(7,))
+    dec = GraphDecoder(model, use_graph=False)
+    calls = []
+    original = dec.step_greedy
+    dec.step_greedy = lambda *a: calls.append(1) or original(*a)
+    got = generate(dec, ids, mask, max_new_tokens=15, policy=policy, eos_ids=(7,), scores=False)
+    assert got.scores is None and len(calls) == got.tokens.shape[1] - 1 == dec.static_steps
+    assert np.array_equal(got.tokens, ref.tokens) and np.array_equal(got.lengths, ref.lengths)
+
+
+def test_greedy_on_the_device_refuses_non_finite_logits():
+    from graphs.errors import NonFiniteError
+    model = tiny_model(seed=3)
+    ids, mask = ragged()
+    dec = GraphDecoder(model, use_graph=False)
+
+    def poison(t, *_):  # after the first token (chosen on the host): NaN logits in the static step
+        if t == 0:
+            with torch.no_grad():
+                dec.model.globals["final_norm_w"][0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        generate(dec, ids, mask, max_new_tokens=4, on_token=poison, scores=False)
+    assert dec.static_steps == 0  # refused at the first static step

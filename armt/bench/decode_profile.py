@@ -5,7 +5,8 @@
 
 Three views of the same decoder (runtimes/graph_decode.GraphDecoder on a synthetic model, frozen
 memory policy, greedy):
-  1. wall time per token of `runtimes.generate.generate` (the loop a user runs);
+  1. wall time per token of `runtimes.generate.generate` (the loop a user runs), with scores and
+     without (scores=False: the greedy token picked on the device);
   2. wall time per token of the decoder's `step` alone, and of the captured step's replay alone
      (device time of one token, synchronized), so host overhead = (1) - (2);
   3. torch.profiler's kernel table of one eager decode step (what the CUDA graph replays).
@@ -50,10 +51,10 @@ def main(argv=None) -> int:
     ids = rng.integers(0, model.cfg.base.vocab_size, (1, a.prompt)).astype(np.int64)
     report: dict = {"preset": a.preset, "precision": a.precision, "prompt": a.prompt, "tokens": a.tokens}
 
-    def run():
+    def run(scores: bool = True):
         ticks = []
         with torch.no_grad():
-            generate(dec, ids, None, max_new_tokens=a.tokens, policy="frozen",
+            generate(dec, ids, None, max_new_tokens=a.tokens, policy="frozen", scores=scores,
                      sampling=SamplingConfig(greedy=True), on_token=lambda *_: ticks.append(time.perf_counter()))
         return np.diff(ticks)
 
@@ -62,6 +63,10 @@ def main(argv=None) -> int:
     report["generate_ms_per_token"] = float(np.median(per_tok) * 1e3)
     print(f"generate loop: {report['generate_ms_per_token']:.3f} ms/token "
           f"({1e3 / report['generate_ms_per_token']:.0f} tokens/s)", flush=True)
+    # scores=False: the greedy token picked in the step (step_greedy), only the ids come back
+    report["generate_no_scores_ms_per_token"] = float(np.median(run(scores=False)) * 1e3)
+    print(f"generate loop, scores=False: {report['generate_no_scores_ms_per_token']:.3f} ms/token "
+          f"({1e3 / report['generate_no_scores_ms_per_token']:.0f} tokens/s)", flush=True)
 
     # the decoder's step alone (host copies, replay, logits back)
     one = np.zeros((1, 1), dtype=np.int64)

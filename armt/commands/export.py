@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: fp32 18, 17..22; fp16/bf16 23, 17..23: 23 fuses attention into ONNX Attention nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
                    "a directory inside it or one holding it)")
+    p.add_argument("--no-trace-cache", dest="trace_cache", action="store_false", default=None,
+                   help="trace every graph afresh and store nothing in the trace cache ($ARMT_CACHE/traces; "
+                   "a second export of a same-shaped model reuses its traced graphs, exact to the byte)")
     p.add_argument("--synthetic", metavar="PRESET",
                    help="export a random-weight model of a preset shape instead (tiny, tiny-gpt2, llama-1b, ...)")
     p.add_argument("--seed", type=int, default=0, help="weights seed for --synthetic")
@@ -112,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_model(model, args.output, precision=args.precision, opset=args.opset,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
                               source=source, report=lambda text: print(text + "\n"), free_model=True,
-                              tokenizer_dir=args.model_dir, decode=args.decode)
+                              tokenizer_dir=args.model_dir, decode=args.decode, trace_cache=args.trace_cache)
     m = result.manifest
     status = m.validation.get("status")
     print(f"exported {source} -> {result.export_dir} ({m.precision}, opset {m.opset}): "
