@@ -211,7 +211,8 @@ class LoadedModel:
 
     def _decoder(self):
         """What runtimes.generate.generate runs: the torch model (its TorchDecoder is made there, on
-        the requested device and precision), or the export's decoder (runtimes.ort_generate)."""
+        the requested device and precision), or the export's decoder (runtimes/ort_generate.py
+        OrtDecoder, runtimes/trt_generate.py TrtDecoder)."""
         if self.backend == "torch":
             return self._model
         if self._export_decoder is None:
@@ -220,15 +221,17 @@ class LoadedModel:
         return self._export_decoder
 
 
-def open_export_decoder(path, backend: str, device: str, precision: str | None = None):
-    """The decoder over an export's decode graphs (as `armt generate --backend ort|trt` opens it)."""
+def open_export_decoder(path, backend: str, device: str, precision: str | None = None,
+                        cuda_graph: bool | None = None):
+    """The decoder over an export's decode graphs (as `armt generate --backend ort|trt` opens it);
+    `cuda_graph`: CUDA graphs for its steps (ort: CUDA only, default off; trt: default on)."""
     try:
         from runtimes.ort_generate import open_decoder
     except ImportError:
         from graphs.errors import BackendUnavailable
         raise BackendUnavailable(f"generation on {backend} needs the export's decode graphs, which this version "
                                  "does not run (use backend='torch' on the model directory)") from None
-    return open_decoder(path, backend, device=device, precision=precision)
+    return open_decoder(path, backend, device=device, precision=precision, cuda_graph=cuda_graph)
 
 
 def load(path: str | Path, backend: str = "torch", device: str | None = None, precision: str | None = None,

@@ -112,8 +112,9 @@ def _versions() -> dict[str, str]:
 def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = None,
                  causal: bool = False) -> tuple[str, ...]:
     """The roles an export writes, in the contract's order: every role of the kind (+ the decode
-    roles), or `only` those (ExportError naming any role this kind has not); `causal` (fp16/bf16 at
-    opset 23): each written step role's causal variant too (without it a causal role is refused)."""
+    roles), or `only` those (ExportError naming any role this kind has not, or lm_head without a step
+    graph: its sample feed is a step graph's output); `causal` (fp16/bf16 at opset 23): each written
+    step role's causal variant too (without it a causal role is refused)."""
     allowed = tuple(r for r in all_roles_of(cfg) if causal or r not in MASKED_OF)
     roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
     if only is not None:
@@ -121,6 +122,8 @@ def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = No
         if unknown or not only:
             raise ExportError(f"cannot export only {', '.join(unknown) or 'no graphs'}: a {cfg.kind.upper()} "
                               f"export{' at this precision/opset' if not causal else ''} holds {', '.join(allowed)}")
+        if "lm_head" in only and not set(only) & (set(roles_of(cfg)) - {"lm_head"}):
+            raise ExportError("lm_head needs a step graph in the same export (its sample feed is a step graph's output)")
         roles = tuple(only)
     twins = {CAUSAL_OF[r] for r in roles if r in CAUSAL_OF} if causal else set()
     return tuple(r for r in allowed if r in set(roles) | twins)
@@ -129,7 +132,7 @@ def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = No
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False, only: Sequence[str] | None = None,
+                 decode: bool = True, only: Sequence[str] | None = None,
                  trace_cache: bool | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
@@ -137,8 +140,8 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     manifest: it may write files there (draft.samples) and fill draft.validation; an exception from
     it leaves nothing written. `free_model`: drop the model's weights at the end (lower peak memory;
     the model is unusable afterwards). `tokenizer_dir`: a model directory whose tokenizer files
-    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode`: also export the
-    generation graphs (decode roles). `only`: export just these roles (a bench exports the graphs of
+    (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode` (default True): also export the
+    generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only. `only`: export just these roles (a bench exports the graphs of
     the schedules it times: the sequential `segment` graph is the slow one to trace). `trace_cache`: reuse/store
     the translated graphs in the trace cache (exporter/trace_cache.py; None: on unless ARMT_TRACE_CACHE=0)."""
     if precision not in PRECISIONS:

@@ -153,6 +153,12 @@ class Runner(abc.ABC):
             raise ArmtError(f"runner {self.name} is not active: call activate() (or use `with runner:`)")
         checked = tuple(s for s in self.contract.inputs if s.name not in feeds or not self.owns(feeds[s.name]))
         dims = self.contract.resolve_dims(feeds, checked)
+        if len(checked) < len(self.contract.inputs):  # own buffers fed back name dims too (a KV cache: capacity)
+            for spec in self.contract.inputs:
+                if spec not in checked:
+                    for want, size in zip(spec.shape, feeds[spec.name].shape):
+                        if isinstance(want, str):
+                            dims.setdefault(want, int(size))
         start = time.perf_counter()
         out = self._infer(feeds, dims)
         self.inference_time += time.perf_counter() - start

@@ -3,15 +3,27 @@ the export's decode graphs (graphs/contracts.py: decode + memory_write for an AR
 rmt_memory_write for an RMT). Needs only onnxruntime and numpy (no torch).
 
     prefill   the prompt's completed segments: the export's segment graphs through the one schedule
-              loop (runtimes/execute.py run_schedule, the ORT runner), as `armt run --backend ort`
-    step      the decode graph: new tokens against the KV cache (host numpy buffers, fed and
-              returned whole each call), the memory read every layer (ARMT) / the read block of rows
-              that start a segment (RMT: the graph always has M read places, junk for other rows)
+              loop (runtimes/execute.py run_schedule, the ORT runner, kept open across calls), as
+              `armt run --backend ort`
+    step      the decode graph: new tokens against the KV cache, the memory read every layer (ARMT) /
+              the read block of rows that start a segment (RMT: the graph always has M read places,
+              junk for other rows)
     complete  the memory-write graph at a segment boundary (recurrent policy), then those rows'
               cache is reset
 
-An export without decode graphs (exported without --decode) is refused with
-one line (exit 2). Only ONNX Runtime runs the decode graphs here: `--backend trt` is refused.
+Device-resident (runtimes/ort_runner.py OrtRunner, one per decode role, IO binding on runner-owned
+OrtValues, runtimes/buffers.py): the KV cache lives in the decode runner's ping-pong output buffers
+(k/v_cache_out of call t is bound as k/v_cache_in of call t+1, never copied; the graph's cache output
+is a new tensor, so in-place is not possible), the memory state in device buffers (uploaded once per
+`start`, then the memory-write runner's ping-pong outputs). Per token only ids, positions and lengths
+(RMT: read) go host -> device, and only the logits (B, n, V) device -> host. The CPU provider takes the
+same path (OrtValues on the CPU), so the tests run it. `cuda_graph=True` (CUDA only, opt-in as for
+the runner) replays each step shape as a CUDA graph (the runner's call keys: the two cache parities
+are two graphs).
+
+An export without decode graphs (exported with --no-decode) is refused with one line (exit 2).
+`ExportDecoder` holds all of the above over any buffer-owning runner; `OrtDecoder` opens OrtRunners,
+runtimes/trt_generate.py `TrtDecoder` TrtRunners (the TensorRT engines of `armt build`).
 """
 
 from __future__ import annotations
@@ -21,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.contracts import DECODE_ROLES_OF_KIND, contract
-from graphs.dtypes import compute_dtype, numpy_dtype
-from graphs.errors import ExportError, InputError
+from graphs.contracts import DECODE_ROLES_OF_KIND
+from graphs.dtypes import numpy_dtype
+from graphs.errors import InputError
 from graphs.kv_cache import KvCache
 from graphs.rmt_segments import write_block_positions
 from graphs.state import MemoryState, RmtState, to_numpy
@@ -33,81 +45,106 @@ log = logging.getLogger("armt.generate")
 DECODE_ROLES = DECODE_ROLES_OF_KIND
 
 
-def open_decoder(export_dir: str | Path, backend: str, device: str = "cpu", precision: str | None = None):
-    """The decoder of an export on `backend` (ort); one line (InputError) for an export without
-    decode graphs or a backend that cannot run them."""
+def open_decoder(export_dir: str | Path, backend: str, device: str = "cpu", precision: str | None = None,
+                 cuda_graph: bool | None = None):
+    """The decoder of an export on `backend` (ort, or trt: the engines of `armt build`); one line
+    (InputError) for an export without decode graphs or a backend that cannot run them."""
     from runtimes.loaders import open_export
     manifest = open_export(export_dir, precision)
     kind = manifest.model_config().kind
     missing = [r for r in DECODE_ROLES[kind] if r not in manifest.graphs]
-    if missing:
+    if DECODE_ROLES[kind][0] in missing:  # without the memory-write graph: the frozen policy only
         raise InputError(f"export {manifest.root} has no decode graphs ({', '.join(missing)}; it has: "
-                         f"{', '.join(manifest.graphs)}): export it again with `armt export --decode`, or generate "
+                         f"{', '.join(manifest.graphs)}): export it again without --no-decode, or generate "
                          "with --backend torch on the model directory")
+    if backend == "trt":
+        from runtimes.trt_generate import TrtDecoder
+        return TrtDecoder(manifest, device=device, cuda_graph=cuda_graph)
     if backend != "ort":
-        raise InputError(f"generation on --backend {backend} is not implemented yet; use --backend ort or torch")
-    return OrtDecoder(manifest, device=device)
+        raise InputError(f"generation on an export runs on --backend ort or trt, got {backend!r}")
+    return OrtDecoder(manifest, device=device, cuda_graph=cuda_graph)
 
 
-class OrtDecoder:
-    backend = "ort"
+class ExportDecoder:
+    """The decoder protocol over an export's decode graphs on any runner of runtimes/base.py that
+    owns its buffers (runtimes/buffers.py) and has `upload`: the feeds, the cache and memory
+    bookkeeping. Subclasses open the runners (`_open_runner`): OrtDecoder here, TrtDecoder in
+    runtimes/trt_generate.py."""
 
-    def __init__(self, manifest, device: str = "cpu", threads: int | None = None):
+    backend = ""
+
+    def _open_runner(self, role: str, prefill: bool):
+        """A runner (not active) of `role`: a decode role, or (`prefill`) the schedule's step graph."""
+        raise NotImplementedError
+
+    def __init__(self, manifest, device: str = "cpu", threads: int | None = None, cuda_graph: bool | None = None):
         from runtimes.base import parse_device
-        from runtimes.loaders import OrtSessionLoader
         self.manifest = manifest
         self.device = parse_device(device)
         self.device_name = str(self.device)
         self.threads = threads
+        self.cuda_graph_option = cuda_graph
         self.cfg = manifest.model_config()
         self.kind = self.cfg.kind
         self.precision = manifest.precision
         self.model_id = manifest.model_id
         self.extra = self.cfg.armt.num_mem_tokens if self.kind == "rmt" else 0  # read block in front
-        self.cdtype = numpy_dtype(compute_dtype(self.precision))
-        self._sessions = {}
-        for role in DECODE_ROLES[self.kind]:
-            graph = manifest.graph(role)
-            c = contract(self.cfg, role, self.precision)
-            c.check_io(graph.inputs, graph.outputs, f"export {manifest.root}")
-            self._sessions[role] = (c, OrtSessionLoader(manifest.graph_path(role), self.device, threads)())
-
-    def _run(self, role: str, feeds: dict) -> dict[str, np.ndarray]:
-        from runtimes.loaders import raise_if_not_runnable
-        c, session = self._sessions[role]
+        self.decode_role, self.write_role = DECODE_ROLES[self.kind]
+        # one runner per decode role the export has, active for the decoder's life (sessions load here:
+        # errors surface now); an export of some roles (`armt bench --generate`) may lack the memory write
+        self.runners: dict = {}
+        self._prefill_runners: dict = {}  # schedule role -> active runner (opened at the first prefill)
         try:
-            out = session.run(list(c.output_names), {k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        except Exception as exc:  # onnxruntime's own error types
-            raise_if_not_runnable(exc, f"{c.file} on {self.device.type}")
-            raise ExportError(f"onnxruntime failed to run {c.file}: {str(exc).splitlines()[0]}") from None
-        return dict(zip(c.output_names, out))
+            for role in (self.decode_role, self.write_role):
+                if role in manifest.graphs:
+                    self.runners[role] = self._open_runner(role, prefill=False).activate()
+        except BaseException:
+            self.close()  # the runners opened so far (their device memory)
+            raise
+        self.memory: dict = {}  # recurrent input name -> device Buffer
+        self.cache: KvCache | None = None  # k/v (L, B, H_kv, C, hd): device Buffers; lengths (B,) int64 on the host
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Do the decode steps replay CUDA graphs (False when not asked, or refused: the runner logs why)?"""
+        return self.runners[self.decode_role].cuda_graph
+
+    def close(self) -> None:
+        """Release every session (the decoder is unusable afterwards)."""
+        for r in (*self.runners.values(), *self._prefill_runners.values()):
+            r.deactivate()
+        self._prefill_runners.clear()
+        self.memory, self.cache = {}, None
 
     # ---------------------------------------------------------------- prompt's completed segments
     def prefill(self, ids: np.ndarray, lengths: np.ndarray, state, schedule: str):
         from graphs.contracts import role_for
         from runtimes.execute import run_schedule
-        from runtimes.ort_runner import OrtRunner
-        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        runner = OrtRunner(self.manifest, role_for(self.cfg, schedule), device=self.device_name,
-                           verify_checksums=False, threads=self.threads)
-        with runner:
-            res = run_schedule(runner, ids, mask, state=state, collect=())
+        role = role_for(self.cfg, schedule)
+        runner = self._prefill_runners.get(role)
+        if runner is None:
+            runner = self._prefill_runners[role] = self._open_runner(role, prefill=True).activate()
+        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)  # (B, N)
+        res = run_schedule(runner, ids, mask, state=state, collect=())
         return res.state.without_pending()
 
     # ---------------------------------------------------------------- the current segment
     def start(self, state, capacity: int) -> None:
+        """An empty KV cache of `capacity` places per row (RMT: + M of slack) and the memory `state`,
+        both copied to the device once (the decode runner's staging buffers; later calls feed these)."""
         B = state.batch
+        dec = self.runners[self.decode_role]
         if self.kind == "armt":
-            self.memory = {"A_in": np.asarray(to_numpy(state.A), dtype=np.float32),
-                           "z_in": np.asarray(to_numpy(state.z), dtype=np.float32),
-                           "written_in": np.asarray(to_numpy(state.written), dtype=bool)}
+            host = {"A_in": to_numpy(state.A), "z_in": to_numpy(state.z), "written_in": to_numpy(state.written)}
         else:
-            self.memory = {"memory_in": np.asarray(to_numpy(state.memory), dtype=np.float32).astype(self.cdtype),
-                           "written_in": np.asarray(to_numpy(state.written), dtype=bool)}
-        spec = contract(self.cfg, DECODE_ROLES[self.kind][0], self.precision).input("k_cache_in")
+            host = {"memory_in": to_numpy(state.memory), "written_in": to_numpy(state.written)}
+        spec = dec.contract.input("k_cache_in")
         # an RMT step always stores M read places (junk for rows that read nothing): M places of slack
-        shape = spec.concrete_shape({"batch": B, "capacity": capacity + self.extra})
-        self.cache = KvCache(np.zeros(shape, self.cdtype), np.zeros(shape, self.cdtype), np.zeros(B, dtype=np.int64))
+        shape = spec.concrete_shape({"batch": B, "capacity": capacity + self.extra})  # (L, B, H_kv, C, hd)
+        zeros = np.zeros(shape, dtype=numpy_dtype(spec.dtype))  # never-written places must be finite (masked: 0 x junk)
+        up = dec.upload({**host, "k_cache_in": zeros, "v_cache_in": zeros})
+        self.memory = {name: up[name] for name in host}
+        self.cache = KvCache(up["k_cache_in"], up["v_cache_in"], np.zeros(B, dtype=np.int64))
         self.needs_read = np.full(B, self.kind == "rmt")
 
     def segment_tokens(self) -> np.ndarray:
@@ -136,11 +173,12 @@ class OrtDecoder:
                  "lengths": self.cache.lengths, "k_cache_in": self.cache.k, "v_cache_in": self.cache.v, **self.memory}
         if self.kind == "rmt":
             feeds["read"] = self.needs_read.copy()
-        out = self._run(DECODE_ROLES[self.kind][0], feeds)
+        runner = self.runners[self.decode_role]
+        out = runner.infer(feeds)  # the cache stays on the device: the outputs are the next inputs
         self.cache.k, self.cache.v = out["k_cache_out"], out["v_cache_out"]
         self.cache.advance(offset + counts)
         self.needs_read = self.needs_read & ~((offset + counts) > 0)
-        return out["logits"]  # (B, n, V)
+        return runner.to_numpy(out["logits"])  # (B, n, V) float32, a host copy
 
     def complete(self, rows: np.ndarray) -> None:
         """Complete the full segments of `rows` (B,) bool as `armt run` does (the memory-write graph);
@@ -156,18 +194,34 @@ class OrtDecoder:
                 pos = np.broadcast_to(T + np.arange(M), (B, M))
         else:
             pos = write_block_positions(self.cfg, np.full(B, T))
-        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        pos = np.ascontiguousarray(pos, dtype=np.int64)  # (B, M)
         self.cache.check_room(M)
+        runner = self.runners.get(self.write_role)
+        if runner is None:
+            raise InputError(f"export {self.manifest.root} has no {self.write_role} graph (exported with only "
+                             f"{', '.join(self.manifest.graphs)}): --memory-policy recurrent needs it; export "
+                             "again without --no-decode")
         feeds = {"positions": pos, "lengths": self.cache.lengths, "k_cache_in": self.cache.k,
                  "v_cache_in": self.cache.v, "write": np.asarray(rows, dtype=bool), **self.memory}
-        out = self._run(DECODE_ROLES[self.kind][1], feeds)
-        self.memory = {inp: out[o] for o, inp in contract(self.cfg, DECODE_ROLES[self.kind][1],
-                                                          self.precision).recurrent.items()}
+        out = runner.infer(feeds)  # the decode runner's cache and the memory buffers, bound as they are
+        self.memory = {inp: out[o] for o, inp in runner.contract.recurrent.items()}  # its ping-pong outputs
         if self.kind == "rmt":
             self.needs_read = self.needs_read | rows
         self.cache.reset(rows)
 
     def state(self):
+        """The memory the current segment reads, as host numpy arrays."""
+        host = {name: self.runners[self.decode_role].to_numpy(buf).copy() for name, buf in self.memory.items()}
         if self.kind == "armt":
-            return MemoryState(self.memory["A_in"].copy(), self.memory["z_in"].copy(), self.memory["written_in"].copy())
-        return RmtState(self.memory["memory_in"].copy(), self.memory["written_in"].copy())
+            return MemoryState(host["A_in"], host["z_in"], host["written_in"])
+        return RmtState(host["memory_in"], host["written_in"])
+
+
+class OrtDecoder(ExportDecoder):
+    backend = "ort"
+
+    def _open_runner(self, role: str, prefill: bool):
+        from runtimes.ort_runner import OrtRunner
+        graphs = {} if prefill else {"cuda_graph": self.cuda_graph_option}  # the prefill: no CUDA graphs (as before)
+        return OrtRunner(self.manifest, role, device=self.device_name, verify_checksums=False,
+                         threads=self.threads, **graphs)

@@ -251,6 +251,19 @@ class OrtRunner(Runner):
     def owns(self, value: Any) -> bool:
         return self._buffers is not None and self._buffers.owns(value)
 
+    def upload(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Buffer]:
+        """Copy host arrays into this runner's staging buffers of those inputs (checked against the
+        contract) and return the device handles: fed back to `infer` later (of this runner or another
+        on the same device), they are bound as they are, without a copy (a decoder's memory and KV cache)."""
+        if self._buffers is None:
+            raise ExportError(f"runner {self.name} is not active: call activate() first")
+        for name, value in feeds.items():
+            spec = self.contract.input(name)
+            if len(np.shape(value)) != len(spec.shape):
+                raise ExportError(f"{self.loader.path.name}: {name} must have rank {len(spec.shape)}, got "
+                                  f"shape {np.shape(value)}")
+        return self._buffers.bind_inputs(feeds)
+
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
         variant = self.pick_variant(feeds)  # host feeds: before they are staged

@@ -69,8 +69,9 @@ def select_engine(engines: Sequence[EngineRecord], role: str, importable=None) -
         if importable(engine.builder):
             return engine
     builders = sorted({e.builder for e in engines})
+    hint = "pip install 'armt-deploy[trt]'" if "tensorrt_rtx" in builders else "install TensorRT"
     raise BackendUnavailable(f"graph {role} has engines built by {', '.join(builders)}, and none of those "
-                             "modules is installed here")
+                             f"modules is installed here ({hint})")
 
 
 def _importable(module: str) -> bool:
@@ -285,6 +286,20 @@ class TrtRunner(Runner):
 
     def to_numpy(self, value: Buffer) -> np.ndarray:
         return self._buffers.read(value)
+
+    def upload(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Buffer]:
+        """Copy host arrays into this runner's staging buffers of those inputs and return the device
+        handles (as OrtRunner.upload): fed to `infer` later (of this runner or another engine on the
+        same GPU), they are bound as they are (a decoder's memory and KV cache)."""
+        if self._buffers is None:
+            raise ExportError(f"runner {self.name} is not active: call activate() first")
+        for name, value in feeds.items():
+            spec = self.contract.input(name)
+            if len(np.shape(value)) != len(spec.shape):
+                raise ExportError(f"{self.role}: {name} must have rank {len(spec.shape)}, got shape {np.shape(value)}")
+        bound = self._buffers.bind_inputs(feeds)
+        self.synchronize()  # the host arrays may be freed when this returns
+        return bound
 
     def synchronize(self) -> None:
         if self._stream is not None and hasattr(self._stream, "synchronize"):

@@ -92,8 +92,9 @@ class _Sampler:
         width = self.width or sample_width(model.cfg)
         ids, mask = sample_batch(model.cfg, width)
         feeds, reference = {}, {}
-        roles = [r for r in roles_of(model.cfg) if r != LM_HEAD] + \
-            [r for r in causal_roles_of(model.cfg) if r in draft.graphs] + [LM_HEAD]
+        roles = [r for r in roles_of(model.cfg) if r != LM_HEAD and r in draft.graphs] + \
+            [r for r in causal_roles_of(model.cfg) if r in draft.graphs] + \
+            [LM_HEAD] * (LM_HEAD in draft.graphs)  # an export of some roles: those (lm_head last: its feed)
         with Progress(len(roles), "validating graphs" if self.validate else "sample feeds") as bar:
             for role in roles:
                 bar.describe(role)
@@ -292,11 +293,12 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  validate: bool = True, overwrite: bool = False, sample_width: int | None = None,
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
-                 decode: bool = False, only: Sequence[str] | None = None,
+                 decode: bool = True, only: Sequence[str] | None = None,
                  trace_cache: bool | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
     validation tables. Raises ParityFailure when an output misses its bound (nothing is written then).
+    `decode` (default True): with the generation graphs; `only`: just these roles (exporter/export.py);
     `trace_cache`: exporter/trace_cache.py (None: on unless ARMT_TRACE_CACHE=0)."""
     if validate:
         try:

@@ -69,7 +69,7 @@ def test_sigkill_leftovers_are_listed_and_cleaned_by_the_next_export(tmp_path, c
     _, model_dir = exported("llama")
     out = export_copy("llama", tmp_path / "out")  # an existing export the killed run was replacing
     proc = subprocess.Popen([sys.executable, "-m", "armt.cli", "-q", "export", str(model_dir), "-o", str(out),
-                             "--overwrite", "--no-validate", "--no-trace-cache"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             "--overwrite", "--no-validate", "--no-decode", "--no-trace-cache"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -84,7 +84,7 @@ def test_sigkill_leftovers_are_listed_and_cleaned_by_the_next_export(tmp_path, c
     assert leftovers and leftovers[0].name.startswith(f".out.partial-{proc.pid}-")
     assert main(["inspect", str(out)]) == 0  # the previous export is intact
     assert f"stale: {leftovers[0]}" in capsys.readouterr().out
-    assert main(["export", str(model_dir), "-o", str(out), "--overwrite", "--no-validate"]) == 0
+    assert main(["export", str(model_dir), "-o", str(out), "--overwrite", "--no-validate", "--no-decode"]) == 0
     assert not any(p.exists() for p in leftovers) and not list(tmp_path.glob(".out.*"))
     assert main(["inspect", str(out), "--verify"]) == 0
     model = save_model_dir(tiny_model("llama"), tmp_path / "model")

@@ -179,3 +179,21 @@ def test_steady_step_feeds_fit_the_graph(precision):
     first, second = calls
     assert isinstance(first["A_in"], np.ndarray) and not isinstance(second["A_in"], np.ndarray)
     assert str(first["hidden_in"].dtype) == {"fp32": "float32", "fp16": "float16"}[precision]
+
+
+def test_bench_generate_on_ort_exports_only_what_it_runs(tmp_path):
+    """`armt bench --generate --backends torch,ort --export-to DIR`: the bench exports the prefill's
+    step graph, lm_head and the decode graph only (no memory write: the timed job is frozen); the ort rows (one decoder shared by the rows) generate the
+    torch decoder's greedy tokens; no CUDA graphs on a CPU."""
+    from exporter.manifest import load_manifest
+    out = tmp_path / "gen.json"
+    rc = main(["bench", "--generate", *TINY, "--repeats", "1", "--lengths", "20,40", "--batch-sizes", "1,2",
+               "--new-tokens", "4", "--backends", "torch,ort", "--export-to", str(tmp_path / "export"),
+               "--output", str(out)])
+    assert rc == 0
+    assert list(load_manifest(tmp_path / "export").graphs) == ["diagonal_step", "lm_head", "decode"]
+    rows = [r for r in json.loads(out.read_text())["results"] if r["backend"] == "ort"]
+    assert len(rows) == 4
+    for r in rows:
+        assert "error" not in r, r
+        assert r["generated"] == 4 and r["same_tokens_as_torch"] == 1.0 and r["cuda_graph"] is False, r

@@ -46,7 +46,7 @@ def _export(demo, tmp_path_factory, precision):
     model = demo[0]
     out = tmp_path_factory.mktemp(f"armt-recall-{precision}") / "export"
     return export_model(copy.deepcopy(model), out, precision=precision, validate=False,
-                        tokenizer_dir=MODEL_DIR).export_dir
+                        tokenizer_dir=MODEL_DIR, decode=False).export_dir
 
 
 @pytest.fixture(scope="module")

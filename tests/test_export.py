@@ -67,9 +67,9 @@ def export_of(tmp_path_factory):
             if key == ("llama", "fp32"):
                 model_dir = root / "llama-model"
                 save_model_dir(tiny_model(arch, **ARCHS[arch]), model_dir)
-                assert main(["export", str(model_dir), "-o", str(out)]) == 0
+                assert main(["export", str(model_dir), "-o", str(out), "--no-decode"]) == 0
             else:
-                export_model(tiny_model(arch, **ARCHS[arch]), out, precision=precision, opset=opset)
+                export_model(tiny_model(arch, **ARCHS[arch]), out, precision=precision, opset=opset, decode=False)
             done[key] = out
         return done[key]
 
@@ -350,7 +350,7 @@ def test_no_validate_export_then_failed_validation_keeps_it(tmp_path, monkeypatc
     model_dir = tmp_path / "model"
     save_model_dir(tiny_model("llama", num_hidden_layers=1), model_dir)
     out = tmp_path / "export"
-    assert main(["export", str(model_dir), "-o", str(out), "--no-validate"]) == 0
+    assert main(["export", str(model_dir), "-o", str(out), "--no-validate", "--no-decode"]) == 0
     assert "validation not run" in capsys.readouterr().out
     m = load_manifest(out)
     assert m.validation["status"] == "not run" and "onnxruntime" not in m.versions
@@ -361,7 +361,7 @@ def test_no_validate_export_then_failed_validation_keeps_it(tmp_path, monkeypatc
 
     strict = {k: bounds.Bound(1e-12, 1e-12) if k[1] != "written" else b for k, b in bounds.BOUNDS.items()}
     monkeypatch.setattr(bounds, "BOUNDS", strict)
-    assert main(["export", str(model_dir), "-o", str(out), "--overwrite"]) == 1
+    assert main(["export", str(model_dir), "-o", str(out), "--overwrite", "--no-decode"]) == 1
     captured = capsys.readouterr()
     assert "MISS" in captured.out and "logits" in captured.out
     assert "validation failed" in captured.err and "\n" not in captured.err.strip()
@@ -378,7 +378,7 @@ def test_failed_trace_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "trace_graph", broken)
     out = tmp_path / "export"
     with pytest.raises(ExportError, match="simulated"):
-        export_model(tiny_model("llama"), out)
+        export_model(tiny_model("llama"), out, decode=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -57,7 +57,7 @@ def fused_exports(tmp_path_factory):
         if key not in done:
             out = root / f"{kind}-{precision}"
             with torch.no_grad():
-                export_model(_model(kind), out, precision=precision, validate=precision != "bf16")
+                export_model(_model(kind), out, precision=precision, validate=precision != "bf16", decode=False)
             done[key] = out
         return done[key]
 

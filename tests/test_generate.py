@@ -244,7 +244,8 @@ def test_cli_export_without_decode_graphs(tmp_path, capsys):
     export_model(tiny_rmt("llama", segment_size=5), tmp_path / "export", precision="fp32", validate=False, decode=False)
     np.save(tmp_path / "ids.npy", np.zeros((1, 4), np.int64))
     assert _gen(tmp_path / "export", "--backend", "ort", "--input-ids", tmp_path / "ids.npy") == 2
-    _one_line(capsys, "has no decode graphs (rmt_decode, rmt_memory_write; it has: rmt_segment, lm_head)")
+    _one_line(capsys, "has no decode graphs (rmt_decode, rmt_memory_write; it has: rmt_segment, lm_head): "
+              "export it again without --no-decode")
     assert _gen(tmp_path / "export", "--input-ids", tmp_path / "ids.npy") == 2  # torch needs the model dir
     _one_line(capsys, "is an export directory")
 

@@ -329,7 +329,7 @@ def exported(tmp_path_factory):
     from runtimes.validation import export_model
     root = tmp_path_factory.mktemp("rmt-safety")
     model_dir = save_model_dir(tiny_rmt("llama"), root / "model")
-    export_model(tiny_rmt("llama"), root / "export", precision="fp32", validate=False)  # casts its model
+    export_model(tiny_rmt("llama"), root / "export", precision="fp32", validate=False, decode=False)  # casts its model
     return root / "export", model_dir
 
 

@@ -69,7 +69,7 @@ def exported(kind: str) -> tuple[Path, Path]:
     # validate=False: the exporter's own check is tested with the exporter; parity here is what these
     # tests measure (and the official LLaMA's memory state is ill-conditioned on the exporter's sample:
     # A differs by 3e-5 between two fp32 torch attention kernels, see runtimes/verify.py)
-    export_model(fresh_model(kind), root / "export", precision=precision, validate=False)  # casts its model
+    export_model(fresh_model(kind), root / "export", precision=precision, validate=False, decode=False)  # casts its model
     return root / "export", model_dir
 
 

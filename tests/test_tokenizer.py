@@ -141,7 +141,7 @@ def tiny_export(tmp_path_factory):
     assert armt(["convert-official", str(LLAMA / "checkpoint.pt"), "--base-config", str(LLAMA), *FLAGS,
                  "--tokenizer", str(tok_dir), "-o", str(model_dir)]) == 0
     export_dir = root / "export"
-    assert armt(["export", str(model_dir), "-o", str(export_dir), "--no-validate"]) == 0
+    assert armt(["export", str(model_dir), "-o", str(export_dir), "--no-validate", "--no-decode"]) == 0
     return model_dir, export_dir
 
 

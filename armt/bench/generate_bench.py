@@ -135,8 +135,11 @@ def _prefill_on_reference(decoder) -> None:
 
 
 def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, device: torch.device,
-                     precision: str, export_dir: str | None) -> Callable[[Clock], Any]:
-    """The timed call: runtimes.generate.generate on the backend's decoder."""
+                     precision: str, export_dir: str | None, cuda_graph: bool | None = None,
+                     decoder=None) -> Callable[[Clock], Any]:
+    """The timed call: runtimes.generate.generate on the backend's decoder (its `decoder` attribute).
+    `cuda_graph`: the ort decoder's CUDA graphs (runtimes/ort_generate.py; default off); `decoder`: an
+    ort decoder opened before (its sessions reused)."""
     from graphs.sampling import SamplingConfig
     import runtimes.generate as gen
     if backend in ("torch", "torch-ref", "torch-graph"):
@@ -153,7 +156,8 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
         from armt.api import open_export_decoder
         if not export_dir:
             raise InputError("the ort backend needs --export-dir (an `armt export` of the same model) or --export-to DIR")
-        decoder = open_export_decoder(export_dir, "ort", device.type, precision)
+        if decoder is None:
+            decoder = open_export_decoder(export_dir, "ort", device.type, precision, cuda_graph=cuda_graph)
         make = lambda: decoder  # noqa: E731  (one session set; generate restarts its cache each call)
     else:
         raise InputError(f"generate backends are {', '.join(GENERATE_BACKENDS)}, got {backend!r}")
@@ -164,6 +168,7 @@ def armt_generate_fn(backend: str, model, ids: np.ndarray, new_tokens: int, devi
             return gen.generate(decoder, ids, None, max_new_tokens=new_tokens, policy="frozen",
                                 sampling=SamplingConfig(greedy=True), on_token=lambda *_: clock.tick(),
                                 scores=False)  # as HF's generate here: tokens only (torch-graph: argmax on the device)
+    run.decoder = decoder
     return run
 
 
@@ -179,6 +184,7 @@ class GenerateBench:
     export_dir: str | None = None
     max_hf: int | None = None
     max_ref: int | None = None
+    cuda_graph: bool | None = None  # ort: the decoder's CUDA graphs (--cuda-graph)
 
     def __post_init__(self):
         if self.new_tokens < 2:
@@ -188,6 +194,7 @@ class GenerateBench:
         self._torch_tokens: dict = {}  # (batch, prompt) -> the torch backend's tokens
         self._diagonal: dict = {}  # (batch, prompt) -> `armt bench`'s diagonal time
         self._on_device = None
+        self._ort = None  # the ort decoder, shared by the rows (not with CUDA graphs: a session per step shape)
 
     def _device_model(self):
         if self._on_device is None:  # moved and cast once; TorchDecoder then uses it as it is
@@ -233,9 +240,17 @@ class GenerateBench:
                 t = self._timed(hf_generate_fn(self._hf, tids, self.new_tokens))
                 tokens = t.pop("result")[:, N:].cpu().numpy()
             else:
-                t = self._timed(armt_generate_fn(backend, self._device_model(), ids, self.new_tokens, self.device,
-                                                 self.precision, self.export_dir))
+                fn = armt_generate_fn(backend, self._device_model(), ids, self.new_tokens, self.device,
+                                      self.precision, self.export_dir, self.cuda_graph,
+                                      self._ort if backend == "ort" else None)
+                t = self._timed(fn)
                 tokens = t.pop("result").tokens
+                if backend == "ort":  # what ran: CUDA graphs asked for may have been refused (reason logged)
+                    t["cuda_graph"] = fn.decoder.cuda_graph
+                    if self.cuda_graph:
+                        fn.decoder.close()
+                    else:
+                        self._ort = fn.decoder
             if backend in ("torch", "torch-graph"):
                 t["diagonal_ms"] = self._diagonal_ms(ids)
         except torch.OutOfMemoryError:
@@ -275,6 +290,9 @@ class GenerateBench:
     def close(self) -> None:
         if self._work is not None:
             self._work.close()
+        if self._ort is not None:
+            self._ort.close()
+            self._ort = None
 
 
 # ------------------------------------------------------------------------------------------ targets

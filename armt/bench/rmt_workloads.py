@@ -137,7 +137,7 @@ class RmtWorkloads:
         from exporter.export import export_model
         log.info("exporting the RMT (%s) to %s for the ort backend ...", self.precision, where)
         export_model(copy.deepcopy(self.fp32_model), where, precision=self.precision, overwrite=True,
-                     source="armt bench")
+                     source="armt bench", decode=False)
         self.export_dir = where
 
     def ort_runner(self):

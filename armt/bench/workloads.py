@@ -136,15 +136,18 @@ def reference_run(model: ArmtModel, ids: torch.Tensor, schedule: str, collect: b
 
 
 def export_bench_model(model, where: str, precision: str, source: str, decode: bool = False,
-                       schedules: Sequence[str] | None = None) -> None:
+                       schedules: Sequence[str] | None = None, memory_write: bool = True) -> None:
     """Export a copy of the bench's fp32 model to `where` for the ort backend, without validation (the
     bench's own parity rows measure the export on the real device); `decode`: with the generation graphs;
-    `schedules`: only the step graphs of these schedules (+ lm_head), None: every graph of the kind."""
+    `schedules`: only the step graphs of these schedules (+ lm_head), None: every graph of the kind;
+    `memory_write=False` (with `schedules`): the decode graph without the memory write (frozen policy)."""
     from graphs.contracts import LM_HEAD, decode_roles_of, role_for
     from runtimes.validation import export_model
     only = None
     if schedules is not None:
         only = [role_for(model.cfg, s) for s in schedules] + [LM_HEAD] + list(decode_roles_of(model.cfg) if decode else ())
+        if not memory_write:
+            only = only[:-1] if decode else only  # decode_roles_of: (decode, memory write)
     log.info("exporting the model (%s%s) to %s for the ort backend ...", precision,
              f": {', '.join(only)}" if only else "", where)
     export_model(copy.deepcopy(model), where, precision=precision, validate=False, overwrite=True, source=source,

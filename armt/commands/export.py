@@ -17,16 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Export the segment and diagonal-step graphs of an ARMT model directory "
                        "(or a synthetic random-weight model) to ONNX, with shared external weights, sample feeds, "
                        "a Polygraphy data loader and manifest.json; validate on ONNX Runtime CPU. The generation "
-                       "graphs (decode, memory_write; RMT: rmt_decode, rmt_memory_write) only with --decode.")
+                       "graphs (decode, memory_write; RMT: rmt_decode, rmt_memory_write) too unless --no-decode.")
     p.add_argument("model_dir", nargs="?", help="model directory (config.json, armt_config.json, model.safetensors)")
     p.add_argument("-o", "--output", required=True, help="export directory to write")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="compute dtype of layers, embeddings and head (memory state stays fp32)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs torch check")
-    p.add_argument("--decode", action="store_true",
-                   help="also export the generation graphs that `armt generate --backend ort` needs (two more "
-                   "traces: about twice the export time; the weights are shared)")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the generation graphs that `armt generate --backend ort` needs (default; two "
+                   "more traces, about twice the export time; the weights are shared); --no-decode: without them")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: fp32 18, 17..22; fp16/bf16 23, 17..23: 23 fuses attention into ONNX Attention nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory (never MODEL_DIR, "
                    "a directory inside it or one holding it)")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="frozen (default): the last segment and new tokens read the memory, never write it; "
                    "recurrent: completed segments are written as `armt run` does")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="execution backend (default torch)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu (trt: cuda)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="torch: compute precision (default fp32); ort/trt: must match the export")
     p.add_argument("--schedule", choices=["sequential", "diagonal"],
