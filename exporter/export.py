@@ -28,7 +28,7 @@ import torch
 
 from graphs.atomic import atomic_directory
 from graphs.config import ModelConfig
-from graphs.contracts import all_roles_of, contract, decode_roles_of, model_dims, roles_of
+from graphs.contracts import CAUSAL, CAUSAL_OF, MASKED_OF, all_roles_of, contract, decode_roles_of, model_dims, roles_of
 from graphs.dtypes import PRECISIONS, compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -36,9 +36,9 @@ from graphs.model import ArmtModel
 import exporter
 from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSpec, record_files, write_manifest
 from exporter.polygraphy_loader import write_script
-from exporter.portability import check_portable, op_counts
+from exporter.portability import attention_variant, check_portable, op_counts
 from exporter.provenance import graph_metadata
-from exporter.trace import check_opset, default_opset, fused_attention, memory_math, trace_graph
+from exporter.trace import causal_variants, check_opset, default_opset, fused_attention, memory_math, trace_graph
 from graphs.progress import Progress
 from exporter.weights import SharedWeights
 
@@ -109,20 +109,24 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__}
 
 
-def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = None) -> tuple[str, ...]:
+def export_roles(cfg: ModelConfig, decode: bool, only: Sequence[str] | None = None,
+                 causal: bool = False) -> tuple[str, ...]:
     """The roles an export writes, in the contract's order: every role of the kind (+ the decode
     roles), or `only` those (ExportError naming any role this kind has not, or lm_head without a step
-    graph: its sample feed is a step graph's output)."""
+    graph: its sample feed is a step graph's output); `causal` (fp16/bf16 at opset 23): each written
+    step role's causal variant too (without it a causal role is refused)."""
+    allowed = tuple(r for r in all_roles_of(cfg) if causal or r not in MASKED_OF)
     roles = roles_of(cfg) + (decode_roles_of(cfg) if decode else ())
-    if only is None:
-        return roles
-    unknown = sorted(set(only) - set(all_roles_of(cfg)))
-    if unknown or not only:
-        raise ExportError(f"cannot export only {', '.join(unknown) or 'no graphs'}: a {cfg.kind.upper()} "
-                          f"export holds {', '.join(all_roles_of(cfg))}")
-    if "lm_head" in only and not set(only) & (set(roles_of(cfg)) - {"lm_head"}):
-        raise ExportError("lm_head needs a step graph in the same export (its sample feed is a step graph's output)")
-    return tuple(r for r in all_roles_of(cfg) if r in set(only))
+    if only is not None:
+        unknown = sorted(set(only) - set(allowed))
+        if unknown or not only:
+            raise ExportError(f"cannot export only {', '.join(unknown) or 'no graphs'}: a {cfg.kind.upper()} "
+                              f"export{' at this precision/opset' if not causal else ''} holds {', '.join(allowed)}")
+        if "lm_head" in only and not set(only) & (set(roles_of(cfg)) - {"lm_head"}):
+            raise ExportError("lm_head needs a step graph in the same export (its sample feed is a step graph's output)")
+        roles = tuple(only)
+    twins = {CAUSAL_OF[r] for r in roles if r in CAUSAL_OF} if causal else set()
+    return tuple(r for r in allowed if r in set(roles) | twins)
 
 
 def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp32", opset: int | None = None,
@@ -152,12 +156,12 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     export_dir = Path(export_dir)
 
     dims = model_dims(cfg)
-    roles = export_roles(cfg, decode, only)
+    roles = export_roles(cfg, decode, only, causal=causal_variants(precision, opset))  # fp16/bf16: + is_causal twins
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
         with Progress(len(roles), "tracing graphs") as bar:
-            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_decode, rmt_memory_write)
+            for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ *_causal) (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_segment_causal) (+ rmt_decode, rmt_memory_write)
                 bar.describe(role)
                 c = contract(cfg, role, precision)
                 path = stage / c.file
@@ -177,7 +181,10 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                     raise ExportError(f"{role} graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
                 graphs[role] = GraphRecord(role=role, file=c.file, data_files=(shared.name,), inputs=c.inputs,
                                            outputs=c.outputs, precision=precision, opset=opset,
-                                           op_counts=op_counts(proto))
+                                           op_counts=op_counts(proto), attention=attention_variant(proto))
+                if c.variant == CAUSAL and graphs[role].attention != CAUSAL:
+                    raise ExportError(f"the {role} graph's Attention nodes are {graphs[role].attention or 'absent'}, "
+                                      "its role needs is_causal without a mask")
                 del proto
                 log.info("wrote %s (%d nodes); %s is %.1f MB", c.file, sum(graphs[role].op_counts.values()),
                          shared.name, shared.size / 1e6)

@@ -27,9 +27,11 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 FUSED_OPS = ("Attention", "RMSNormalization", "RotaryEmbedding")  # the opset-23 fused standard ops (issue 10)
 
 
-def fused_ops(op_counts: dict[str, int]) -> str:
-    """The fused standard ops a graph holds, with counts ("-": none, attention written out of primitives)."""
-    held = [f"{op} {op_counts[op]}" for op in FUSED_OPS if op_counts.get(op)]
+def fused_ops(op_counts: dict[str, int], attention: str = "") -> str:
+    """The fused standard ops a graph holds, with counts ("-": none, attention written out of primitives);
+    Attention with its masking: "(causal)" is_causal without a mask, "(masked)" the explicit slot mask."""
+    held = [f"{op} {op_counts[op]}" + (f" ({attention})" if op == "Attention" and attention else "")
+            for op in FUSED_OPS if op_counts.get(op)]
     return ", ".join(held) or "-"
 
 
@@ -52,7 +54,7 @@ def describe(manifest: Manifest, top_ops: int = 8) -> str:
         nodes = sum(g.op_counts.values())
         ops = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts.items(), key=lambda kv: -kv[1])[:top_ops])
         data = ", ".join(f"{f} {_mb(m.files[f].bytes)}" for f in g.data_files if f in m.files)
-        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), fused_ops(g.op_counts), ops])
+        rows.append([role, g.file, _mb(m.files[g.file].bytes), data, str(nodes), fused_ops(g.op_counts, g.attention), ops])
     lines += _table(["graph", "file", "size", "external data", "nodes", "fused ops", "top ops"], rows)
     for role, g in m.graphs.items():
         lines += ["", f"{role} inputs / outputs:"]
@@ -127,7 +129,7 @@ def inspect_data(export_dir: str | Path, verify_checksums: bool = False) -> dict
         graphs[role] = {
             "file": g.file, "bytes": m.files[g.file].bytes if g.file in m.files else None,
             "data_files": {f: m.files[f].bytes for f in g.data_files if f in m.files},
-            "nodes": sum(g.op_counts.values()), "op_counts": dict(g.op_counts),
+            "nodes": sum(g.op_counts.values()), "op_counts": dict(g.op_counts), "attention": g.attention,
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in g.inputs],
             "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in g.outputs],
             "engines": [{"file": e.file, "bytes": m.files[e.file].bytes if e.file in m.files else None,

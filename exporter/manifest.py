@@ -7,6 +7,7 @@ Layout of an export directory (file names are fixed by this module; the manifest
       segment.onnx                 sequential-schedule graph   (role "segment")          ARMT
       diagonal_step.onnx           diagonal-schedule graph     (role "diagonal_step")    ARMT
       rmt_segment.onnx             sequential-schedule graph   (role "rmt_segment")      RMT (instead of both)
+      *_causal.onnx                fp16/bf16 at opset 23: each step graph's is_causal variant (full slots)
       weights.data                 ONNX external data (the graphs' weights, shared)
       sample_feeds.npz             realistic inputs for every graph (prefix "<role>/")
       polygraphy_data_loader.py    `polygraphy run ... --data-loader-script` helper
@@ -103,6 +104,7 @@ class GraphRecord:
     opset: int
     op_counts: dict[str, int] = field(default_factory=dict)  # ONNX op type -> node count
     engines: tuple[EngineRecord, ...] = ()
+    attention: str = ""  # its Attention nodes: "causal" (is_causal, no mask), "masked" (bool mask), "" none
 
     def input(self, name: str) -> TensorSpec:
         return spec_by_name(self.inputs, name, self.role, "input")
@@ -119,7 +121,7 @@ class GraphRecord:
         return {"role": self.role, "file": self.file, "data_files": list(self.data_files),
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
                 "precision": self.precision, "opset": self.opset, "op_counts": dict(self.op_counts),
-                "engines": [e.to_dict() for e in self.engines]}
+                "engines": [e.to_dict() for e in self.engines], "attention": self.attention}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GraphRecord":
@@ -128,7 +130,8 @@ class GraphRecord:
                    outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
                    precision=str(d["precision"]), opset=int(d["opset"]),
                    op_counts={str(k): int(v) for k, v in d.get("op_counts", {}).items()},
-                   engines=tuple(EngineRecord.from_dict(e) for e in d.get("engines", ())))
+                   engines=tuple(EngineRecord.from_dict(e) for e in d.get("engines", ())),
+                   attention=str(d.get("attention", "")))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,18 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
+def attention_variant(model: onnx.ModelProto) -> str:
+    """How the graph's Attention nodes mask: "causal" (every one is_causal=1 with no mask input),
+    "masked" (every one takes a mask, is_causal 0), "mixed", or "" (no Attention node)."""
+    kinds = set()
+    for n in model.graph.node:
+        if n.op_type == "Attention" and n.domain in ("", "ai.onnx"):
+            causal = any(a.name == "is_causal" and a.i == 1 for a in n.attribute)
+            has_mask = len(n.input) > 3 and n.input[3] != ""
+            kinds.add("causal" if causal and not has_mask else "masked" if has_mask and not causal else "mixed")
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else ""
+
+
 FUSED_ALLOWED_OPS = frozenset({"Attention", "RMSNormalization"})  # fp16/bf16 graphs at opset 23 only (exporter/trace.py)
 
 

@@ -7,6 +7,9 @@ path has:
     row 0: | seg 0 full   | seg 1 full   | seg 2 short |   three segments, memory written each time
     row 1: | seg 0 padded |   (ended)    |   (ended)   |   padded slot, then write = False
 
+The causal graph variants (`segment_causal`, ...) run on full slots only: their samples come from
+`full_batch` (two rows of SEGMENTS full segments).
+
 `sample_feeds.npz` stores one call per graph from inside such a run (non-zero state in every layer,
 padding, mixed write/active flags) under "<role>/<input>", and the torch reference's outputs of that
 call under "reference/<role>/<output>" (so `armt verify --per-graph` can check a backend on a host
@@ -39,6 +42,14 @@ def sample_batch(cfg: ModelConfig, width: int, seed: int = 0) -> tuple[np.ndarra
     lengths = np.array([n, max(1, (2 * width) // 3)])
     mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int64)
     return ids, mask
+
+
+def full_batch(cfg: ModelConfig, width: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """ids (2, SEGMENTS * width) int64 and an all-ones mask: every slot of every call is full (no
+    padding, no short last segment), the feeds a causal graph variant is validated on."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.base.vocab_size, size=(2, SEGMENTS * width), dtype=np.int64)
+    return ids, np.ones_like(ids)
 
 
 def sample_width(cfg: ModelConfig, max_width: int = DEFAULT_MAX_WIDTH) -> int:

@@ -14,6 +14,9 @@ fp16/bf16 exports default to opset 23 instead (FUSED_OPSET): their attention is 
 from the 4-D head counts, the same boolean slot mask), which ONNX Runtime and TensorRT(-RTX) run as
 a fused kernel in fp16/bf16; TensorRT refuses that op in fp32, so fp32 stays at 17..22 and written
 out, bit for bit as before. An fp16/bf16 export asked for at opset 17..22 is written out too.
+Fused exports also trace each step role's causal variant (`segment_causal`, ...: the cells of
+graphs/cells.py with every key valid, traced with blocks.ONNX_CAUSAL: Attention is_causal=1 and no mask
+input), one more trace per step graph.
 The same switch picks the memory read of graphs.memory.memory_read_fast for those graphs (tensor-core
 layout, `fast_memory`); the manifest records it as `memory_math` and ONNX Runtime CUDA sessions of
 such graphs turn TF32 on (runtimes/loaders.py).
@@ -32,9 +35,9 @@ import warnings
 import numpy as np
 import torch
 
-from graphs.blocks import ONNX_ATTENTION
+from graphs.blocks import ONNX_ATTENTION, ONNX_CAUSAL
 from graphs.cells import cell_for
-from graphs.contracts import contract
+from graphs.contracts import MASKED_OF, contract
 from graphs.dtypes import FLOATS, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
@@ -179,7 +182,17 @@ def memory_math(precision: str, opset: int) -> str:
     return f"tensor-core-{precision}" if fast_memory(precision, opset) else "fp32"
 
 
+def causal_variants(precision: str, opset: int) -> bool:
+    """Whether the export adds the step roles' causal variants (is_causal Attention, no mask): exactly
+    when attention is fused (fp16/bf16 at opset 23); fp32 exports are unchanged."""
+    return fused_attention(precision, opset)
+
+
 def cell_module(model: ArmtModel, role: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> torch.nn.Module:
+    if role in MASKED_OF:
+        if not causal_variants(precision, opset):
+            raise ExportError(f"the {role} graph exists for fused fp16/bf16 exports (opset {FUSED_OPSET}) only")
+        return cell_for(model, role, ONNX_CAUSAL, fast_memory(precision, opset))
     return cell_for(model, role, ONNX_ATTENTION if fused_attention(precision, opset) else False,
                     fast_memory(precision, opset))
 

@@ -91,18 +91,21 @@ def attention_mask(key_valid: torch.Tensor) -> torch.Tensor:
 
 
 ONNX_ATTENTION = "onnx"  # `fused` mode: trace one ONNX opset-23 Attention node per call (exporter only)
-Fused = bool | str  # False: the math written out; True: torch SDPA; ONNX_ATTENTION: torch.onnx.ops.attention
+ONNX_CAUSAL = "onnx_causal"  # the same node with is_causal=1 and no mask input (full slots: graphs/contracts.py)
+Fused = bool | str  # False: the math written out; True: torch SDPA; ONNX_ATTENTION / ONNX_CAUSAL: torch.onnx.ops.attention
 
 
-def _onnx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def _onnx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     """One opset-23 Attention node: the layer axis folded into the batch, GQA from the 4-D head counts
     (no repeat of k/v), the same boolean mask as the written-out path (True = the key is seen).
+    `allowed` None: `is_causal=1` and no mask input (exactly the slot mask when every key is valid).
     The exporter traces this for fp16/bf16 graphs; in eager torch it runs torch's own reference."""
     n, B, H, P, hd = q.shape
     Hkv = k.shape[2]
+    mask = None if allowed is None else allowed.reshape(n * B, 1, P, P)  # (n B, 1, P, P)
     y, _, _, _ = torch.onnx.ops.attention(
         q.reshape(n * B, H, P, hd), k.reshape(n * B, Hkv, P, hd), v.reshape(n * B, Hkv, P, hd),
-        allowed.reshape(n * B, 1, P, P), scale=1.0 / math.sqrt(hd))  # (n B, H, P, hd)
+        mask, is_causal=allowed is None, scale=1.0 / math.sqrt(hd))  # (n B, H, P, hd)
     return y.reshape(n, B, H, P, hd)
 
 
@@ -112,11 +115,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
 
     `fused=False` writes the math out (what the exporter traces for fp32, and the torch reference);
     `fused=True` uses PyTorch's fused SDPA kernels (the fast GPU path); `fused=ONNX_ATTENTION` traces
-    one ONNX Attention node (the exporter, fp16/bf16 at opset 23 only). All fold the layer axis into
-    the batch.
+    one ONNX Attention node (the exporter, fp16/bf16 at opset 23 only); `fused=ONNX_CAUSAL` the same
+    node with is_causal=1 and `allowed` ignored (the causal graph variants: every key valid, so the
+    slot mask is exactly causal). All fold the layer axis into the batch.
     """
     if fused == ONNX_ATTENTION:
         return _onnx_attention(q, k, v, allowed)
+    if fused == ONNX_CAUSAL:
+        return _onnx_attention(q, k, v, None)
     n, B, H, P, hd = q.shape
     rep = H // k.shape[2]
     if rep > 1:

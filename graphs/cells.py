@@ -8,6 +8,7 @@ call sequence gives the same numbers on torch, ONNX Runtime and TensorRT.
     SegmentCell     one slot through all L layers (sequential schedule)
     DiagonalStep    one anti-diagonal: L slots, one per layer, idle layers masked by `active`
     RmtSegmentCell  an RMT's [memory | tokens | memory] slot through all L layers (graphs/rmt.py)
+    *Causal         the three above with every key valid (the causal variants: full slots)
     LmHeadCell      final-norm hidden rows -> logits (either kind; logits on demand)
     DecodeCell      generation: new tokens against a KV cache, the memory read (graphs/decode.py)
     MemoryWriteCell generation, recurrent: the M memory places against the cache write (A, z)
@@ -32,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphs.contracts import (DECODE, DIAGONAL_STEP, LM_HEAD, MEMORY_WRITE, RMT_DECODE, RMT_MEMORY_WRITE,
-                              RMT_SEGMENT, SEGMENT)
+from graphs.contracts import (DECODE, DIAGONAL_STEP, DIAGONAL_STEP_CAUSAL, LM_HEAD, MEMORY_WRITE, RMT_DECODE,
+                              RMT_MEMORY_WRITE, RMT_SEGMENT, RMT_SEGMENT_CAUSAL, SEGMENT, SEGMENT_CAUSAL)
 from graphs.decode import armt_write_hook, decode_layers
 from graphs.model import ArmtModel
 from graphs.rmt import RmtModel
@@ -111,6 +112,33 @@ class RmtSegmentCell(nn.Module):
         _, hidden, memory, written = self.model.segment(input_ids, positions, key_valid, write, memory_in,
                                                         written_in, self.fused, head=False)
         return hidden.float(), memory, written
+
+
+# ------------------------------------------------------------------ causal variants (full slots)
+# The same cell with every key valid: the slot mask causal & (key_valid | diag) is then exactly causal,
+# so the exporter traces one is_causal Attention node without a mask (blocks.ONNX_CAUSAL) and the
+# key_valid input is only part of the I/O (the contract is the masked role's). On a feed whose active
+# slots are full (contracts.slots_full) it computes what the masked cell computes.
+class SegmentCausalCell(SegmentCell):
+    """segment_causal: SegmentCell with every key valid."""
+
+    def forward(self, input_ids, positions, key_valid, write, A_in, z_in, written_in):
+        return super().forward(input_ids, positions, torch.ones_like(key_valid), write, A_in, z_in, written_in)
+
+
+class DiagonalStepCausal(DiagonalStep):
+    """diagonal_step_causal: DiagonalStep with every key of every layer's slot valid."""
+
+    def forward(self, input_ids, hidden_in, positions, key_valid, active, write, A_in, z_in, written_in):
+        return super().forward(input_ids, hidden_in, positions, torch.ones_like(key_valid), active, write,
+                               A_in, z_in, written_in)
+
+
+class RmtSegmentCausalCell(RmtSegmentCell):
+    """rmt_segment_causal: RmtSegmentCell with every key valid ([read | tokens | write], no padding)."""
+
+    def forward(self, input_ids, positions, key_valid, write, memory_in, written_in):
+        return super().forward(input_ids, positions, torch.ones_like(key_valid), write, memory_in, written_in)
 
 
 def _pos_embed(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -222,7 +250,9 @@ class LmHeadCell(nn.Module):
 
 CELLS: dict[str, type[nn.Module]] = {SEGMENT: SegmentCell, DIAGONAL_STEP: DiagonalStep, RMT_SEGMENT: RmtSegmentCell,
                                      LM_HEAD: LmHeadCell, DECODE: DecodeCell, MEMORY_WRITE: MemoryWriteCell,
-                                     RMT_DECODE: RmtDecodeCell, RMT_MEMORY_WRITE: RmtMemoryWriteCell}
+                                     RMT_DECODE: RmtDecodeCell, RMT_MEMORY_WRITE: RmtMemoryWriteCell,
+                                     SEGMENT_CAUSAL: SegmentCausalCell, DIAGONAL_STEP_CAUSAL: DiagonalStepCausal,
+                                     RMT_SEGMENT_CAUSAL: RmtSegmentCausalCell}
 
 
 def cell_for(model: ArmtModel | RmtModel, role: str, fused: bool = False, fast_memory: bool = False) -> nn.Module:

@@ -27,6 +27,9 @@ The roles (see docs/architecture.md for the tables), by model kind:
                           in and out
     both  lm_head         final-norm hidden rows -> logits         (no schedule: run on the rows asked
                           (B, R, d) f32 -> (B, R, V) f32            for, logits on demand)
+    fp16/bf16 at opset 23 also: segment_causal, diagonal_step_causal, rmt_segment_causal: the same
+          contract as the masked role, Attention with is_causal=1 and no mask (for calls whose active
+          slots are full: slots_full; the runners pick per call, runtimes/variants.py)
 
 The step graphs (segment, diagonal_step, rmt_segment) output the final-norm hidden states, never
 logits: the loop runs lm_head only on the positions a caller asks for (runtimes/execute.py).
@@ -38,7 +41,7 @@ refuses `diagonal` for an RMT with one line).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -55,10 +58,20 @@ DECODE = "decode"  # generation (docs/generation.md): new tokens against a KV ca
 MEMORY_WRITE = "memory_write"  # generation, recurrent policy: the M memory places write (A, z)
 RMT_DECODE = "rmt_decode"  # generation on an RMT: [memory | tokens] against a KV cache
 RMT_MEMORY_WRITE = "rmt_memory_write"  # generation on an RMT, recurrent policy: the write block -> next memory
+# causal variants (fp16/bf16 at opset 23): the step graph with `is_causal=1` Attention and no mask, run
+# on calls where every key of every active slot is valid (then the slot mask IS causal: slots_full)
+SEGMENT_CAUSAL = "segment_causal"
+DIAGONAL_STEP_CAUSAL = "diagonal_step_causal"
+RMT_SEGMENT_CAUSAL = "rmt_segment_causal"
+CAUSAL_OF = {SEGMENT: SEGMENT_CAUSAL, DIAGONAL_STEP: DIAGONAL_STEP_CAUSAL, RMT_SEGMENT: RMT_SEGMENT_CAUSAL}
+MASKED_OF = {causal: masked for masked, causal in CAUSAL_OF.items()}
+MASKED, CAUSAL = "masked", "causal"  # the attention variants of a step role (GraphContract.variant)
 ROLES = (SEGMENT, DIAGONAL_STEP, RMT_SEGMENT, LM_HEAD, DECODE, MEMORY_WRITE, RMT_DECODE,
-         RMT_MEMORY_WRITE)  # every role of every kind
+         RMT_MEMORY_WRITE, *CAUSAL_OF.values())  # every role of every kind
 SCHEDULE_OF_ROLE = {SEGMENT: "sequential", DIAGONAL_STEP: "diagonal", RMT_SEGMENT: "sequential",  # lm_head: none
-                    DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode", RMT_MEMORY_WRITE: "decode"}
+                    DECODE: "decode", MEMORY_WRITE: "decode", RMT_DECODE: "decode", RMT_MEMORY_WRITE: "decode",
+                    **{causal: "sequential" if masked != DIAGONAL_STEP else "diagonal"
+                       for masked, causal in CAUSAL_OF.items()}}
 ROLE_OF_SCHEDULE = {"sequential": SEGMENT, "diagonal": DIAGONAL_STEP}  # an ARMT's (role_for: any kind)
 GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
 STEP_ROLES_OF_KIND = {"armt": (SEGMENT, DIAGONAL_STEP), "rmt": (RMT_SEGMENT,)}
@@ -83,9 +96,31 @@ def decode_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
     return DECODE_ROLES_OF_KIND[cfg.kind]
 
 
+def causal_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The causal variants of this kind's step roles (exported for fp16/bf16 at opset 23)."""
+    return tuple(CAUSAL_OF[r] for r in step_roles_of(cfg))
+
+
 def all_roles_of(cfg: ModelConfig) -> tuple[str, ...]:
     """Every graph role an export of this model may hold."""
-    return roles_of(cfg) + decode_roles_of(cfg)
+    return roles_of(cfg) + causal_roles_of(cfg) + decode_roles_of(cfg)
+
+
+def slots_full(role: str, feeds: Mapping[str, Any]) -> bool:
+    """Does every key of every active slot of this call hold a valid place (host-side, from the
+    `key_valid` feed the schedule builds on the host; the diagonal step's idle layers do not count:
+    their outputs are discarded)? Then the slot mask causal & (key_valid | diag) is exactly causal
+    and the call may run a step role's causal variant. False where `key_valid` is not a host array
+    (a device buffer: the masked graph is always right)."""
+    kv = feeds.get("key_valid")
+    if not isinstance(kv, np.ndarray):
+        return False
+    if SCHEDULE_OF_ROLE.get(role) == "diagonal":  # (L, B, P), active (L,)
+        active = feeds.get("active")
+        if not isinstance(active, np.ndarray):
+            return False
+        return bool(kv[active.astype(bool)].all())
+    return bool(kv.all())  # (B, P)
 
 
 def schedules_of(cfg: ModelConfig) -> tuple[str, ...]:
@@ -162,6 +197,16 @@ class GraphContract:
     @property
     def file(self) -> str:
         return GRAPH_FILES[self.role]
+
+    @property
+    def variant(self) -> str:
+        """CAUSAL for a causal variant (is_causal Attention, meant for full slots), else MASKED."""
+        return CAUSAL if self.role in MASKED_OF else MASKED
+
+    @property
+    def masked_role(self) -> str:
+        """The role whose graph computes the same for any feed (a causal variant's masked twin; else itself)."""
+        return MASKED_OF.get(self.role, self.role)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -450,6 +495,16 @@ BUILDERS: dict[str, Callable[[ModelConfig, str], GraphContract]] = {
     DECODE: decode_contract, MEMORY_WRITE: memory_write_contract, RMT_DECODE: rmt_decode_contract,
     RMT_MEMORY_WRITE: rmt_memory_write_contract,
     LM_HEAD: lm_head_contract}
+
+
+def _causal_builder(role: str) -> Callable[[ModelConfig, str], GraphContract]:
+    """A causal variant: the masked role's contract (same I/O, masks, schedule) under its own role name."""
+    def build(cfg: ModelConfig, precision: str) -> GraphContract:
+        return replace(BUILDERS[MASKED_OF[role]](cfg, precision), role=role)
+    return build
+
+
+BUILDERS.update({causal: _causal_builder(causal) for causal in MASKED_OF})
 
 
 def contract(cfg: ModelConfig, role: str, precision: str = "fp32") -> GraphContract:

@@ -6,7 +6,8 @@
 # LLaMA-1B synthetic shape (segment 1024 + 128 memory tokens, d_mem 64), memory weights at std 1e-3
 # (well conditioned), batch 1, diagonal schedule, 32,768 and 131,072 tokens, logits of the last
 # position only on both backends (--logits last), median of 3 after a warm-up, peak memory per backend,
-# one steady diagonal step alone (--steady-step), parity at 8,192 tokens (ORT fp16/bf16 and torch
+# one steady diagonal step alone (--steady-step: the ort row runs the export's diagonal_step_causal graph,
+# full slots; the "ort-masked" row the masked graph on the same feeds), parity at 8,192 tokens (ORT fp16/bf16 and torch
 # fp16/bf16 vs the fp32 reference: hidden, last logits, A, z), the targets in the JSON.
 # The export is made here without validation (the parity rows measure it on the device) and reused by
 # a later call on the same machine. Needs onnxruntime-gpu 1.31.1 in /tmp/site

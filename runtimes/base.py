@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from graphs.contracts import GraphContract, TensorSpec
+from graphs.contracts import CAUSAL, MASKED, GraphContract, TensorSpec, slots_full
 from graphs.errors import ArmtError, InputError
+
+log = logging.getLogger("armt.run")
 
 # backend -> "module:callable" building a runner from (path, role, device=..., precision=..., **options)
 BACKENDS = {"torch": "runtimes.torch_runner:TorchRunner.from_path",
@@ -80,6 +83,8 @@ class Runner(abc.ABC):
         self.is_active = False
         self.inference_time = 0.0  # seconds spent in `infer`, summed (host-side; async on CUDA)
         self.calls = 0
+        self.has_causal = False  # a backend runner of a masked step role sets it when the export has its
+        self.variant_calls = {MASKED: 0, CAUSAL: 0}  # causal twin; calls per variant (pick_variant)
 
     @property
     def model_id(self) -> str:
@@ -159,6 +164,15 @@ class Runner(abc.ABC):
         self.inference_time += time.perf_counter() - start
         self.calls += 1
         return out
+
+    def pick_variant(self, feeds: Mapping[str, Any]) -> str:
+        """The graph variant this call runs: CAUSAL where the runner holds the causal twin and every key
+        of every active slot is valid (graphs.contracts.slots_full, on the host feeds), else MASKED.
+        Counted in `variant_calls`, logged at debug."""
+        variant = CAUSAL if self.has_causal and slots_full(self.role, feeds) else MASKED
+        self.variant_calls[variant] += 1
+        log.debug("%s call %d: %s graph", self.name, self.calls, variant)
+        return variant
 
     def synchronize(self) -> None:
         """Wait until every call issued so far has finished."""

@@ -31,6 +31,11 @@ is not required: max |diff| and non-finite counts are logged, `graph_checks` kee
 inputs are also compared before and after the replay (a graph that wrote into an input buffer
 would break the staging's skip-if-equal). A mismatch logs a warning naming the graph id and output.
 
+Graph variants (fp16/bf16 exports at opset 23): a runner of a masked step role also opens the
+export's `<role>_causal` graph and runs it on calls whose active slots are full (Runner.pick_variant,
+docs/runtimes.md); same I/O, same buffers; sessions, pinned-dims sessions and CUDA-graph keys are
+per variant. `causal=False`: always the masked graph.
+
     OrtRunner(export_dir, role, device="cuda")                 from an export directory (manifest)
     OrtRunner(OrtSessionLoader(path), contract=c, model_id=i)  from a loader (export-time validation)
 """
@@ -46,7 +51,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from exporter.manifest import Manifest
-from graphs.contracts import GraphContract, contract as contract_of
+from graphs.contracts import CAUSAL, CAUSAL_OF, MASKED, GraphContract, contract as contract_of
 from graphs.dtypes import ONNX_ELEMENT_TYPES, ORT_TYPE_NAMES
 from graphs.errors import ExportError
 from runtimes.base import Runner, parse_device
@@ -101,12 +106,14 @@ class OrtRunner(Runner):
     def __init__(self, source: str | Path | Manifest | OrtSessionLoader, role: str | None = None, *,
                  device: str = "cpu", precision: str | None = None, verify_checksums: bool = True,
                  threads: int | None = None, contract: GraphContract | None = None, model_id: str | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, causal: bool | OrtSessionLoader = True):
         """`source`: an export directory (its manifest and checksums are checked now), a loaded
         Manifest, or an OrtSessionLoader together with `contract` and `model_id`.
         `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
         `cuda_graph`: capture and replay CUDA graphs (default: off, opt-in, see the module docstring;
-        True on the CPU is refused)."""
+        True on the CPU is refused). `causal`: run the step role's causal variant on calls whose
+        active slots are full (True: the export's `<role>_causal` graph where it has one; an
+        OrtSessionLoader: that graph, with a loader source; False: always the masked graph)."""
         dev = parse_device(device)
         use_graphs = resolve_cuda_graph(cuda_graph, dev.type, default_on=False)
         if isinstance(source, OrtSessionLoader):
@@ -115,6 +122,7 @@ class OrtRunner(Runner):
             self.manifest = None
             self.loader = source
             self.where = str(source.path)
+            causal_loader = causal if isinstance(causal, OrtSessionLoader) else None
         else:
             self.manifest = open_export(source, precision, verify_checksums)
             graph = self.manifest.graph(role)
@@ -123,18 +131,29 @@ class OrtRunner(Runner):
             model_id = self.manifest.model_id
             self.loader = OrtSessionLoader(self.manifest.graph_path(role), dev, threads, tf32=self.manifest.tf32)
             self.where = f"export {self.manifest.root}"
+            twin = CAUSAL_OF.get(role)
+            causal_loader = None
+            if causal is not False and twin in self.manifest.graphs:
+                g = self.manifest.graph(twin)
+                contract.check_io(g.inputs, g.outputs, f"export {self.manifest.root} ({twin})")
+                causal_loader = OrtSessionLoader(self.manifest.graph_path(twin), dev, threads)
         super().__init__(contract, dev, model_id)
-        self.loader.device = dev
-        self.loader.threads = threads if threads is not None else self.loader.threads
-        self.loader.cuda_graph = use_graphs
+        self._causal_loader = causal_loader  # the causal variant's graph (None: every call masked)
+        self.has_causal = causal_loader is not None
+        for loader in filter(None, (self.loader, causal_loader)):
+            loader.device = dev
+            loader.threads = threads if threads is not None else loader.threads
+            loader.cuda_graph = use_graphs
         self.graphs = GraphIds(enabled=use_graphs)
         self._cuda_graph_option = use_graphs  # what was asked (companions get the same)
         self._captured: set[int] = set()  # graph ids whose capture run succeeded (replayed since)
         self._checked: set[int] = set()  # graph ids whose replay was checked (check mode)
         self.graph_checks: list[dict] = []  # one entry per checked replay (check mode)
         self._run_options: dict[int, Any] = {}
-        self._session = self._binding = self._buffers = None
+        self._plain: dict[str, tuple[Any, Any]] = {}  # variant -> its dynamic session and binding
+        self._buffers = None
         self._threads = threads
+        self._causal_option = causal is not False
         # diagnostic: the sessions with pinned dims (what CUDA graphs run on) without capture
         self._pin_plain = not use_graphs and dev.type == "cuda" and os.environ.get(PIN_ENV, "") == "1"
 
@@ -143,7 +162,7 @@ class OrtRunner(Runner):
         if self.manifest is None:
             return super().companion(role)
         return OrtRunner(self.manifest, role, device=str(self.device), threads=self._threads,
-                         cuda_graph=self._cuda_graph_option)
+                         cuda_graph=self._cuda_graph_option, causal=self._causal_option)
 
     @property
     def cuda_graph(self) -> bool:
@@ -157,43 +176,49 @@ class OrtRunner(Runner):
 
     # ---------------------------------------------------------------- session
     def _activate(self) -> None:
-        self._shape_sessions: dict[tuple, tuple[Any, Any]] = {}  # pinned dims -> (session, binding)
-        self._open_session()  # the dynamic session: every load error surfaces here, graphs or not
+        self._shape_sessions: dict[tuple, tuple[Any, Any]] = {}  # (variant, pinned dims) -> (session, binding)
+        self._plain = {}
+        self._open_session(MASKED)  # the dynamic session: every load error surfaces here, graphs or not
+        if self.has_causal:
+            self._open_session(CAUSAL)
         self._buffers = BufferSet(self.contract, OrtStorage(self.device.type, self.device.id))
 
-    def _open_session(self) -> None:
-        """The dynamic session (no pinned dims, no CUDA graphs)."""
-        loader = copy.copy(self.loader)
-        loader.cuda_graph, loader.fixed_dims = False, None
-        self._session = loader()
-        self._check_session_io(self._session)
-        self._binding = self._session.io_binding()
+    def _loader_of(self, variant: str) -> OrtSessionLoader:
+        return self._causal_loader if variant == CAUSAL else self.loader
 
-    def _session_for(self, dims: dict[str, int]) -> tuple[Any, Any, bool]:
-        """(session, binding, captures) for a call of these dims."""
+    def _open_session(self, variant: str) -> None:
+        """The variant's dynamic session (no pinned dims, no CUDA graphs)."""
+        loader = copy.copy(self._loader_of(variant))
+        loader.cuda_graph, loader.fixed_dims = False, None
+        session = loader()
+        self._check_session_io(session, loader)
+        self._plain[variant] = (session, session.io_binding())
+
+    def _session_for(self, dims: dict[str, int], variant: str = MASKED) -> tuple[Any, Any, bool]:
+        """(session, binding, captures) for a call of these dims on graph `variant`."""
         if self.graphs.enabled or self._pin_plain:
-            key = tuple(sorted(dims.items()))
+            key = (variant, tuple(sorted(dims.items())))
             got = self._shape_sessions.get(key)
             if got is not None:
                 return (*got, self.graphs.enabled)
-            if len(self._shape_sessions) < MAX_SHAPE_SESSIONS:
-                loader = copy.copy(self.loader)
+            if sum(k[0] == variant for k in self._shape_sessions) < MAX_SHAPE_SESSIONS:
+                loader = copy.copy(self._loader_of(variant))
                 loader.cuda_graph, loader.fixed_dims = self.graphs.enabled, dict(dims)
                 try:
                     session = loader()
                 except CaptureRefused as exc:
                     self._graphs_off(f"ONNX Runtime refused CUDA-graph capture: {exc}")
                 else:
-                    self._check_session_io(session)
+                    self._check_session_io(session, loader)
                     got = self._shape_sessions[key] = (session, session.io_binding())
-                    self._session = self._binding = None  # its weights freed; reopened if a call needs it
+                    self._plain.pop(variant, None)  # its weights freed; reopened if a call needs it
                     return (*got, self.graphs.enabled)
-            elif self._session is None:
+            elif variant not in self._plain:
                 log.info("%s: more than %d call shapes; further shapes run without CUDA graphs",
-                         self.loader.path.name, MAX_SHAPE_SESSIONS)
-        if self._session is None:
-            self._open_session()
-        return self._session, self._binding, False
+                         self._loader_of(variant).path.name, MAX_SHAPE_SESSIONS)
+        if variant not in self._plain:
+            self._open_session(variant)
+        return (*self._plain[variant], False)
 
     def _graphs_off(self, reason: str) -> None:
         """Plain runs on the dynamic session from now on (one warning)."""
@@ -205,17 +230,18 @@ class OrtRunner(Runner):
         self._run_options.clear()
         self._shape_sessions.clear()
 
-    def _check_session_io(self, session) -> None:
+    def _check_session_io(self, session, loader: OrtSessionLoader) -> None:
         """The graph file must carry the contract's I/O with its dtypes (a swapped graph does not)."""
         got = {v.name: ORT_TYPE_NAMES.get(v.type, v.type) for v in (*session.get_inputs(),
                                                                      *session.get_outputs())}
         want = {s.name: s.dtype for s in (*self.contract.inputs, *self.contract.outputs)}
         if got != want:
-            raise ExportError(f"{self.loader.path.name} does not have the inputs/outputs its manifest entry lists "
+            raise ExportError(f"{loader.path.name} does not have the inputs/outputs its manifest entry lists "
                               f"(graph: {sorted(got)}; contract: {sorted(want)})")
 
     def _deactivate(self) -> None:
-        self._binding = self._session = self._buffers = None
+        self._buffers = None
+        self._plain = {}
         self._shape_sessions = {}
         self.graphs.clear()  # the session's graphs go with it
         self._captured.clear()
@@ -240,10 +266,11 @@ class OrtRunner(Runner):
 
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
+        variant = self.pick_variant(feeds)  # host feeds: before they are staged
         inputs = self._buffers.bind_inputs(feeds)
         outputs = self._buffers.bind_outputs(dims, inputs)
-        session, binding, captures = self._session_for(dims)
-        gid = self.graphs.id_for(call_key(inputs, outputs)) if captures else SKIP
+        session, binding, captures = self._session_for(dims, variant)
+        gid = self.graphs.id_for(call_key(inputs, outputs, variant)) if captures else SKIP
         mode = check_mode() if captures and gid in self._captured else None
         if mode == "all" or (mode == "first" and gid not in self._checked):
             self._run_checked(session, binding, inputs, outputs, gid)
@@ -255,7 +282,7 @@ class OrtRunner(Runner):
                 raise
             # the first call of this graph id (ONNX Runtime's plain run + capture) failed: no graphs
             self._graphs_off(f"capture failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
-            session, binding, _ = self._session_for(dims)
+            session, binding, _ = self._session_for(dims, variant)
             self._run(session, binding, inputs, outputs, SKIP, False)
             return outputs
         if gid != SKIP:

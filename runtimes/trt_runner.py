@@ -12,6 +12,10 @@ runner's ids) runs plainly the first time, is captured on its second call (`exec
 cudaStreamBeginCapture .. EndCapture, relaxed mode) and replayed with cudaGraphLaunch from then on;
 a capture that fails turns graphs off for the runner with one warning (plain `execute_async_v3`).
 
+Graph variants: where the export holds the role's causal variant with an engine this host can load,
+both engines are deserialized (one execution context each, same buffers) and each call runs the one
+Runner.pick_variant names (causal on full slots); the variant is part of the call key.
+
 Engines come from `armt build` (manifest: graph -> engines, each with its builder `tensorrt` or
 `tensorrt_rtx`); the runner imports whichever of the two modules the engine needs and is installed.
 
@@ -32,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from exporter.manifest import EngineRecord, Manifest
-from graphs.contracts import contract as contract_of
+from graphs.contracts import CAUSAL, CAUSAL_OF, contract as contract_of
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.base import Runner, parse_device
 from runtimes.buffers import Buffer, BufferSet, HostStorage
@@ -169,10 +173,14 @@ class CudaGraph:
 
 class TrtRunner(Runner):
     backend = "trt"
+    _causal: tuple | None = None  # (engine, context, profiles, runtime) of the causal variant, once active
 
     def __init__(self, export: str | Path | Manifest, role: str, device: str = "cuda",
-                 precision: str | None = None, verify_checksums: bool = True, cuda_graph: bool | None = None):
-        """`cuda_graph`: capture repeated calls as CUDA graphs and replay them (default on)."""
+                 precision: str | None = None, verify_checksums: bool = True, cuda_graph: bool | None = None,
+                 causal: bool = True):
+        """`cuda_graph`: capture repeated calls as CUDA graphs and replay them (default on). `causal`:
+        run the causal variant's engine (`<role>_causal`, where the export has one with an engine
+        this host can load) on calls whose active slots are full; False: always the masked engine."""
         if parse_device(device).type != "cuda":
             raise InputError("the trt backend runs TensorRT engines on a CUDA GPU: use --device cuda")
         self.manifest = open_export(export, precision, verify_checksums)
@@ -184,13 +192,31 @@ class TrtRunner(Runner):
         self.graphs = GraphIds(enabled=self._cuda_graph_option)
         self.engine_record = select_engine(graph.engines, role)
         self.loader = EngineBytesLoader(self.manifest.path(self.engine_record.file))
+        self._causal_option = causal
+        self.causal_record = self._causal_engine(role) if causal else None
+        self.has_causal = self.causal_record is not None
         self._runtime = self._engine = self._context = self._stream = self._buffers = self._storage = None
         self._profiles: list[dict] = []
+        self._causal = None
         self._graphs: dict[int, CudaGraph] = {}  # graph id -> captured call
+
+    def _causal_engine(self, role: str) -> EngineRecord | None:
+        """The causal variant's engine record, or None (no causal graph, no engine of it, none loadable here)."""
+        twin = CAUSAL_OF.get(role)
+        if twin not in self.manifest.graphs:
+            return None
+        g = self.manifest.graph(twin)
+        self.contract.check_io(g.inputs, g.outputs, f"export {self.manifest.root} ({twin})")
+        try:
+            return select_engine(g.engines, twin)
+        except (ExportError, BackendUnavailable) as exc:
+            log.info("%s: every call runs the masked engine (%s)", role, exc)
+            return None
 
     def companion(self, role: str) -> "TrtRunner":
         """The export's `role` engine on the same GPU (the lm_head engine when logits are asked for)."""
-        return TrtRunner(self.manifest, role, device=str(self.device), cuda_graph=self._cuda_graph_option)
+        return TrtRunner(self.manifest, role, device=str(self.device), cuda_graph=self._cuda_graph_option,
+                         causal=self._causal_option)
 
     # ---------------------------------------------------------------- engine
     def _activate(self) -> None:
@@ -203,9 +229,23 @@ class TrtRunner(Runner):
         lib = cuda.wrapper()
         lib.check(lib.handle.cudaSetDevice(ctypes.c_int(self.device.id)))
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        path = self.loader.path
+        engine, context, profiles = self._load(runtime, rec, self.loader)
+        self._runtime, self._engine, self._context = runtime, engine, context  # the runtime outlives the engine
+        self._profiles = profiles
+        if self.causal_record is not None:  # built by the same builder module or another importable one
+            crt = runtime if self.causal_record.builder == rec.builder else \
+                import_tensorrt(self.causal_record.builder).Runtime(trt.Logger(trt.Logger.ERROR))
+            self._causal = (*self._load(crt, self.causal_record,
+                                        EngineBytesLoader(self.manifest.path(self.causal_record.file))), crt)
+        self._stream = cuda.Stream()
+        self._storage = CudaStorage(self._stream.ptr)
+        self._buffers = BufferSet(self.contract, self._storage)
+
+    def _load(self, runtime, rec: EngineRecord, loader: EngineBytesLoader) -> tuple[Any, Any, list[dict]]:
+        """(engine, execution context, per-profile input ranges) of one engine file."""
+        path = loader.path
         try:
-            engine = runtime.deserialize_cuda_engine(self.loader())
+            engine = runtime.deserialize_cuda_engine(loader())
         except Exception as exc:  # TensorRT raises plain RuntimeError/TypeError
             engine, reason = None, str(exc).splitlines()[0]
         else:
@@ -220,13 +260,10 @@ class TrtRunner(Runner):
         want = sorted((*self.contract.input_names, *self.contract.output_names))
         if sorted(names) != want:
             raise ExportError(f"engine {path.name} has tensors {sorted(names)}, the {self.role} graph has {want}")
-        self._runtime, self._engine, self._context = runtime, engine, context  # the runtime outlives the engine
-        self._stream = cuda.Stream()
-        self._storage = CudaStorage(self._stream.ptr)
-        self._profiles = [{s.name: tuple(tuple(x) for x in engine.get_tensor_profile_shape(s.name, p))
-                           for s in self.contract.inputs}
-                          for p in range(engine.num_optimization_profiles)]
-        self._buffers = BufferSet(self.contract, self._storage)
+        profiles = [{s.name: tuple(tuple(x) for x in engine.get_tensor_profile_shape(s.name, p))
+                     for s in self.contract.inputs}
+                    for p in range(engine.num_optimization_profiles)]
+        return engine, context, profiles
 
     def _deactivate(self) -> None:
         self.synchronize()
@@ -237,6 +274,7 @@ class TrtRunner(Runner):
         if self._stream is not None and hasattr(self._stream, "free"):
             self._stream.free()
         self._context = self._engine = self._runtime = self._buffers = self._stream = self._storage = None
+        self._causal = None
 
     def use_host_storage(self) -> None:
         """Host buffers instead of device memory: for the CPU tests with a stand-in execution context."""
@@ -269,11 +307,12 @@ class TrtRunner(Runner):
 
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:
-        ctx = self._context
+        variant = self.pick_variant(feeds if self._causal is not None else {})  # {}: masked
+        ctx, profiles = (self._causal[1], self._causal[2]) if variant == CAUSAL else (self._context, self._profiles)
         inputs = self._buffers.bind_inputs(feeds)
         outputs = self._buffers.bind_outputs(dims, inputs)
         shapes = {n: b.shape for n, b in inputs.items()}
-        profile = pick_profile(self._profiles, shapes)
+        profile = pick_profile(profiles, shapes)
         if ctx.active_optimization_profile != profile:
             ctx.set_optimization_profile_async(profile, self._handle())
         for name, buf in inputs.items():
@@ -285,8 +324,8 @@ class TrtRunner(Runner):
             if got != buf.shape:
                 raise ExportError(f"engine output {name} has shape {got}, the graph contract says {buf.shape}")
             ctx.set_tensor_address(name, buf.ptr)
-        key = call_key(inputs, outputs, profile)
-        self._execute(key, self.graphs.id_for(key))
+        key = call_key(inputs, outputs, profile, variant)
+        self._execute(key, self.graphs.id_for(key), ctx)
         self.synchronize()
         return outputs
 
@@ -294,7 +333,7 @@ class TrtRunner(Runner):
     def cuda_graph(self) -> bool:
         return self.graphs.enabled
 
-    def _execute(self, key: tuple, gid: int) -> None:
+    def _execute(self, key: tuple, gid: int, ctx) -> None:
         """execute_async_v3 the first time a call key is seen; its second call is captured as a CUDA
         graph, which is launched then and replayed from then on."""
         graph = self._graphs.get(gid) if gid != SKIP else None
@@ -302,22 +341,22 @@ class TrtRunner(Runner):
             graph.launch()
             return
         if gid != SKIP and self.graphs.runs(key) >= 2:
-            graph = self._capture()
+            graph = self._capture(ctx)
             if graph is not None:
                 self._graphs[gid] = graph
                 graph.launch()
                 return
-        if not self._context.execute_async_v3(self._handle()):
-            raise ExportError(f"TensorRT failed to execute engine {self.engine_record.file}")
+        if not ctx.execute_async_v3(self._handle()):
+            rec = self.causal_record if ctx is not self._context else self.engine_record
+            raise ExportError(f"TensorRT failed to execute engine {rec.file}")
 
     def _handle(self) -> int:
         """The CUDA stream handle TensorRT enqueues on (0 only in CPU-side unit tests with a fake context)."""
         return self._stream.ptr if self._stream is not None else 0
 
-    def _capture(self) -> CudaGraph | None:
+    def _capture(self, ctx) -> CudaGraph | None:
         try:
-            return CudaGraph(self._storage.lib, self._handle(),
-                             lambda: self._context.execute_async_v3(self._handle()))
+            return CudaGraph(self._storage.lib, self._handle(), lambda: ctx.execute_async_v3(self._handle()))
         except Exception as exc:  # not capturable (e.g. an engine with data-dependent shapes): run plainly
             if self.graphs.disable(f"capture failed: {exc}"):
                 log.warning("%s: CUDA graphs off, every call runs plainly (capture failed: %s)", self.name, exc)

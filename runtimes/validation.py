@@ -11,7 +11,9 @@
                 every output of every call compared over the entries that carry meaning
                 (contract.output_mask) under exporter.bounds, the bound widened where ref and
                 twin themselves differ; the worst call per output is reported;
-                one call per graph stored in sample_feeds.npz with the reference's outputs.
+                one call per graph stored in sample_feeds.npz with the reference's outputs;
+                a causal variant (segment_causal, ...) the same way on a batch of full slots
+                (exporter/samples.py full_batch), every call checked to be full (slots_full).
       decode graphs (generation: decode, memory_write, rmt_decode): the torch cell and the staged
                 graph on DECODE_SHAPES (batch, new places, cache capacity) of random caches and a
                 random written memory state (exporter/trace.py decode_example_feeds), every output
@@ -36,9 +38,9 @@ import torch
 from exporter.bounds import Comparison, compare, format_table, widen
 from exporter.export import Draft, ExportResult, export_model as export_graphs
 from exporter.manifest import SAMPLE_FEEDS
-from exporter.samples import sample_batch, sample_width, save_samples
-from graphs.contracts import contract, decode_roles_of, roles_of
-from graphs.errors import BackendUnavailable, ParityFailure
+from exporter.samples import full_batch, sample_batch, sample_width, save_samples
+from graphs.contracts import CAUSAL, LM_HEAD, causal_roles_of, contract, decode_roles_of, roles_of, slots_full
+from graphs.errors import BackendUnavailable, ExportError, ParityFailure
 from graphs.model import ArmtModel
 from graphs.progress import Progress
 from runtimes.execute import iter_steps, plan_run
@@ -90,9 +92,11 @@ class _Sampler:
         width = self.width or sample_width(model.cfg)
         ids, mask = sample_batch(model.cfg, width)
         feeds, reference = {}, {}
-        step_roles = [r for r in roles_of(model.cfg) if r in draft.graphs]  # an export of some roles: those
-        with Progress(len(step_roles), "validating graphs" if self.validate else "sample feeds") as bar:
-            for role in step_roles:
+        roles = [r for r in roles_of(model.cfg) if r != LM_HEAD and r in draft.graphs] + \
+            [r for r in causal_roles_of(model.cfg) if r in draft.graphs] + \
+            [LM_HEAD] * (LM_HEAD in draft.graphs)  # an export of some roles: those (lm_head last: its feed)
+        with Progress(len(roles), "validating graphs" if self.validate else "sample feeds") as bar:
+            for role in roles:
                 bar.describe(role)
                 self._one_graph(draft, role, ids, mask, width, feeds, reference)
                 bar.update()
@@ -121,6 +125,8 @@ class _Sampler:
         if c.schedule is None:  # lm_head: one call on the hidden rows a step graph produced
             self._head(draft, c, model, feeds, reference)
             return
+        if c.variant == CAUSAL:  # a causal variant is run on full slots only: validated on them
+            ids, mask = full_batch(model.cfg, width)
         ref = TorchRunner(model, role, precision=draft.precision).activate()
         plan = plan_run(ref, ids, mask, segment_size=width)
         # the sample call: the last layer works on segment 1 (its memory holds segment 0, so the
@@ -153,6 +159,8 @@ class _Sampler:
         with twin:
             try:
                 for i, (r, t, g) in enumerate(zip(iter_steps(ref, plan), iter_steps(twin, plan), iter_steps(got, plan))):
+                    if c.variant == CAUSAL and not slots_full(c.role, r.feeds):
+                        raise ExportError(f"validation of {c.role}: call {i} has a slot with padding")
                     for name in c.output_names:
                         mask = c.output_mask(name, r.feeds)
                         kind = c.kind(name)

@@ -112,9 +112,14 @@ def test_export_roles_subset():
     cfg = synthetic_config("tiny")
     assert export_roles(cfg, False) == ("segment", "diagonal_step", "lm_head")
     assert export_roles(cfg, True, ["lm_head", "diagonal_step"]) == ("diagonal_step", "lm_head")
-    for bad in (["rmt_segment"], []):
+    for bad in (["rmt_segment"], [], ["segment_causal"]):  # a causal variant only where attention is fused
         with pytest.raises(ExportError, match="cannot export only"):
             export_roles(cfg, False, bad)
+    # fp16/bf16 at opset 23: each written step role with its causal variant
+    assert export_roles(cfg, False, causal=True) == ("segment", "diagonal_step", "lm_head", "segment_causal",
+                                                     "diagonal_step_causal")
+    assert export_roles(cfg, False, ["diagonal_step", "lm_head"], causal=True) == (
+        "diagonal_step", "lm_head", "diagonal_step_causal")
 
 
 def test_targets_evaluation():

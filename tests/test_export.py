@@ -25,7 +25,7 @@ from exporter.samples import load_samples
 from exporter.trace import default_opset
 from exporter.weights import WEIGHTS_FILE
 from graphs.cells import DiagonalStep, SegmentCell
-from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, STEP_ROLES_OF_KIND, contract
+from graphs.contracts import GRAPH_FILES, ROLES_OF_KIND, STEP_ROLES_OF_KIND, causal_roles_of, contract
 from graphs.dtypes import compute_dtype, torch_dtype
 from graphs.errors import ExportError
 from graphs.modeldir import save_model_dir
@@ -41,6 +41,12 @@ def tensor_kind(name):
 ARCHS = {"llama": {}, "gpt2": {"wrap_pos": True}}
 EXPECTED_FILES = {"manifest.json", "segment.onnx", "diagonal_step.onnx", "lm_head.onnx", WEIGHTS_FILE,
                   "sample_feeds.npz", "polygraphy_data_loader.py"}
+CAUSAL_FILES = {"segment_causal.onnx", "diagonal_step_causal.onnx"}  # fp16/bf16 at opset 23 only
+
+
+def expected_files(precision):
+    """An export's files: fp32 unchanged; fp16 adds the step graphs' causal variants."""
+    return EXPECTED_FILES | (CAUSAL_FILES if precision != "fp32" else set())
 
 
 def reference_model(arch, precision):
@@ -88,13 +94,13 @@ def _np(t):
 @pytest.mark.parametrize("arch,precision", CASES)
 def test_export_writes_a_valid_directory(export_of, arch, precision):
     d = export_of(arch, precision)
-    assert {p.name for p in d.iterdir()} == EXPECTED_FILES  # no stray per-graph .data files, no partial dirs
+    assert {p.name for p in d.iterdir()} == expected_files(precision)  # no stray per-graph .data files, no partial dirs
     assert not [p for p in d.parent.iterdir() if ".partial-" in p.name]
     m = load_manifest(d, verify_checksums=True)
     assert m.precision == precision and m.opset == default_opset(precision)
-    assert set(m.files) == EXPECTED_FILES - {"manifest.json"}
+    assert set(m.files) == expected_files(precision) - {"manifest.json"}
     assert m.validation["status"] == "passed"
-    for role in ROLES:
+    for role in (*ROLES, *(causal_roles_of(m.model_config()) if precision != "fp32" else ())):
         v = m.validation["graphs"][role]
         assert v["status"] == "passed" and v["calls"] >= (1 if role == "lm_head" else 3) and v["outputs"]
         assert all(o["ok"] and o["rel"] <= o["bound_rel"] for o in v["outputs"])

@@ -214,3 +214,27 @@ def test_widen_by_reference_spread_is_capped():
     assert widen(flags, noise) is flags  # exact tensors are never widened
     bad = compare("x", "logits", "fp32", np.array([np.nan]), np.array([1.0]))
     assert not widen(bad, noise).ok
+
+
+def test_manifest_records_the_attention_variant_of_a_graph():
+    """GraphRecord.attention ("causal", "masked" or ""), from the graph's Attention nodes, round-trips;
+    an entry of a manifest written before it reads as ""."""
+    from exporter.portability import attention_variant
+    from onnx import TensorProto
+    cfg = tiny_config("llama")
+    c = contract(cfg, "segment_causal", "fp16")
+    g = GraphRecord("segment_causal", c.file, ("weights.data",), c.inputs, c.outputs, "fp16", 23, attention="causal")
+    assert GraphRecord.from_dict(g.to_dict()) == g and c.file == "segment_causal.onnx"
+    old = g.to_dict()
+    del old["attention"]
+    assert GraphRecord.from_dict(old).attention == ""
+
+    def graph(*nodes):
+        x = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1]) for n in ("q", "k", "v")]
+        return helper.make_model(helper.make_graph(list(nodes), "g", x, [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT16, [1])]))
+    causal = helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1)
+    masked = helper.make_node("Attention", ["q", "k", "v", "m"], ["y"])
+    both = helper.make_node("Attention", ["q", "k", "v", "m"], ["y"], is_causal=1)
+    assert [attention_variant(graph(n)) for n in (causal, masked, both)] == ["causal", "masked", "mixed"]
+    assert attention_variant(graph()) == "" and attention_variant(graph(causal, masked)) == "mixed"

@@ -28,6 +28,7 @@ from exporter.portability import check_portable
 from exporter.trace import FUSED_OPSET, cell_module, check_opset, default_opset, fused_attention
 from graphs.blocks import ONNX_ATTENTION, attend, attention_mask
 from graphs.cells import cell_for
+from graphs.contracts import CAUSAL_OF, MASKED_OF, causal_roles_of, roles_of
 from graphs.errors import ExportError
 from runtimes.execute import run_schedule
 from runtimes.ort_runner import OrtRunner
@@ -118,18 +119,24 @@ def test_fp16_export_holds_attention_nodes_and_no_softmax(fused_exports, kind):
     L = m.dims["layers"]
     assert m.opset == 23 and m.validation["status"] == "passed"
     calls = {"segment": L, "diagonal_step": 1, "rmt_segment": L, "lm_head": 0}  # one Attention per block call
+    calls.update({CAUSAL_OF[r]: n for r, n in calls.items() if r in CAUSAL_OF})  # the causal variants: the same
+    assert set(m.graphs) == {*roles_of(m.model_config()), *causal_roles_of(m.model_config())}
     for role, g in m.graphs.items():
         assert g.op_counts.get("Attention", 0) == calls[role], (role, g.op_counts)
         assert "Softmax" not in g.op_counts and "RotaryEmbedding" not in g.op_counts, role
         if role != "lm_head":
-            assert g.op_counts.get("RMSNormalization", 0) >= 2 * (L if role != "diagonal_step" else 1)
+            assert g.op_counts.get("RMSNormalization", 0) >= 2 * (L if "diagonal_step" not in role else 1)
+        causal = role in MASKED_OF
+        assert g.attention == ("" if role == "lm_head" else "causal" if causal else "masked"), role
         proto = onnx.load(str(d / g.file), load_external_data=False)
         for node in proto.graph.node:
-            if node.op_type == "Attention":  # 4-D q/k/v (no head attributes), the explicit bool mask
-                assert len(node.input) == 4 and all(a.name not in ("q_num_heads", "kv_num_heads") for a in
-                                                    node.attribute), node
-                assert {a.name: a for a in node.attribute}.get("is_causal") is None or \
-                    {a.name: a.i for a in node.attribute}["is_causal"] == 0
+            if node.op_type == "Attention":  # 4-D q/k/v (no head attributes); masked: the explicit bool mask
+                attrs = {a.name: a.i for a in node.attribute}
+                assert all(a not in ("q_num_heads", "kv_num_heads") for a in attrs), node
+                if causal:  # is_causal=1 and no mask input
+                    assert attrs.get("is_causal") == 1 and (len(node.input) == 3 or node.input[3] == ""), node
+                else:
+                    assert len(node.input) == 4 and attrs.get("is_causal", 0) == 0, node
         for o in m.validation["graphs"][role]["outputs"]:
             assert o["ok"], (role, o)
 
@@ -219,9 +226,239 @@ def test_tensorrt_rtx_builds_the_fused_graphs(fused_exports, precision, tmp_path
     assert load_manifest(d).graph("segment").op_counts["Attention"] == 3
     assert main(["build", str(d), "--builder", "tensorrt_rtx", "--max-batch", "2", "--compute-capability", "8.9"]) == 0
     m = load_manifest(d, verify_checksums=True)
+    assert {"segment_causal", "diagonal_step_causal"} <= set(m.graphs)  # the causal variants are built too
     for role, g in m.graphs.items():
         assert len(g.engines) == 1 and g.engines[0].precision == precision, role
         assert (d / g.engines[0].file).stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------ causal variants (full slots)
+# fp16/bf16 exports also hold each step graph's causal twin (Attention is_causal=1, no mask); the runners
+# run it on calls where every key of every active slot is valid (graphs.contracts.slots_full).
+def _full_then_short(V, N=22, short=20, seed=5):
+    """Rows of N and `short` tokens (segments of 6): segments 0..2 full in both rows, segment 3 padded
+    in row 1 (the sequential slot is as wide as row 0's part of it; the diagonal one is 6 wide)."""
+    ids = np.random.default_rng(seed).integers(0, V, (2, N)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, short:] = 0
+    return ids, mask
+
+
+def test_causal_contract_roles_and_the_host_check():
+    from graphs.contracts import CAUSAL, MASKED, contract, slots_full
+    cfg = _model().cfg
+    assert causal_roles_of(cfg) == ("segment_causal", "diagonal_step_causal")
+    assert causal_roles_of(_model("rmt").cfg) == ("rmt_segment_causal",)
+    for masked, causal in CAUSAL_OF.items():
+        kind_cfg = _model("rmt").cfg if masked == "rmt_segment" else cfg
+        a, b = contract(kind_cfg, masked, "fp16"), contract(kind_cfg, causal, "fp16")
+        assert (a.inputs, a.outputs, dict(a.recurrent), a.schedule) == (b.inputs, b.outputs, dict(b.recurrent),
+                                                                        b.schedule)
+        assert (a.variant, b.variant, b.masked_role, b.file) == (MASKED, CAUSAL, masked, f"{causal}.onnx")
+    kv = np.ones((3, 2, 9), dtype=bool)  # (L, B, P)
+    active = np.array([True, True, False])
+    assert slots_full("segment", {"key_valid": kv[0]}) and slots_full("diagonal_step", {"key_valid": kv, "active": active})
+    kv[2, 1, 4] = False  # padding in an idle layer's slot: does not count
+    assert slots_full("diagonal_step", {"key_valid": kv, "active": active})
+    kv[1, 0, 3] = False  # padding in an active layer's slot
+    assert not slots_full("diagonal_step", {"key_valid": kv, "active": active})
+    assert not slots_full("segment", {"key_valid": kv[1]})
+    assert not slots_full("segment", {"key_valid": torch.ones(2, 9, dtype=torch.bool)})  # not a host array
+
+
+def test_causal_cells_equal_the_masked_cells_on_full_slots_and_ignore_key_valid():
+    """The causal cell is the masked cell with every key valid: bit for bit on a full slot, and on a
+    padded slot it attends to the padding (why the runner runs it only on full slots)."""
+    from graphs.contracts import contract, slots_full
+    from runtimes.torch_runner import TorchRunner
+    from runtimes.execute import iter_steps, plan_run
+    model = _model()
+    ids, mask = _full_then_short(model.cfg.base.vocab_size)
+    for role in ("segment", "diagonal_step"):
+        with TorchRunner(model, role) as a, TorchRunner(model, CAUSAL_OF[role]) as b:
+            pa, pb = plan_run(a, ids, mask, segment_size=6), plan_run(b, ids, mask, segment_size=6)
+            c = contract(model.cfg, role)
+            for x, y in zip(iter_steps(a, pa), iter_steps(b, pb)):
+                full = slots_full(role, x.feeds)
+                same = all(torch.equal(x.outputs[n], y.outputs[n]) for n in c.output_names)
+                assert same == full, (role, x.feeds["key_valid"])
+
+
+def test_onnx_causal_attention_eager_matches_the_slot_mask_of_a_full_slot():
+    from graphs.blocks import ONNX_CAUSAL
+    g = torch.Generator().manual_seed(1)
+    n, B, H, Hkv, P, hd = 2, 3, 4, 2, 9, 16
+    q = torch.randn(n, B, H, P, hd, generator=g)
+    k, v = (torch.randn(n, B, Hkv, P, hd, generator=g) for _ in range(2))
+    ref = attend(q, k, v, attention_mask(torch.ones(n, B, P, dtype=torch.bool)))
+    got = attend(q, k, v, None, ONNX_CAUSAL)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    with pytest.raises(ExportError, match="fused fp16/bf16 exports"):
+        cell_module(_model(), "segment_causal", "fp32", 18)  # fp32 exports hold no causal variant
+
+
+@pytest.mark.parametrize("kind", ["armt", "rmt"])
+def test_causal_graph_equals_the_masked_graph_on_a_full_slot_feed(fused_exports, kind):
+    """Both graphs on ONNX Runtime CPU, fed the causal variant's sample call (from the full-slot run at
+    export: non-zero memory in every layer): the same numbers within the fp16 row of exporter/bounds.py
+    (they differ only in how the Attention kernel masks); the sample feeds and validation cover the variant."""
+    from exporter.samples import load_samples
+    from graphs.contracts import contract, slots_full, step_roles_of
+    d = fused_exports(kind)
+    m = load_manifest(d)
+    for masked in step_roles_of(m.model_config()):
+        causal = CAUSAL_OF[masked]
+        assert m.validation["graphs"][causal]["status"] == "passed" and m.validation["graphs"][causal]["calls"] > 1
+        g = m.graph(causal)
+        assert g.data_files == m.graph(masked).data_files == ("weights.data",)  # one shared weights file
+        feeds = load_samples(d / m.samples, causal, {t.name: t.dtype for t in g.inputs})
+        assert slots_full(causal, feeds)
+        c = contract(m.model_config(), masked, "fp16")
+        with OrtRunner(d, causal) as a, OrtRunner(d, masked, causal=False) as b:
+            ga, gb = a.infer(feeds), b.infer(feeds)
+            assert a.variant_calls == {"masked": 1, "causal": 0} or a.has_causal is False
+            for name in c.output_names:
+                x, y = a.to_numpy(ga[name]), b.to_numpy(gb[name])
+                if x.dtype == bool:
+                    assert np.array_equal(x, y), name
+                    continue
+                assert np.isfinite(x.astype(np.float32)).all(), name
+                _close(c.kind(name), x, y, f"{causal} vs {masked}", c.output_mask(name, feeds))
+
+
+def _external(proto):
+    from onnx.external_data_helper import ExternalDataInfo
+    return {(ExternalDataInfo(t).location, ExternalDataInfo(t).offset, ExternalDataInfo(t).length)
+            for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def test_causal_graphs_share_the_weights_of_the_masked_graphs(fused_exports):
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    masked = set().union(*(_external(onnx.load(str(d / m.graph(r).file), load_external_data=False))
+                           for r in ("segment", "diagonal_step")))
+    for role in causal_roles_of(m.model_config()):
+        ext = _external(onnx.load(str(d / m.graph(role).file), load_external_data=False))
+        assert ext and ext <= masked, role  # every weight blob of the variant is one the masked graphs hold
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_runner_picks_causal_on_full_calls_and_masked_on_the_short_segment(fused_exports, schedule, caplog):
+    """22 tokens per row, segments of 6: segments 0..2 full, 3 short. Sequential: 3 causal calls, 1
+    masked. Diagonal (L = 3): steps 0..2 hold only full segments (causal), steps 3..5 hold segment 3
+    (masked). The whole run matches torch fp16/fp32 as the other fused tests, and the masked-only run
+    (causal=False); a padded batch runs masked throughout."""
+    import logging
+    d = fused_exports("armt")
+    model = _model()
+    ids, mask = _full_then_short(model.cfg.base.vocab_size)
+    with torch.no_grad():
+        ref32 = model(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
+        ref16 = _model().cast(torch.float16)(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
+    real = mask.astype(bool)[..., None]  # (B, N, 1): padding places carry no meaning
+    caplog.set_level(logging.DEBUG, logger="armt.run")
+    with OrtRunner(d, SCHEDULES[schedule]) as runner, OrtRunner(d, SCHEDULES[schedule], causal=False) as masked:
+        assert runner.has_causal and not masked.has_causal
+        got = run_schedule(runner, ids, mask, segment_size=6, collect=("logits", "hidden"))
+        L = model.cfg.base.n_layers  # 3: 6 diagonal steps, steps 3..5 hold segment 3
+        want = {"sequential": {"causal": 3, "masked": 1}, "diagonal": {"causal": 3, "masked": L}}[schedule]
+        assert runner.variant_calls == want, runner.variant_calls
+        assert "causal graph" in caplog.text and "masked graph" in caplog.text
+        only = run_schedule(masked, ids, mask, segment_size=6, collect=("logits", "hidden"))
+        assert masked.variant_calls == {"causal": 0, "masked": sum(want.values())}
+        pids, pmask, _ = _padded(model.cfg.base.vocab_size)
+        before = dict(runner.variant_calls)
+        run_schedule(runner, pids, pmask, segment_size=6, collect=("hidden",))
+        assert runner.variant_calls["causal"] == before["causal"]  # every call of that batch has padding
+    assert np.isfinite(got.logits).all() and np.isfinite(got.state.A).all()
+    for ref, what in ((ref16, "vs torch fp16"), (ref32, "vs torch fp32")):
+        _close("logits", got.logits, ref.logits, f"{schedule} {what}", real)
+        _close("hidden", got.hidden, ref.hidden, f"{schedule} {what}", real)
+        _close("A", got.state.A, ref.state.A, f"{schedule} {what}")
+        _close("z", got.state.z, ref.state.z, f"{schedule} {what}")
+    _close("logits", got.logits, only.logits, f"{schedule} causal+masked vs masked only", real)
+    _close("A", got.state.A, only.state.A, f"{schedule} causal+masked vs masked only")
+
+
+def test_rmt_runner_runs_the_causal_variant_on_full_segments(fused_exports):
+    d = fused_exports("rmt")
+    model = _model("rmt")
+    ids, mask = _full_then_short(model.cfg.base.vocab_size)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids), torch.from_numpy(mask), schedule="sequential")
+    with OrtRunner(d, "rmt_segment") as runner:
+        got = run_schedule(runner, ids, mask, segment_size=6, collect=("logits",))
+        assert runner.variant_calls == {"causal": 3, "masked": 1}
+    _close("logits", got.logits, ref.logits, "rmt causal+masked vs torch fp32", mask.astype(bool)[..., None])
+
+
+def test_exports_without_the_causal_variant_run_masked(fused_exports):
+    """A manifest without the *_causal graphs (an export made before them): every call masked, same run."""
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    m.graphs = {r: g for r, g in m.graphs.items() if r not in MASKED_OF}
+    model = _model()
+    ids, mask = _full_then_short(model.cfg.base.vocab_size)
+    with OrtRunner(m, "segment") as old, OrtRunner(d, "segment", causal=False) as masked:
+        assert not old.has_causal
+        a = run_schedule(old, ids, mask, segment_size=6, collect=("hidden",))
+        b = run_schedule(masked, ids, mask, segment_size=6, collect=("hidden",))
+        assert old.variant_calls == {"causal": 0, "masked": 4}
+    assert np.array_equal(a.hidden, b.hidden) and np.array_equal(a.state.A, b.state.A)
+
+
+def test_cuda_graph_keys_and_pinned_sessions_carry_the_variant(fused_exports):
+    """With graphs on (as on CUDA; the CPU provider ignores the id), a full call and a short call of the
+    same shape run different graphs: their call keys and their pinned-dims sessions differ by variant."""
+    d = fused_exports("armt")
+    model = _model()
+    ids, mask = _full_then_short(model.cfg.base.vocab_size, N=24)  # row 0: 4 full segments of 6; row 1: 20
+    # tokens -> the last call (width 6, row 1 padded) is masked, with the same dims as the causal ones
+    with OrtRunner(d, "segment") as runner:
+        runner.graphs.enabled, runner.graphs.reason = True, None
+        run_schedule(runner, ids, mask, segment_size=6, collect=("hidden",))
+        assert runner.variant_calls == {"causal": 3, "masked": 1}
+        variants = {k[0] for k in runner._shape_sessions}
+        assert variants == {"causal", "masked"} and len({dims for _, dims in runner._shape_sessions}) == 1
+        keys = list(runner.graphs._ids)
+        assert {k[0] for k in keys} == {("causal",), ("masked",)}
+
+
+def test_inspect_shows_causal_and_masked_attention(fused_exports, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(fused_exports("armt"))]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if ".onnx" in line}  # the graphs table
+    assert "Attention 3 (masked)" in lines["segment"] and "Attention 3 (causal)" in lines["segment_causal"]
+    assert "Attention 1 (masked)" in lines["diagonal_step"] and "Attention 1 (causal)" in lines["diagonal_step_causal"]
+
+
+def test_bench_steady_step_times_the_causal_graph_and_the_masked_one(fused_exports):
+    """`armt bench --steady-step` on an export with the causal variant: the ort row's steady (full-slot)
+    calls run the causal graph, and an "ort-masked" row times the masked graph on the same feeds."""
+    from armt.bench.cli import _steady
+    from armt.bench.report import step_table
+    d = fused_exports("armt")
+
+    class Work:  # what _steady reads of armt.bench.workloads.Workloads, for the ort backend
+        precision, export_dir, device, cuda_graph = "fp16", str(d), torch.device("cpu"), None
+        _runner = None
+
+        def ort_runner(self, role):
+            if self._runner is None:
+                self._runner = OrtRunner(d, role).activate()
+            return self._runner
+
+        def ort_cuda_graph(self, schedule):
+            return {"cuda_graph": False, "graph_variants": dict(self._runner.variant_calls)}
+
+    work = Work()
+    rows = {r["backend"]: r for r in _steady(work, ["ort"], 1, torch.device("cpu"), calls=2)}
+    work._runner.deactivate()
+    assert set(rows) == {"ort", "ort-masked"} and all(r["step_ms"] > 0 for r in rows.values())
+    assert rows["ort"]["graph_variants"]["masked"] == 0 and rows["ort"]["graph_variants"]["causal"] > 0
+    assert rows["ort-masked"]["graph_variants"]["causal"] == 0 and rows["ort-masked"]["graph_variants"]["masked"] > 0
+    assert "causal" in step_table(list(rows.values()))
 
 
 # ------------------------------------------------------------------------------ the memory math (fast read)
@@ -253,7 +490,8 @@ def _memory_ops(proto, d: int) -> tuple[int, int]:
 
 
 def _expected(role: str, L: int, precision: str) -> tuple[int, int]:
-    calls = {"segment": L, "diagonal_step": 1, "decode": L, "memory_write": L}[role]  # memory read/write calls
+    calls = {"segment": L, "diagonal_step": 1, "decode": L, "memory_write": L, "segment_causal": L,
+             "diagonal_step_causal": 1}[role]  # memory read/write calls
     writes = 0 if role == "decode" else calls
     return calls * READ_FP32_MATMULS[precision] + writes * WRITE_FP32_MATMULS, 0
 
@@ -263,7 +501,7 @@ def test_fp16_export_memory_runs_fewer_fp32_matmuls_and_no_token_casts(fused_exp
     m = load_manifest(d)
     assert m.memory_math == "tensor-core-fp16" and m.tf32
     L, dm = m.dims["layers"], m.dims["d_model"]
-    for role in ("segment", "diagonal_step"):
+    for role in ("segment", "diagonal_step", "segment_causal", "diagonal_step_causal"):
         got = _memory_ops(onnx.load(str(d / m.graph(role).file), load_external_data=False), dm)
         assert got == _expected(role, L, "fp16"), (role, got)
         reference = _expected(role, L, "reference")[0]

@@ -281,6 +281,37 @@ def test_trt_runner_call_path_with_a_fake_engine(role):
         run_schedule(runner, _ids(model, 5, 6), collect=("hidden",))
 
 
+def test_trt_runner_runs_the_causal_engine_on_full_calls_and_the_masked_one_otherwise():
+    """A causal twin engine (segment_causal): the calls whose slots are all full go to its context,
+    the padded last segment to the masked one; call keys carry the variant; the run equals the torch
+    runner bit for bit (on a full slot the causal cell computes exactly what the masked cell does)."""
+    from graphs.contracts import contract
+    from runtimes.base import Runner
+    model = tiny_model()
+    runner = TrtRunner.__new__(TrtRunner)
+    Runner.__init__(runner, contract(model.cfg, "segment", "fp32"), "cpu", model.model_id())
+    runner.graphs, runner._stream, runner._graphs = GraphIds(enabled=False), None, {}
+    runner.use_host_storage()
+    profiles = [{"input_ids": ((1, 1), (4, 6), (4, 6))}]
+    runner._profiles = profiles
+    runner.engine_record = EngineRecord("fake.engine", "tensorrt_rtx", "0", "fp32")
+    runner.causal_record = EngineRecord("fake_causal.engine", "tensorrt_rtx", "0", "fp32")
+    ref = TorchRunner(model, "segment").activate()
+    runner._context = masked = _FakeTrtContext(runner, ref)
+    causal = _FakeTrtContext(runner, TorchRunner(model, "segment_causal").activate())
+    runner._causal, runner.has_causal = (None, causal, profiles, None), True
+    runner.is_active = True
+    ids = _ids(model, 2, 22)
+    mask = (torch.arange(22)[None] < torch.tensor([22, 20])[:, None]).long()  # segment 3 padded in row 1
+    with TorchRunner(model, "lm_head") as head:
+        got = run_schedule(runner, ids, mask, head=head)
+    want = run_schedule(ref, ids, mask)
+    assert rel_err(got.hidden, want.hidden) == 0 and rel_err(got.state.A, want.state.A) == 0
+    assert len(causal.calls) == 3 and len(masked.calls) == 1
+    assert runner.variant_calls == {"causal": 3, "masked": 1}
+    assert {key[0][-1] for key in runner.graphs._runs} == {"causal", "masked"}  # call keys: (profile, variant)
+
+
 # ------------------------------------------------------------------------------------------ whole torch runs
 @pytest.mark.parametrize("schedule", ["sequential", "diagonal"])
 def test_run_torch_picks_the_fast_executor_where_it_applies(schedule, caplog):

@@ -80,7 +80,27 @@ def _steady(work, backends: list[str], batch: int, device, calls: int) -> list[d
         out.append(row)
         log.info("steady diagonal step, %s: %s", backend, f"{row['step_ms']:.3f} ms" if "step_ms" in row
                  else row["error"])
+        if backend == "ort" and "step_ms" in row and work.ort_runner("diagonal_step").has_causal:
+            out.append(_steady_masked(work, batch, device, calls))  # the steady step runs causal: masked too
     return out
+
+
+def _steady_masked(work, batch: int, device, calls: int) -> dict:
+    """The steady step on the masked diagonal_step graph alone (backend "ort-masked"): the export holds the
+    causal variant, which a full steady step runs, so the masked graph is timed beside it for the ratio."""
+    from armt.bench.steady import ort_step, time_step
+    from graphs.errors import ArmtError
+    from runtimes.ort_runner import OrtRunner
+    row = {"backend": "ort-masked", "batch": batch, "precision": work.precision}
+    try:
+        with OrtRunner(work.export_dir, "diagonal_step", device=str(work.device), cuda_graph=work.cuda_graph,
+                       causal=False) as runner:
+            row.update(time_step(ort_step(runner, batch), device, calls=calls),
+                       graph_variants=dict(runner.variant_calls))
+    except ArmtError as exc:
+        row["error"] = str(exc)
+    log.info("steady diagonal step, ort-masked: %s", f"{row['step_ms']:.3f} ms" if "step_ms" in row else row["error"])
+    return row
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -47,6 +47,9 @@ def step_table(rows: list[dict]) -> str:
             continue
         note = "" if r.get("cuda_graph") is None else ("CUDA graphs" if r["cuda_graph"] else
                                                         f"no CUDA graphs: {r.get('cuda_graph_off_reason')}")
+        variants = {k: v for k, v in (r.get("graph_variants") or {}).items() if v}
+        if variants:  # which graph variant the steady calls ran (causal on full slots, masked otherwise)
+            note = (note + "; " if note else "") + ", ".join(f"{k} {v}" for k, v in sorted(variants.items()))
         lines.append(f"{r['backend']:<10} {r['step_ms']:>24.3f}  {note}")
     return "\n".join(lines)
 

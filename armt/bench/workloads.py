@@ -257,12 +257,14 @@ class Workloads:
         return max(held_device_bytes(self.device) - self._held_before, 0)
 
     def ort_cuda_graph(self, schedule: str) -> dict:
-        """Whether the schedule's ort runner captures CUDA graphs (and why not)."""
+        """Whether the schedule's ort runner captures CUDA graphs (and why not), and how many of its
+        calls so far ran the causal graph variant and how many the masked one."""
         runner = self._ort.get(ROLE_OF_SCHEDULE[schedule])
         if runner is None:
             return {}
         return {"cuda_graph": runner.cuda_graph, "cuda_graph_ids": len(runner.graphs),
-                "cuda_graph_off_reason": runner.cuda_graph_reason}
+                "cuda_graph_off_reason": runner.cuda_graph_reason,
+                "graph_variants": dict(runner.variant_calls)}  # calls per variant so far: causal / masked
 
     def _ort_callable(self, schedule: str, ids: torch.Tensor) -> Callable[[], Outcome]:
         from graphs.contracts import LM_HEAD
