@@ -16,12 +16,12 @@ E=/tmp/armt-generate-all-bf16
 COMMON="--generate --synthetic llama-1b --device cuda --precision bf16 --mem-std 0.001 --new-tokens 256 --warmup 1 --repeats 2"
 {
   echo "# generate, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py tests/test_generate_prefill.py -k cuda 2>&1 | tail -5
+  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py tests/test_generate_prefill.py -k cuda 2>&1 | tail -5
   echo "tests: exit $? after ${SECONDS} s"
   if [ -f "$E/manifest.json" ]; then SRC="--export-dir $E"; else SRC="--export-to $E"; fi
   CMD="$PY -m armt bench $COMMON --lengths 1024 --batch-sizes 1,8 --backends ort,torch-graph,hf $SRC --output results/h200/generate_bf16_1024.json"
-  echo "\$ $CMD"; timeout 330 $CMD; echo "bench 1024: exit $? after ${SECONDS} s"
+  echo "\$ $CMD"; timeout 240 $CMD; echo "bench 1024: exit $? after ${SECONDS} s"
   CMD="$PY -m armt bench $COMMON --lengths 131072 --batch-sizes 1 --backends ort,torch-graph --export-dir $E --output results/h200/generate_bf16_131072.json"
-  echo "\$ $CMD"; timeout $((560 - SECONDS)) $CMD; echo "bench 131072: exit $? after ${SECONDS} s"
+  echo "\$ $CMD"; timeout $((${BUDGET:-560} - SECONDS)) $CMD; echo "bench 131072: exit $? after ${SECONDS} s"
 } 2>&1 | tee "$LOG"
 if [ -n "${OUT:-}" ]; then cp -f "$LOG" results/h200/generate_bf16_*.json "$OUT/" 2>/dev/null; fi
