@@ -63,11 +63,12 @@ def _same(ort, ref, where):
 @pytest.mark.parametrize("name", NAMES)
 def test_export_validates_decode_graphs(exports, name):
     from exporter.weights import WEIGHTS_FILE
-    from graphs.contracts import GRAPH_FILES, all_roles_of
+    from exporter.export import export_roles
+    from graphs.contracts import GRAPH_FILES
     _, export_dir, manifest = exports[name]
     kind = manifest.model_config().kind
     roles = ("decode", "memory_write") if kind == "armt" else ("rmt_decode", "rmt_memory_write")
-    assert set(manifest.graphs) == set(all_roles_of(manifest.model_config()))  # the default: every role
+    assert set(manifest.graphs) == set(export_roles(manifest.model_config(), decode=True))  # the default (fp32: no causal twins)
     assert {p.name for p in export_dir.iterdir()} == {GRAPH_FILES[r] for r in manifest.graphs} | {
         "manifest.json", WEIGHTS_FILE, "sample_feeds.npz", "polygraphy_data_loader.py"}
     for role in roles:

@@ -105,7 +105,8 @@ def stand_in(monkeypatch):
         self._profiles = [{k: (r.min, r.opt, r.max) for k, r in p.items()} for p in self.engine_record.profiles]
         path = self.manifest.graph_path(self.role)
         self._context = _OnnxEngine(self, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), runners)
-        self._capture = lambda: captured.append(_FakeCudaGraph(self._context)) or captured[-1]
+        self._causal = None  # decode engines have no causal twin
+        self._capture = lambda ctx: captured.append(_FakeCudaGraph(ctx)) or captured[-1]
         runners.append(self)
 
     monkeypatch.setattr(trt_runner, "_importable", lambda module: True)
