@@ -226,7 +226,7 @@ def open_export_decoder(path, backend: str, device: str, precision: str | None =
     """The decoder over an export's decode graphs (as `armt generate --backend ort|trt` opens it);
     `cuda_graph`: CUDA graphs for its steps (ort: CUDA only, default off; trt: default on)."""
     try:
-        from runtimes.ort_generate import open_decoder
+        from runtimes.decoders import open_decoder
     except ImportError:
         from graphs.errors import BackendUnavailable
         raise BackendUnavailable(f"generation on {backend} needs the export's decode graphs, which this version "

@@ -46,7 +46,7 @@ import numpy as np
 from graphs.contracts import decode_roles_of, role_for
 from tests.test_generate import FIXTURES, official_model
 from runtimes.generate import generate
-from runtimes.ort_generate import open_decoder
+from runtimes.decoders import open_decoder
 from runtimes.validation import export_model
 device = sys.argv[1]
 root = Path(tempfile.mkdtemp(prefix="armt-generate-ort-"))

@@ -2,7 +2,7 @@
 TensorRT engines `armt build` made from the export's decode graphs (decode + memory_write for an
 ARMT, rmt_decode + rmt_memory_write for an RMT), the mirror of runtimes/ort_generate.py OrtDecoder.
 
-The feeds, the KV cache and the memory bookkeeping are ExportDecoder's (runtimes/ort_generate.py),
+The feeds, the KV cache and the memory bookkeeping are ExportDecoder's (runtimes/export_decoder.py),
 shared with the ONNX Runtime decoder; only the runners differ: one TrtRunner (runtimes/trt_runner.py)
 per decode role, and the prompt's completed segments through the TrtRunner of the schedule's step
 engine (runtimes/execute.py run_schedule, as `armt run --backend trt`). The KV cache lives in the
@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 
 from graphs.errors import InputError
-from runtimes.ort_generate import DECODE_ROLES, ExportDecoder
+from runtimes.export_decoder import DECODE_ROLES, ExportDecoder
 
 log = logging.getLogger("armt.generate")
 

@@ -15,7 +15,7 @@ import pytest
 from armt.cli import main
 from graphs.errors import InputError
 from runtimes.generate import generate
-from runtimes.ort_generate import open_decoder
+from runtimes.decoders import open_decoder
 from tests.helpers import rel_err
 from tests.test_generate import FIXTURES, official_model
 from tests.test_rmt_ort import _have_trt_rtx

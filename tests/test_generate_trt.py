@@ -19,7 +19,7 @@ import pytest
 from armt.cli import main
 from graphs.errors import BackendUnavailable, InputError
 from runtimes.generate import generate
-from runtimes.ort_generate import open_decoder
+from runtimes.decoders import open_decoder
 from tests.helpers import rel_err
 from tests.test_cuda_graphs import _FakeCudaGraph
 from tests.test_generate import FIXTURES, official_model

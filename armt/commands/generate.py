@@ -124,6 +124,6 @@ def _decoder(args: argparse.Namespace, device: str):
         from runtimes.torch_generate import TorchDecoder
         model = load_model_dir(args.path)
         return TorchDecoder(model, device=device, precision=args.precision or "fp32"), model.known_model_id
-    from runtimes.ort_generate import open_decoder
+    from runtimes.decoders import open_decoder
     dec = open_decoder(args.path, args.backend, device=device, precision=args.precision)
     return dec, (lambda: dec.model_id)
