@@ -28,6 +28,7 @@ import numpy as np
 
 from graphs.contracts import GraphContract
 from graphs.dtypes import numpy_dtype
+from graphs.errors import ExportError
 
 SKIP_COMPARE_BYTES = 1 << 20  # host feeds up to this size are compared with the buffer's last content
 
@@ -90,6 +91,16 @@ class BufferSet:
 
     def owns(self, value: Any) -> bool:
         return isinstance(value, Buffer) and any(value is b for b in self._flat.values())
+
+    def upload(self, feeds: Mapping[str, np.ndarray], where: str) -> dict[str, Buffer]:
+        """bind_inputs of host arrays whose ranks are checked against the contract first (a decoder's
+        memory and KV cache, uploaded once and fed back later without a copy); `where` names the graph
+        in the error."""
+        for name, value in feeds.items():
+            spec = self.contract.input(name)
+            if len(np.shape(value)) != len(spec.shape):
+                raise ExportError(f"{where}: {name} must have rank {len(spec.shape)}, got shape {np.shape(value)}")
+        return self.bind_inputs(feeds)
 
     def bind_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Buffer]:
         """The buffer to bind for each input: own output buffers as they are, host arrays staged."""

@@ -257,12 +257,7 @@ class OrtRunner(Runner):
         on the same device), they are bound as they are, without a copy (a decoder's memory and KV cache)."""
         if self._buffers is None:
             raise ExportError(f"runner {self.name} is not active: call activate() first")
-        for name, value in feeds.items():
-            spec = self.contract.input(name)
-            if len(np.shape(value)) != len(spec.shape):
-                raise ExportError(f"{self.loader.path.name}: {name} must have rank {len(spec.shape)}, got "
-                                  f"shape {np.shape(value)}")
-        return self._buffers.bind_inputs(feeds)
+        return self._buffers.upload(feeds, self.loader.path.name)
 
     # ---------------------------------------------------------------- one call
     def _infer(self, feeds: Mapping[str, Any], dims: dict[str, int]) -> dict[str, Buffer]:

@@ -293,11 +293,7 @@ class TrtRunner(Runner):
         same GPU), they are bound as they are (a decoder's memory and KV cache)."""
         if self._buffers is None:
             raise ExportError(f"runner {self.name} is not active: call activate() first")
-        for name, value in feeds.items():
-            spec = self.contract.input(name)
-            if len(np.shape(value)) != len(spec.shape):
-                raise ExportError(f"{self.role}: {name} must have rank {len(spec.shape)}, got shape {np.shape(value)}")
-        bound = self._buffers.bind_inputs(feeds)
+        bound = self._buffers.upload(feeds, self.role)
         self.synchronize()  # the host arrays may be freed when this returns
         return bound
 
