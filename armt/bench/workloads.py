@@ -145,9 +145,10 @@ def export_bench_model(model, where: str, precision: str, source: str, decode: b
     from runtimes.validation import export_model
     only = None
     if schedules is not None:
-        only = [role_for(model.cfg, s) for s in schedules] + [LM_HEAD] + list(decode_roles_of(model.cfg) if decode else ())
+        decode_roles = decode_roles_of(model.cfg) if decode else ()  # (decode, memory write)
         if not memory_write:
-            only = only[:-1] if decode else only  # decode_roles_of: (decode, memory write)
+            decode_roles = decode_roles[:1]
+        only = [role_for(model.cfg, s) for s in schedules] + [LM_HEAD] + list(decode_roles)
     log.info("exporting the model (%s%s) to %s for the ort backend ...", precision,
              f": {', '.join(only)}" if only else "", where)
     export_model(copy.deepcopy(model), where, precision=precision, validate=False, overwrite=True, source=source,
