@@ -136,7 +136,7 @@ class OrtRunner(Runner):
             if causal is not False and twin in self.manifest.graphs:
                 g = self.manifest.graph(twin)
                 contract.check_io(g.inputs, g.outputs, f"export {self.manifest.root} ({twin})")
-                causal_loader = OrtSessionLoader(self.manifest.graph_path(twin), dev, threads)
+                causal_loader = OrtSessionLoader(self.manifest.graph_path(twin), dev, threads, tf32=self.manifest.tf32)
         super().__init__(contract, dev, model_id)
         self._causal_loader = causal_loader  # the causal variant's graph (None: every call masked)
         self.has_causal = causal_loader is not None

@@ -545,6 +545,7 @@ def test_ort_cuda_sessions_turn_tf32_on_only_for_tensor_core_memory_graphs(fused
     m = load_manifest(d)
     runner = OrtRunner(d, "segment")
     assert runner.loader.tf32 is True
+    assert runner.has_causal and runner._causal_loader.tf32 is True  # the causal twin runs the same math
     loader = dataclasses.replace(runner.loader, device="cuda:0")  # as the runner's own on a CUDA device
     for cuda_graph in (False, True):  # the CUDA-graph sessions copy the same loader
         loader.cuda_graph = cuda_graph
