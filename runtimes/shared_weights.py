@@ -1,0 +1,209 @@
+"""One copy of an export's weights for all of its ONNX Runtime sessions on one device (issue 10).
+
+Every graph of an export references the same external-data file (`weights.data`, exporter/weights.py),
+but an ONNX Runtime session loads its own copy of every initializer: the masked step graph and its
+causal twin, the companion runners (segment, diagonal_step, lm_head), the pinned-shape sessions of
+CUDA graphs and the decoder's sessions each held the weights once more (an fp16 LLaMA-1B run peaked
+at 12 GiB on the H200 with 2.5 GB of weights). A `WeightPool` holds one OrtValue per external
+initializer of an export on one device and `OrtSessionLoader` hands the ones its graph references
+to ONNX Runtime (`SessionOptions.add_initializer`: the session uses a caller-owned value in place,
+without a copy, where it lives on the device the session plans that initializer on).
+
+    pool_for(graph_path, device)   -> WeightPool (one per export directory and device, shared while alive)
+    pool.initializers_for(path)    -> {initializer name: OrtValue} for that graph's external tensors
+
+Values: the external-data file is memory-mapped once (np.memmap, read-only). CPU: each OrtValue wraps
+its slice of the map without a copy (`ortvalue_from_numpy`; bf16 as its uint16 bits with ONNX type
+16). CUDA (and the CPU with ARMT_ORT_SHARED_WEIGHTS=copy, which runs that path on the CPU): one device
+tensor per initializer (`ortvalue_from_shape_and_type` + `update_inplace`), which owns its buffer and
+so is refused by `add_initializer` ("must be owned by the user"); the session gets a DLPack view of
+it (`OrtValue.from_dlpack`: same memory, not owned; the view keeps the owner alive).
+
+Identity: a tensor is keyed by (file, offset, length, ONNX type, shape), not by name: two graphs that
+name the same bytes differently share one value. Initializers held inline in the .onnx (small
+constants) are left to the session. A pool is reused only while every file it mapped keeps its
+(inode, size, mtime): an export rewritten in place gets a new pool for new sessions.
+
+Lifetime: a session holds its pool (attribute `_armt_weight_pool`), the registry only a weak reference:
+the pool (the device copy, the map) goes with the last session that uses it.
+
+Fallbacks (never a silent wrong result): ONNX Runtime uses its own copy, with a warning in its log,
+for an initializer planned on another device than the value's (e.g. a CUDA session's CPU node); a
+session that fails to load with the pool's values is reopened without them (runtimes/loaders.py,
+one warning per export and device). Off: ARMT_ORT_SHARED_WEIGHTS=0 or OrtRunner(shared_weights=False).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes.base import Device, parse_device
+
+log = logging.getLogger("armt.ort")
+
+ENV = "ARMT_ORT_SHARED_WEIGHTS"  # "0"/"off": every session loads its own copy; "copy": device path on the CPU
+BF16 = 16  # ONNX TensorProto.BFLOAT16 (numpy has none: stored as uint16 bits)
+# ONNX element type -> the numpy dtype its bytes are read as (bf16: its bits)
+STORAGE_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+                  9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64, BF16: np.uint16}
+
+
+def env_mode() -> str:
+    """"off", "on" or "copy" (ARMT_ORT_SHARED_WEIGHTS; unset: on)."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("0", "no", "off", "false"):
+        return "off"
+    return "copy" if v == "copy" else "on"
+
+
+def sharing_enabled(option: bool | None) -> bool:
+    """An explicit option wins; None: the environment (default on)."""
+    return env_mode() != "off" if option is None else bool(option)
+
+
+@dataclass(frozen=True)
+class ExternalTensor:
+    """One initializer of a graph whose bytes live in an external-data file."""
+
+    name: str
+    file: Path  # resolved
+    offset: int
+    length: int
+    onnx_type: int
+    shape: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple:
+        return (str(self.file), self.offset, self.length, self.onnx_type, self.shape)
+
+
+def external_tensors(graph_path: Path) -> list[ExternalTensor]:
+    """The main graph's initializers with external data (the .onnx read without its weights); tensors
+    whose recorded length does not match their dtype and shape, or of a dtype not in STORAGE_DTYPES,
+    are left out (the session loads those itself)."""
+    import onnx
+    model = onnx.load(str(graph_path), load_external_data=False)
+    out = []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in STORAGE_DTYPES:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if "location" not in info:
+            continue
+        shape = tuple(int(d) for d in t.dims)
+        itemsize = np.dtype(STORAGE_DTYPES[t.data_type]).itemsize
+        want = int(np.prod(shape, dtype=np.int64)) * itemsize
+        length = int(info.get("length", want))
+        if length != want or want == 0:
+            continue
+        file = (graph_path.parent / info["location"]).resolve()
+        out.append(ExternalTensor(t.name, file, int(info.get("offset", 0)), length, t.data_type, shape))
+    return out
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class WeightPool:
+    """The OrtValues of one export's external initializers on one device (made on first use)."""
+
+    def __init__(self, root: Path, device: Device, copy: bool):
+        self.root, self.device, self.copy = root, device, copy
+        self._maps: dict[Path, tuple[np.memmap, tuple]] = {}  # file -> (read-only map, its signature)
+        self._graphs: dict[Path, tuple[tuple, list[ExternalTensor]]] = {}  # graph -> (signature, tensors)
+        self._values: dict[tuple, tuple[Any, Any]] = {}  # tensor key -> (value given to sessions, its owner)
+        self._lock = threading.Lock()
+        self.nbytes = 0  # bytes of the values made (device memory for a copy pool)
+        self.refused = False  # a session failed to load with this pool's values (logged once)
+
+    def current(self) -> bool:
+        """Do the files it mapped still have the identity they had (not rewritten since)?"""
+        try:
+            return all(_signature(f) == sig for f, (_, sig) in self._maps.items())
+        except OSError:
+            return False
+
+    def _map(self, file: Path) -> np.memmap:
+        got = self._maps.get(file)
+        if got is None:
+            got = self._maps[file] = (np.memmap(file, dtype=np.uint8, mode="r"), _signature(file))
+        return got[0]
+
+    def _tensors(self, graph_path: Path) -> list[ExternalTensor]:
+        sig = _signature(graph_path)
+        got = self._graphs.get(graph_path)
+        if got is None or got[0] != sig:
+            got = self._graphs[graph_path] = (sig, external_tensors(graph_path))
+        return got[1]
+
+    def _make(self, t: ExternalTensor) -> tuple[Any, Any]:
+        """(value, owner) for one tensor: a view of the map (CPU) or a device copy and its DLPack view."""
+        from runtimes.loaders import import_onnxruntime
+        ort = import_onnxruntime()
+        mm = self._map(t.file)
+        if t.offset + t.length > mm.size:
+            raise ValueError(f"{t.name}: bytes {t.offset}..{t.offset + t.length} past the end of {t.file.name}")
+        host = mm[t.offset:t.offset + t.length].view(STORAGE_DTYPES[t.onnx_type]).reshape(t.shape)  # no copy
+        if not self.copy:
+            if t.onnx_type == BF16:
+                return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, BF16), None
+            return ort.OrtValue.ortvalue_from_numpy(host), None
+        owner = ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), t.onnx_type, self.device.type, self.device.id)
+        owner.update_inplace(np.ascontiguousarray(host))  # host -> device, once
+        return ort.OrtValue.from_dlpack(owner), owner  # not owning its buffer: add_initializer takes it
+
+    def initializers_for(self, graph_path: str | Path) -> dict[str, Any]:
+        """{name: OrtValue} of the graph's external initializers (made now where not yet made)."""
+        graph_path = Path(graph_path).resolve()
+        with self._lock:
+            out = {}
+            for t in self._tensors(graph_path):
+                got = self._values.get(t.key)
+                if got is None:
+                    got = self._values[t.key] = self._make(t)
+                    self.nbytes += t.length
+                out[t.name] = got[0]
+            return out
+
+    @property
+    def count(self) -> int:
+        return len(self._values)
+
+
+_POOLS: dict[tuple, "weakref.ref[WeightPool]"] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool_for(graph_path: str | Path, device: str | Device = "cpu", copy: bool | None = None) -> WeightPool:
+    """The live pool of the graph's export directory on `device` (a new one if none is alive or its files
+    changed). `copy`: device copies even on the CPU (None: CUDA, or ARMT_ORT_SHARED_WEIGHTS=copy)."""
+    dev = parse_device(device)
+    if copy is None:
+        copy = dev.type != "cpu" or env_mode() == "copy"
+    root = Path(graph_path).resolve().parent
+    key = (str(root), str(dev), bool(copy))
+    with _POOLS_LOCK:
+        ref = _POOLS.get(key)
+        pool = ref() if ref is not None else None
+        if pool is None or not pool.current():
+            pool = WeightPool(root, dev, bool(copy))
+            _POOLS[key] = weakref.ref(pool)
+        for k in [k for k, r in _POOLS.items() if r() is None]:
+            del _POOLS[k]
+        return pool
+
+
+def live_pools() -> list[WeightPool]:
+    """The pools some session still holds (tests, diagnostics)."""
+    with _POOLS_LOCK:
+        return [p for p in (r() for r in _POOLS.values()) if p is not None]

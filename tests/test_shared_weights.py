@@ -1,0 +1,252 @@
+"""One copy of an export's weights for all its ONNX Runtime sessions (runtimes/shared_weights.py, issue 10).
+
+Two parts. Hand-built graphs (onnx.helper, no torch export: fast): the pool's values hold the file's
+bytes (fp32, fp16, bf16 bits), sessions give bit-identical outputs with and without the pool in both
+value paths (CPU zero-copy views of the map; device copies + DLPack views, the CUDA path, run on the
+CPU), ONNX Runtime really computes with the pool's values (a pool of altered values changes the
+output: the test that would fail if the values were silently ignored), tensors are shared by bytes
+not names, a rewritten file gets a new pool, the pool dies with its last session, a refusal falls
+back to the session's own copy (one warning), and the switch. Exports (a tiny LLaMA ARMT, fp32 and
+fp16 with decode graphs): run_schedule on both schedules, masked and causal variants, the lm_head
+companion, and the decoder, bitwise equal with and without the pool, all sessions on one pool.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import runtimes.loaders as loaders
+from runtimes.loaders import OrtSessionLoader
+from runtimes.shared_weights import ENV, external_tensors, live_pools, pool_for
+
+ort = pytest.importorskip("onnxruntime")
+
+ROWS, COLS = 8, 4
+
+
+def _write_blobs(path, blobs) -> dict[str, tuple[int, int]]:
+    """Append arrays to one file, 64-byte aligned as exporter/weights.py does: name -> (offset, length)."""
+    out, pos = {}, 0
+    with open(path, "wb") as f:
+        for name, arr in blobs.items():
+            pos = -(-pos // 64) * 64
+            f.seek(pos)
+            raw = np.ascontiguousarray(arr).tobytes()
+            f.write(raw)
+            out[name] = (pos, len(raw))
+            pos += len(raw)
+    return out
+
+
+def _external(name, dtype, dims, where):
+    t = TensorProto(name=name, data_type=dtype, dims=dims, data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "weights.data"), ("offset", str(where[0])), ("length", str(where[1]))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def _graph(path, names, places):
+    """y (n, 4) float32 = Gather(W, idx) * x + Cast(Gather(H, idx)) + Cast(Gather(B, idx)) + c: W float32,
+    H float16, B bfloat16 external (named `names`), c inline. Gathers on a graph input: nothing folds."""
+    w, h, b = names
+    nodes = [helper.make_node("Gather", [w, "idx"], ["gw"]), helper.make_node("Mul", ["gw", "x"], ["m"]),
+             helper.make_node("Gather", [h, "idx"], ["gh"]), helper.make_node("Cast", ["gh"], ["ch"], to=1),
+             helper.make_node("Gather", [b, "idx"], ["gb"]), helper.make_node("Cast", ["gb"], ["cb"], to=1),
+             helper.make_node("Add", ["m", "ch"], ["s1"]), helper.make_node("Add", ["s1", "cb"], ["s2"]),
+             helper.make_node("Add", ["s2", "c"], ["y"])]
+    inits = [_external(w, TensorProto.FLOAT, [ROWS, COLS], places["W"]),
+             _external(h, TensorProto.FLOAT16, [ROWS, COLS], places["H"]),
+             _external(b, TensorProto.BFLOAT16, [ROWS, COLS], places["B"]),
+             numpy_helper.from_array(np.arange(COLS, dtype=np.float32) / 7, "c")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"]),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", COLS])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", COLS])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def _arrays(seed=0):
+    import ml_dtypes
+    r = np.random.default_rng(seed)
+    return {"W": r.standard_normal((ROWS, COLS)).astype(np.float32),
+            "H": r.standard_normal((ROWS, COLS)).astype(np.float16),
+            "B": r.standard_normal((ROWS, COLS)).astype(ml_dtypes.bfloat16).view(np.uint16)}
+
+
+@pytest.fixture
+def export(tmp_path):
+    """A directory as an export lays it out: two graphs naming the same weights.data bytes differently."""
+    places = _write_blobs(tmp_path / "weights.data", _arrays())
+    _graph(tmp_path / "a.onnx", ("W", "H", "B"), places)
+    _graph(tmp_path / "b.onnx", ("onnx::W_7", "onnx::H_8", "onnx::B_9"), places)
+    return tmp_path
+
+
+FEEDS = {"idx": np.array([3, 0, 7, 3, 5], dtype=np.int64),
+         "x": np.linspace(-2, 2, 5 * COLS, dtype=np.float32).reshape(5, COLS)}
+
+
+def _expected(scale=1):
+    """The graph's y in float32, in the graph's order of operations (bit for bit); `scale`: W, H and B
+    multiplied by it (2: exact in every float format)."""
+    import ml_dtypes
+    a = _arrays()
+    i = FEEDS["idx"]
+    w = a["W"] * np.float32(scale)
+    h = (a["H"] * np.float16(scale)).astype(np.float32)
+    bf = (a["B"].view(ml_dtypes.bfloat16) * ml_dtypes.bfloat16(scale)).astype(np.float32)
+    return w[i] * FEEDS["x"] + h[i] + bf[i] + np.arange(COLS, dtype=np.float32) / 7
+
+
+def _run(path, **kw):
+    session = OrtSessionLoader(path, **kw)()
+    return session, session.run(None, FEEDS)[0]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    loaders._POOL_FAILED.clear()
+    yield
+    gc.collect()
+
+
+def test_external_tensors_read_from_the_graph(export):
+    got = {t.name: t for t in external_tensors(export / "a.onnx")}
+    assert sorted(got) == ["B", "H", "W"]  # c is inline: left to the session
+    assert got["B"].onnx_type == TensorProto.BFLOAT16 and got["W"].shape == (ROWS, COLS)
+    assert got["W"].file == (export / "weights.data").resolve()
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["view", "device-copy"])
+def test_pool_values_hold_the_file_bytes(export, copy):
+    pool = pool_for(export / "a.onnx", "cpu", copy=copy)
+    values = pool.initializers_for(export / "a.onnx")
+    ref = onnx.load(str(export / "a.onnx"))  # external data loaded by onnx itself
+    for t in ref.graph.initializer:
+        if t.name == "c":
+            assert t.name not in values
+            continue
+        v = values[t.name]
+        assert v.shape() == list(t.dims)
+        raw = np.from_dlpack(v) if t.data_type != TensorProto.BFLOAT16 else None
+        want = numpy_helper.to_array(t)
+        if raw is not None:
+            assert np.array_equal(raw, want)
+    mm = pool._maps[(export / "weights.data").resolve()][0]
+    base = mm.ctypes.data
+    inside = [base <= v.data_ptr() < base + mm.size for v in values.values()]
+    assert all(inside) if not copy else not any(inside)  # views of the map / device (here host) copies
+
+
+@pytest.mark.parametrize("mode", ["view", "copy"])
+def test_sessions_equal_with_and_without_the_pool(export, monkeypatch, mode):
+    if mode == "copy":
+        monkeypatch.setenv(ENV, "copy")
+    s1, on = _run(export / "a.onnx")
+    _, off = _run(export / "a.onnx", shared_weights=False)
+    assert getattr(s1, "_armt_weight_pool", None) is not None and s1._armt_weight_pool.copy == (mode == "copy")
+    assert np.array_equal(on, off) and np.array_equal(off, _expected())
+
+
+def test_the_session_computes_with_the_pools_values(export, monkeypatch):
+    """A pool whose W, H and B are doubled doubles them in the output, bit for bit: the session computes
+    with the pool's values (fp32, fp16 and bf16), it does not silently keep its own copy."""
+    import ml_dtypes
+    from runtimes import shared_weights as sw
+
+    def doubled(self, t):
+        raw = np.array(self._map(t.file)[t.offset:t.offset + t.length]).view(sw.STORAGE_DTYPES[t.onnx_type])
+        raw = raw.reshape(t.shape)
+        if t.onnx_type == TensorProto.BFLOAT16:
+            arr = (raw.view(ml_dtypes.bfloat16) * ml_dtypes.bfloat16(2)).view(np.uint16)
+            value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, t.onnx_type)
+        else:
+            arr = raw * raw.dtype.type(2)
+            value = ort.OrtValue.ortvalue_from_numpy(arr)
+        return value, arr
+
+    monkeypatch.setattr(sw.WeightPool, "_make", doubled)
+    _, got = _run(export / "a.onnx")
+    assert np.array_equal(got, _expected(scale=2)) and not np.array_equal(got, _expected())
+
+
+def test_one_value_per_tensor_across_graphs_and_sessions(export):
+    sa, ya = _run(export / "a.onnx")
+    sb, yb = _run(export / "b.onnx")  # other names, the same bytes
+    assert sa._armt_weight_pool is sb._armt_weight_pool
+    assert sa._armt_weight_pool.count == 3 and sa._armt_weight_pool.nbytes == ROWS * COLS * (4 + 2 + 2)
+    assert np.array_equal(ya, yb)
+
+
+def test_pool_lives_as_long_as_its_last_session(export):
+    s1, _ = _run(export / "a.onnx")
+    s2, _ = _run(export / "b.onnx")
+    pool = s1._armt_weight_pool
+    ref = __import__("weakref").ref(pool)
+    del pool, s1
+    gc.collect()
+    assert ref() is not None and ref() in live_pools()
+    del s2
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_rewritten_file_gets_a_new_pool(export):
+    s1, y1 = _run(export / "a.onnx")
+    arrays = _arrays(seed=1)
+    os.replace(export / "weights.data", export / "old.data")  # the old pool's map stays valid (its inode)
+    _write_blobs(export / "weights.data", arrays)
+    s2, y2 = _run(export / "a.onnx")
+    assert s2._armt_weight_pool is not s1._armt_weight_pool
+    _, off = _run(export / "a.onnx", shared_weights=False)
+    assert np.array_equal(y2, off) and not np.array_equal(y1, y2)
+
+
+def test_refused_values_fall_back_to_the_sessions_own_copy(export, monkeypatch, caplog):
+    """ONNX Runtime refuses an OrtValue that owns its buffer (add_initializer): the session opens
+    without the pool, one warning, the same outputs."""
+    from runtimes import shared_weights as sw
+
+    def owned(self, path):
+        return {t.name: ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), t.onnx_type, "cpu", 0)
+                for t in external_tensors(path)}
+
+    monkeypatch.setattr(sw.WeightPool, "initializers_for", owned)
+    with caplog.at_level(logging.WARNING, logger="armt.run"):
+        s1, y1 = _run(export / "a.onnx")
+        s2, y2 = _run(export / "b.onnx")
+    assert not hasattr(s1, "_armt_weight_pool") and not hasattr(s2, "_armt_weight_pool")
+    assert np.array_equal(y1, _expected()) and np.array_equal(y2, _expected())
+    warned = [r for r in caplog.records if "refused the shared weights" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_unreadable_weights_fall_back_with_one_warning(export, monkeypatch, caplog):
+    from runtimes import shared_weights as sw
+
+    def broken(self, t):
+        raise OSError("mmap failed")
+
+    monkeypatch.setattr(sw.WeightPool, "_make", broken)
+    with caplog.at_level(logging.WARNING, logger="armt.run"):
+        s1, y1 = _run(export / "a.onnx")
+        _run(export / "a.onnx")
+    assert not hasattr(s1, "_armt_weight_pool") and np.array_equal(y1, _expected())
+    assert sum("no shared weights" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("env,option,shared", [("0", None, False), ("off", None, False), ("", None, True),
+                                               ("1", None, True), ("0", True, True), ("", False, False)])
+def test_switch(export, monkeypatch, env, option, shared):
+    monkeypatch.setenv(ENV, env)
+    s, y = _run(export / "a.onnx", shared_weights=option)
+    assert hasattr(s, "_armt_weight_pool") == shared
+    assert np.array_equal(y, _expected())
