@@ -250,3 +250,101 @@ def test_switch(export, monkeypatch, env, option, shared):
     s, y = _run(export / "a.onnx", shared_weights=option)
     assert hasattr(s, "_armt_weight_pool") == shared
     assert np.array_equal(y, _expected())
+
+
+# ------------------------------------------------------------------------------------------ exports
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """precision -> export directory of a tiny LLaMA ARMT (2 heads of 16, GQA) with its decode graphs;
+    fp16 also has the causal twins (opset 23). Not validated: parity here is pool vs no pool."""
+    torch = pytest.importorskip("torch")
+    from runtimes.validation import export_model
+    from tests.helpers import tiny_model
+    root = tmp_path_factory.mktemp("sharedw")
+    done = {}
+
+    def get(precision):
+        if precision not in done:
+            with torch.no_grad():
+                export_model(tiny_model("llama", num_attention_heads=2, num_key_value_heads=1), root / precision,
+                             precision=precision, validate=False, decode=True)
+            done[precision] = root / precision
+        return done[precision]
+    return get
+
+
+def _ids_and_masks(V, T):
+    r = np.random.default_rng(3)
+    ids = r.integers(0, V, (3, 4 * T + 2)).astype(np.int64)  # (B, N): 4 segments and a partial one
+    padded = np.ones_like(ids)
+    padded[1, 2 * T + 1:] = 0  # row 1 ends early: its calls run the masked graph
+    return ids, padded
+
+
+def _sessions(runner):
+    return [s for s, _ in runner._plain.values()]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("role", ["segment", "diagonal_step"])
+def test_export_runs_bitwise_equal_with_and_without_the_pool(exports, precision, role):
+    """run_schedule (logits via the lm_head companion, hidden, final memory) on a full and a padded batch:
+    the same bits with the pool as without; every session of the runner and its head on one pool."""
+    from graphs.contracts import CAUSAL, MASKED
+    from runtimes.execute import run_schedule
+    from runtimes.ort_runner import OrtRunner
+    export_dir = exports(precision)
+    results, pools = {}, {}
+    for shared in (False, True):
+        runner = OrtRunner(export_dir, role, shared_weights=shared).activate()
+        head = runner.companion("lm_head").activate()
+        cfg = runner.manifest.model_config()
+        ids, padded = _ids_and_masks(cfg.base.vocab_size, cfg.armt.segment_size)
+        out = []
+        for mask in (None, padded):
+            res = run_schedule(runner, ids, mask, head=head)
+            out += [res.logits, res.hidden, *(np.asarray(getattr(res.state, n)) for n in res.state.TENSORS)]
+        results[shared] = out
+        sessions = _sessions(runner) + _sessions(head)
+        assert set(runner._plain) == ({MASKED, CAUSAL} if precision == "fp16" else {MASKED})
+        if precision == "fp16":
+            assert runner.variant_calls[CAUSAL] > 0 and runner.variant_calls[MASKED] > 0
+        got = {id(getattr(s, "_armt_weight_pool", None)) for s in sessions}
+        pools[shared] = [getattr(s, "_armt_weight_pool", None) for s in sessions]
+        assert len(got) == 1
+        head.deactivate()
+        runner.deactivate()
+    assert all(p is None for p in pools[False]) and pools[True][0] is not None
+    pool = pools[True][0]
+    graphs = [export_dir / f for f in os.listdir(export_dir) if f.startswith((role, "lm_head")) and f.endswith(".onnx")]
+    for a, b in zip(results[False], results[True]):
+        assert np.isfinite(a).all() and a.dtype == b.dtype and np.array_equal(a, b)
+    tensors = [t for g in graphs for t in external_tensors(g)]
+    unique = {t.key: t.length for t in tensors}
+    assert pool.count == len(unique) and pool.nbytes == sum(unique.values()) > 0  # each tensor once
+    if precision == "fp16":  # the causal twin references the masked graph's bytes: held once, not twice
+        assert pool.nbytes < sum(t.length for t in tensors)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("policy", ["frozen", "recurrent"])
+def test_decoder_equal_with_and_without_the_pool(exports, monkeypatch, precision, policy):
+    """The decoder's sessions (prefill, decode, memory write) on one pool: the same tokens and score bits."""
+    from runtimes.decoders import open_decoder
+    from runtimes.generate import generate
+    export_dir = exports(precision)
+    got = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv(ENV, env)
+        dec = open_decoder(export_dir, "ort")
+        V, T = dec.cfg.base.vocab_size, dec.cfg.armt.segment_size
+        ids = np.random.default_rng(5).integers(0, V, (2, 2 * T + 3)).astype(np.int64)
+        res = generate(dec, ids, max_new_tokens=T + 2, policy=policy)
+        sessions = [s for r in (*dec.runners.values(), *dec._prefill_runners.values()) for s in _sessions(r)]
+        pools = {id(getattr(s, "_armt_weight_pool", None)) for s in sessions}
+        assert len(sessions) >= 3 and len(pools) == 1 and (None not in [getattr(s, "_armt_weight_pool", None)
+                                                                          for s in sessions]) == (env == "1")
+        dec.close()
+        got[env] = res
+    assert np.array_equal(got["0"].tokens, got["1"].tokens) and np.array_equal(got["0"].scores, got["1"].scores)
+    assert np.isfinite(got["1"].scores).all()
