@@ -156,26 +156,48 @@ def test_sessions_equal_with_and_without_the_pool(export, monkeypatch, mode):
     assert np.array_equal(on, off) and np.array_equal(off, _expected())
 
 
-def test_the_session_computes_with_the_pools_values(export, monkeypatch):
-    """A pool whose W, H and B are doubled doubles them in the output, bit for bit: the session computes
-    with the pool's values (fp32, fp16 and bf16), it does not silently keep its own copy."""
+def _doubled_map(export):
+    """weights.data's bytes with every external tensor of a.onnx doubled (exact in every float format)."""
     import ml_dtypes
     from runtimes import shared_weights as sw
-
-    def doubled(self, t):
-        raw = np.array(self._map(t.file)[t.offset:t.offset + t.length]).view(sw.STORAGE_DTYPES[t.onnx_type])
-        raw = raw.reshape(t.shape)
+    data = np.fromfile(export / "weights.data", dtype=np.uint8)
+    for t in external_tensors(export / "a.onnx"):
+        region = data[t.offset:t.offset + t.length].view(sw.STORAGE_DTYPES[t.onnx_type])
         if t.onnx_type == TensorProto.BFLOAT16:
-            arr = (raw.view(ml_dtypes.bfloat16) * ml_dtypes.bfloat16(2)).view(np.uint16)
-            value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, t.onnx_type)
+            region[:] = (region.view(ml_dtypes.bfloat16) * ml_dtypes.bfloat16(2)).view(np.uint16)
         else:
-            arr = raw * raw.dtype.type(2)
-            value = ort.OrtValue.ortvalue_from_numpy(arr)
-        return value, arr
+            region *= region.dtype.type(2)
+    return data
 
-    monkeypatch.setattr(sw.WeightPool, "_make", doubled)
+
+@pytest.mark.parametrize("mode", ["view", "copy"])
+def test_the_session_computes_with_the_pools_values(export, monkeypatch, mode):
+    """A pool over doubled bytes doubles W, H and B in the output, bit for bit, on both value paths: the
+    session computes with the pool's values (fp32, fp16, bf16), it does not silently keep its own copy."""
+    from runtimes import shared_weights as sw
+    doubled = _doubled_map(export)
+    monkeypatch.setattr(sw.WeightPool, "_map", lambda self, file: doubled)
+    if mode == "copy":
+        monkeypatch.setenv(ENV, "copy")
     _, got = _run(export / "a.onnx")
     assert np.array_equal(got, _expected(scale=2)) and not np.array_equal(got, _expected())
+
+
+@pytest.mark.gpu
+def test_cuda_sessions_compute_with_the_pools_device_values(export, monkeypatch):
+    """CUDA: the pool's device values (DLPack views) are used in place by the session, not replaced by
+    ONNX Runtime's own copy (which it does, silently but for a warning in its log, when the value's
+    device does not equal the planned one): doubled bytes give the doubled output, bit for bit."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDAExecutionProvider in this onnxruntime")
+    from runtimes import shared_weights as sw
+    s, y = _run(export / "a.onnx", device="cuda:0")
+    assert s._armt_weight_pool.copy and np.array_equal(y, _expected())
+    doubled = _doubled_map(export)
+    monkeypatch.setattr(sw.WeightPool, "_map", lambda self, file: doubled)
+    monkeypatch.setattr(sw, "_POOLS", {})  # a fresh pool over the doubled bytes
+    _, got = _run(export / "a.onnx", device="cuda:0")
+    assert np.array_equal(got, _expected(scale=2)), "ONNX Runtime CUDA did not use the pool's device values"
 
 
 def test_one_value_per_tensor_across_graphs_and_sessions(export):
