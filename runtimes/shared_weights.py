@@ -21,7 +21,9 @@ it (`OrtValue.from_dlpack`: same memory, not owned; the view keeps the owner ali
 
 Identity: a tensor is keyed by (file, offset, length, ONNX type, shape), not by name: two graphs that
 name the same bytes differently share one value. Initializers held inline in the .onnx (small
-constants) are left to the session. A pool is reused only while every file it mapped keeps its
+constants) are left to the session, and so are external ones that only constant nodes read
+(`run_time_inputs`: ONNX Runtime folds those at load into tensors of its own, e.g. the `segment`
+graph's per-layer Slices of a weight stack; pooling them would keep an unused copy alive). A pool is reused only while every file it mapped keeps its
 (inode, size, mtime): an export rewritten in place gets a new pool for new sessions.
 
 Lifetime: a session holds its pool (attribute `_armt_weight_pool`), the registry only a weak reference:
@@ -85,15 +87,42 @@ class ExternalTensor:
         return (str(self.file), self.offset, self.length, self.onnx_type, self.shape)
 
 
-def external_tensors(graph_path: Path) -> list[ExternalTensor]:
+def run_time_inputs(graph) -> set[str]:
+    """Names of the graph's initializers that some node reads at run time: a node with at least one
+    input that is not a constant (a graph input or computed from one). Constants: initializers (not
+    also graph inputs), Constant nodes' outputs, and the outputs of nodes whose every input is constant,
+    in the graph's (topological) order. An initializer read only by such constant nodes is folded by
+    ONNX Runtime at load (e.g. the sequential `segment` graph's per-layer `Slice`s of a weight stack):
+    the session holds the folded result, never the initializer, so a pooled copy of it would be dead
+    weight (on CUDA, device memory for nothing)."""
+    inputs = {i.name for i in graph.input}
+    const = {t.name for t in graph.initializer if t.name not in inputs}
+    const.add("")  # an omitted optional input
+    out: set[str] = set()
+    for node in graph.node:
+        has_subgraph = any(a.type in (5, 10) for a in node.attribute)  # GRAPH, GRAPHS
+        if node.op_type == "Constant" and not has_subgraph:
+            const.update(node.output)
+        elif not has_subgraph and all(i in const for i in node.input):
+            const.update(node.output)
+        else:
+            out.update(i for i in node.input if i)
+    return out
+
+
+def external_tensors(graph_path: Path, run_time_only: bool = True) -> list[ExternalTensor]:
     """The main graph's initializers with external data (the .onnx read without its weights); tensors
     whose recorded length does not match their dtype and shape, or of a dtype not in STORAGE_DTYPES,
-    are left out (the session loads those itself)."""
+    and (`run_time_only`) those only constant nodes read (run_time_inputs) are left out (the session
+    loads those itself)."""
     import onnx
     model = onnx.load(str(graph_path), load_external_data=False)
+    used = run_time_inputs(model.graph) if run_time_only else None
     out = []
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in STORAGE_DTYPES:
+            continue
+        if used is not None and t.name not in used:
             continue
         info = {e.key: e.value for e in t.external_data}
         if "location" not in info:

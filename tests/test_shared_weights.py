@@ -54,17 +54,19 @@ def _external(name, dtype, dims, where):
 
 
 def _graph(path, names, places):
-    """y (n, 4) float32 = Gather(W, idx) * x + Cast(Gather(H, idx)) + Cast(Gather(B, idx)) + c: W float32,
-    H float16, B bfloat16 external (named `names`), c inline. Gathers on a graph input: nothing folds."""
+    """y (n, 4) float32 = Gather(W, idx) * x + Cast(Gather(H, idx)) + Cast(Gather(B, idx)) + (c - F):
+    W float32, H float16, B bfloat16 external (named `names`), read at run time (Gathers on a graph
+    input); F float32 external but only read by a constant node (c - F, folded at load); c inline."""
     w, h, b = names
     nodes = [helper.make_node("Gather", [w, "idx"], ["gw"]), helper.make_node("Mul", ["gw", "x"], ["m"]),
              helper.make_node("Gather", [h, "idx"], ["gh"]), helper.make_node("Cast", ["gh"], ["ch"], to=1),
              helper.make_node("Gather", [b, "idx"], ["gb"]), helper.make_node("Cast", ["gb"], ["cb"], to=1),
              helper.make_node("Add", ["m", "ch"], ["s1"]), helper.make_node("Add", ["s1", "cb"], ["s2"]),
-             helper.make_node("Add", ["s2", "c"], ["y"])]
+             helper.make_node("Sub", ["c", "F"], ["cf"]), helper.make_node("Add", ["s2", "cf"], ["y"])]
     inits = [_external(w, TensorProto.FLOAT, [ROWS, COLS], places["W"]),
              _external(h, TensorProto.FLOAT16, [ROWS, COLS], places["H"]),
              _external(b, TensorProto.BFLOAT16, [ROWS, COLS], places["B"]),
+             _external("F", TensorProto.FLOAT, [COLS], places["F"]),
              numpy_helper.from_array(np.arange(COLS, dtype=np.float32) / 7, "c")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"]),
                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", COLS])],
@@ -77,7 +79,8 @@ def _arrays(seed=0):
     r = np.random.default_rng(seed)
     return {"W": r.standard_normal((ROWS, COLS)).astype(np.float32),
             "H": r.standard_normal((ROWS, COLS)).astype(np.float16),
-            "B": r.standard_normal((ROWS, COLS)).astype(ml_dtypes.bfloat16).view(np.uint16)}
+            "B": r.standard_normal((ROWS, COLS)).astype(ml_dtypes.bfloat16).view(np.uint16),
+            "F": r.standard_normal(COLS).astype(np.float32)}
 
 
 @pytest.fixture
@@ -102,7 +105,7 @@ def _expected(scale=1):
     w = a["W"] * np.float32(scale)
     h = (a["H"] * np.float16(scale)).astype(np.float32)
     bf = (a["B"].view(ml_dtypes.bfloat16) * ml_dtypes.bfloat16(scale)).astype(np.float32)
-    return w[i] * FEEDS["x"] + h[i] + bf[i] + np.arange(COLS, dtype=np.float32) / 7
+    return w[i] * FEEDS["x"] + h[i] + bf[i] + (np.arange(COLS, dtype=np.float32) / 7 - a["F"])
 
 
 def _run(path, **kw):
@@ -120,7 +123,8 @@ def _clean_env(monkeypatch):
 
 def test_external_tensors_read_from_the_graph(export):
     got = {t.name: t for t in external_tensors(export / "a.onnx")}
-    assert sorted(got) == ["B", "H", "W"]  # c is inline: left to the session
+    assert sorted(got) == ["B", "H", "W"]  # c is inline, F folded at load: left to the session
+    assert sorted(t.name for t in external_tensors(export / "a.onnx", run_time_only=False)) == ["B", "F", "H", "W"]
     assert got["B"].onnx_type == TensorProto.BFLOAT16 and got["W"].shape == (ROWS, COLS)
     assert got["W"].file == (export / "weights.data").resolve()
 
@@ -131,7 +135,7 @@ def test_pool_values_hold_the_file_bytes(export, copy):
     values = pool.initializers_for(export / "a.onnx")
     ref = onnx.load(str(export / "a.onnx"))  # external data loaded by onnx itself
     for t in ref.graph.initializer:
-        if t.name == "c":
+        if t.name in ("c", "F"):
             assert t.name not in values
             continue
         v = values[t.name]
