@@ -1,13 +1,15 @@
 """Resident memory and load time of an export's ONNX Runtime CPU sessions with and without the shared
 weight pool (runtimes/shared_weights.py, docs/runtimes.md "Shared weights").
 
-    PYTHONPATH=$PWD python scripts/measure_shared_weights_rss.py --work /tmp/sw --precision fp32
+    PYTHONPATH=$PWD python scripts/measure_shared_weights_rss.py --work /tmp/sw --precision fp32 \
+        [--roles segment,diagonal_step]
 
 Makes (once, in --work) an export of a synthetic LLaMA ARMT of a few hundred MB (hidden 768, 8 layers,
-vocabulary 32,000, random weights; not validated), then, each in a fresh process, opens the sessions
-a diagonal run holds — the `segment` runner (its `segment_causal` twin too where the export has one:
-fp16/bf16) and its `diagonal_step` companion (also with its twin) — with ARMT_ORT_SHARED_WEIGHTS=0
-and =1, runs one call of each session (the weights' pages are touched), and reports the process's
+vocabulary 32,000, random weights; not validated), then, each in a fresh process, opens one runner
+per --roles entry (a role twice: two runners of it, as the pinned-dims sessions of CUDA graphs are;
+each with its `<role>_causal` twin where the export has one: fp16/bf16) with ARMT_ORT_SHARED_WEIGHTS=0
+and =1, runs each on a full and a padded batch (both variants; the weights' pages are touched), and
+reports the process's
 VmRSS, RssAnon and RssFile (/proc/self/status) after loading and after the calls, its peak (VmHWM),
 the load time and the pool's size. Nothing here is a test: it measures, once, on the machine it runs on.
 """
@@ -46,27 +48,26 @@ def make(export_dir: Path, precision: str) -> None:
         export_model(model, export_dir, precision=precision, validate=False, decode=False)
 
 
-def measure(export_dir: Path) -> dict:
+def measure(export_dir: Path, roles: list[str]) -> dict:
     import numpy as np
     from runtimes.execute import run_schedule
     from runtimes.ort_runner import OrtRunner
     before = status_mib()
     t0 = time.perf_counter()
-    seg = OrtRunner(export_dir, "segment").activate()
-    diag = seg.companion("diagonal_step").activate()
+    runners = [OrtRunner(export_dir, role).activate() for role in roles]
     load_s = time.perf_counter() - t0
     loaded = status_mib()
-    cfg = seg.manifest.model_config()
+    cfg = runners[0].manifest.model_config()
     ids = np.random.default_rng(0).integers(0, cfg.base.vocab_size, (1, 2 * cfg.armt.segment_size)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[0, -3:] = 0  # one padded call: the masked graphs run too
-    for runner in (seg, diag):
+    for runner in runners:
         for m in (None, mask):
             run_schedule(runner, ids, m, collect=())
     ran = status_mib()
-    sessions = [s for r in (seg, diag) for s, _ in r._plain.values()]
+    sessions = [s for r in runners for s, _ in r._plain.values()]
     pool = getattr(sessions[0], "_armt_weight_pool", None)
-    return {"sessions": len(sessions), "graphs": sorted(f"{r.role}:{v}" for r in (seg, diag) for v in r._plain),
+    return {"sessions": len(sessions), "graphs": sorted(f"{r.role}:{v}" for r in runners for v in r._plain),
             "load_s": round(load_s, 2), "before": before, "loaded": loaded, "after_calls": ran,
             "pool_mib": round(pool.nbytes / 2 ** 20, 1) if pool is not None else None}
 
@@ -75,10 +76,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    ap.add_argument("--roles", default="segment,diagonal_step", help="one runner per entry (comma-separated)")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, args.roles.split(","))))
         return
     export_dir = args.work / f"export-{args.precision}"
     if not (export_dir / "manifest.json").is_file():
@@ -87,10 +89,12 @@ def main() -> None:
     rows = {}
     for shared in ("0", "1"):
         env = dict(os.environ, ARMT_ORT_SHARED_WEIGHTS=shared)
-        got = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--measure", str(export_dir)],
+        got = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--roles", args.roles,
+                              "--measure", str(export_dir)],
                              env=env, check=True, capture_output=True, text=True)
         rows["shared" if shared == "1" else "own copies"] = json.loads(got.stdout.strip().splitlines()[-1])
-    print(json.dumps({"precision": args.precision, "weights_mib": round(weights, 1), **rows}, indent=1))
+    print(json.dumps({"precision": args.precision, "roles": args.roles, "weights_mib": round(weights, 1), **rows},
+                     indent=1))
 
 
 if __name__ == "__main__":
