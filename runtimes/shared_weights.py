@@ -143,6 +143,21 @@ def _signature(path: Path) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def dlpack_view(ort, owner):
+    """An OrtValue on `owner`'s memory that does not own it (DLPack; the view keeps `owner` alive).
+    onnxruntime 1.32 takes the OrtValue itself (`__dlpack__`); older builds a capsule, with or without
+    the `is_bool_tensor` flag. None of these: the AttributeError/TypeError reaches the loader, whose
+    sessions then load their own copies (one warning)."""
+    if hasattr(owner, "__dlpack__") and hasattr(ort.OrtValue, "from_dlpack"):
+        return ort.OrtValue.from_dlpack(owner)
+    from onnxruntime.capi import _pybind_state as C
+    capsule = owner._ortvalue.to_dlpack()
+    try:
+        return ort.OrtValue(C.OrtValue.from_dlpack(capsule, False))
+    except TypeError:  # the one-argument signature
+        return ort.OrtValue(C.OrtValue.from_dlpack(owner._ortvalue.to_dlpack()))
+
+
 class WeightPool:
     """The OrtValues of one export's external initializers on one device (made on first use)."""
 
@@ -189,7 +204,7 @@ class WeightPool:
             return ort.OrtValue.ortvalue_from_numpy(host), None
         owner = ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), t.onnx_type, self.device.type, self.device.id)
         owner.update_inplace(np.ascontiguousarray(host))  # host -> device, once
-        return ort.OrtValue.from_dlpack(owner), owner  # not owning its buffer: add_initializer takes it
+        return dlpack_view(ort, owner), owner  # not owning its buffer: add_initializer takes it
 
     def initializers_for(self, graph_path: str | Path) -> dict[str, Any]:
         """{name: OrtValue} of the graph's external initializers (made now where not yet made)."""

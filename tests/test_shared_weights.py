@@ -374,3 +374,16 @@ def test_decoder_equal_with_and_without_the_pool(exports, monkeypatch, precision
         got[env] = res
     assert np.array_equal(got["0"].tokens, got["1"].tokens) and np.array_equal(got["0"].scores, got["1"].scores)
     assert np.isfinite(got["1"].scores).all()
+
+
+def test_dlpack_view_on_the_legacy_capsule_path(monkeypatch):
+    """The view of a device copy through the capsule API of older onnxruntime builds (no OrtValue
+    `__dlpack__`): same memory, same bytes, accepted by add_initializer."""
+    from runtimes.shared_weights import dlpack_view
+    owner = ort.OrtValue.ortvalue_from_shape_and_type([2, 3], TensorProto.FLOAT, "cpu", 0)
+    owner.update_inplace(np.arange(6, dtype=np.float32).reshape(2, 3))
+    monkeypatch.delattr(ort.OrtValue, "__dlpack__")
+    view = dlpack_view(ort, owner)
+    assert view.data_ptr() == owner.data_ptr() and view.shape() == [2, 3]
+    assert np.array_equal(view.numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
+    ort.SessionOptions().add_initializer("w", view)
