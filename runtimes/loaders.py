@@ -135,11 +135,20 @@ class OrtSessionLoader:
         from runtimes.shared_weights import pool_for, sharing_enabled
         if not sharing_enabled(self.shared_weights):
             return None, {}
+        key = (str(self.path.resolve().parent), str(self.device))
         try:
+            ort = import_onnxruntime()
             pool = pool_for(self.path, self.device)
+            if not pool.check_used(ort, self.providers(ort)):
+                if key not in _POOL_FAILED:
+                    _POOL_FAILED.add(key)
+                    log.warning("%s: ONNX Runtime on %s does not compute with caller-owned initializers made "
+                                "as the pool makes them; each session loads its own copy", self.path.name, self.device)
+                return None, {}
             return pool, pool.initializers_for(self.path)
+        except BackendUnavailable:
+            raise
         except Exception as exc:  # an unreadable graph or map, a device copy that failed: the session's own copy
-            key = (str(self.path.resolve().parent), str(self.device))
             if key not in _POOL_FAILED:
                 _POOL_FAILED.add(key)
                 log.warning("%s: no shared weights (%s: %s); each session loads its own copy", self.path.name,

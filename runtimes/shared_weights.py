@@ -30,9 +30,11 @@ Lifetime: a session holds its pool (attribute `_armt_weight_pool`), the registry
 the pool (the device copy, the map) goes with the last session that uses it.
 
 Fallbacks (never a silent wrong result): ONNX Runtime uses its own copy, with a warning in its log,
-for an initializer planned on another device than the value's (e.g. a CUDA session's CPU node); a
-session that fails to load with the pool's values is reopened without them (runtimes/loaders.py,
-one warning per export and device). Off: ARMT_ORT_SHARED_WEIGHTS=0 or OrtRunner(shared_weights=False).
+for an initializer planned on another device than the value's (e.g. a CUDA session's CPU node);
+before a pool's first use on a device, a one-node probe session checks that ONNX Runtime computes
+with a value made as the pool makes them (`probe_sharing`; no: no pool on that device, one warning,
+rather than the pool's copy plus each session's own); a session that fails to load with the pool's
+values is reopened without them (runtimes/loaders.py, one warning per export and device). Off: ARMT_ORT_SHARED_WEIGHTS=0 or OrtRunner(shared_weights=False).
 """
 
 from __future__ import annotations
@@ -158,6 +160,55 @@ def dlpack_view(ort, owner):
         return ort.OrtValue(C.OrtValue.from_dlpack(owner._ortvalue.to_dlpack()))
 
 
+def make_value(ort, host: np.ndarray, onnx_type: int, device: Device, copy: bool) -> tuple[Any, Any]:
+    """(value handed to sessions, its owner) of a host array (its storage dtype; bf16 as uint16 bits):
+    a view of the array on the CPU (no copy), or (`copy`) a tensor on `device` holding its bytes and a
+    DLPack view of it (`add_initializer` refuses a value that owns its buffer)."""
+    if not copy:
+        if onnx_type == BF16:
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, BF16), None
+        return ort.OrtValue.ortvalue_from_numpy(host), None
+    owner = ort.OrtValue.ortvalue_from_shape_and_type(list(host.shape), onnx_type, device.type, device.id)
+    owner.update_inplace(np.ascontiguousarray(host))  # host -> device, once
+    return dlpack_view(ort, owner), owner
+
+
+_PROBED: dict[tuple, bool] = {}  # (device, copy, providers) -> did the probe session use the value?
+
+
+def probe_sharing(ort, device: Device, copy: bool, providers: list, make=make_value) -> bool:
+    """Does ONNX Runtime compute with a caller-owned value made this way, on these providers? ONNX
+    Runtime silently (but for its own log) loads its own copy of an initializer whose value's device
+    differs from the planned one, and the pool would then be one copy more, not one copy in all.
+    A one-node session (y = x + W, W inline zeros, the value [1, 2]) answers; once per process and
+    key. An error counts as no."""
+    from onnx import TensorProto, helper, numpy_helper
+    key = (str(device), bool(copy), repr(providers))
+    if key in _PROBED:
+        return _PROBED[key]
+    g = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          [numpy_helper.from_array(np.zeros(2, np.float32), "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 8)
+    want = np.array([1.0, 2.0], np.float32)
+    try:
+        value, owner = make(ort, want.copy(), TensorProto.FLOAT, device, copy)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_initializer("W", value)
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+        got = session.run(None, {"x": np.zeros(2, np.float32)})[0]
+        ok = bool(np.array_equal(got, want))
+        del session, value, owner
+    except Exception as exc:  # noqa: BLE001 (any failure: no sharing on this device)
+        log.info("shared-weights probe on %s failed: %s", device, exc)
+        ok = False
+    _PROBED[key] = ok
+    return ok
+
+
 class WeightPool:
     """The OrtValues of one export's external initializers on one device (made on first use)."""
 
@@ -198,13 +249,11 @@ class WeightPool:
         if t.offset + t.length > mm.size:
             raise ValueError(f"{t.name}: bytes {t.offset}..{t.offset + t.length} past the end of {t.file.name}")
         host = mm[t.offset:t.offset + t.length].view(STORAGE_DTYPES[t.onnx_type]).reshape(t.shape)  # no copy
-        if not self.copy:
-            if t.onnx_type == BF16:
-                return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, BF16), None
-            return ort.OrtValue.ortvalue_from_numpy(host), None
-        owner = ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), t.onnx_type, self.device.type, self.device.id)
-        owner.update_inplace(np.ascontiguousarray(host))  # host -> device, once
-        return dlpack_view(ort, owner), owner  # not owning its buffer: add_initializer takes it
+        return make_value(ort, host, t.onnx_type, self.device, self.copy)
+
+    def check_used(self, ort, providers: list) -> bool:
+        """Does a session on these providers compute with values made as this pool makes them (probe_sharing)?"""
+        return probe_sharing(ort, self.device, self.copy, providers)
 
     def initializers_for(self, graph_path: str | Path) -> dict[str, Any]:
         """{name: OrtValue} of the graph's external initializers (made now where not yet made)."""

@@ -195,8 +195,12 @@ def test_cuda_sessions_compute_with_the_pools_device_values(export, monkeypatch)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDAExecutionProvider in this onnxruntime")
     from runtimes import shared_weights as sw
+    from runtimes.base import parse_device
+    assert sw.probe_sharing(ort, parse_device("cuda:0"), True, OrtSessionLoader(export / "a.onnx", "cuda:0")
+                            .providers(ort)), "ONNX Runtime CUDA ignores caller-owned device initializers"
     s, y = _run(export / "a.onnx", device="cuda:0")
-    assert s._armt_weight_pool.copy and np.array_equal(y, _expected())
+    assert getattr(s, "_armt_weight_pool", None) is not None and s._armt_weight_pool.copy
+    assert np.array_equal(y, _expected())
     doubled = _doubled_map(export)
     monkeypatch.setattr(sw.WeightPool, "_map", lambda self, file: doubled)
     monkeypatch.setattr(sw, "_POOLS", {})  # a fresh pool over the doubled bytes
@@ -387,3 +391,32 @@ def test_dlpack_view_on_the_legacy_capsule_path(monkeypatch):
     assert view.data_ptr() == owner.data_ptr() and view.shape() == [2, 3]
     assert np.array_equal(view.numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
     ort.SessionOptions().add_initializer("w", view)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["view", "device-copy"])
+def test_probe_sees_whether_the_value_is_used(copy):
+    """The one-node probe: True for the values the pool makes (both paths on the CPU); False when the
+    session computes with something else than the value given (here: a value of other bytes)."""
+    from runtimes.base import parse_device
+    from runtimes.shared_weights import _PROBED, make_value, probe_sharing
+    cpu = parse_device("cpu")
+    _PROBED.clear()
+    assert probe_sharing(ort, cpu, copy, ["CPUExecutionProvider"])
+
+    def stale(ort_, host, onnx_type, device, copy_):
+        return make_value(ort_, np.zeros_like(host), onnx_type, device, copy_)
+
+    _PROBED.clear()
+    assert not probe_sharing(ort, cpu, copy, ["CPUExecutionProvider"], make=stale)
+    _PROBED.clear()
+
+
+def test_a_failed_probe_opens_sessions_without_the_pool(export, monkeypatch, caplog):
+    from runtimes import shared_weights as sw
+    monkeypatch.setattr(sw.WeightPool, "check_used", lambda self, ort_, providers: False)
+    with caplog.at_level(logging.WARNING, logger="armt.run"):
+        s1, y1 = _run(export / "a.onnx")
+        s2, _ = _run(export / "b.onnx")
+    assert not hasattr(s1, "_armt_weight_pool") and not hasattr(s2, "_armt_weight_pool")
+    assert np.array_equal(y1, _expected())
+    assert sum("does not compute with caller-owned" in r.getMessage() for r in caplog.records) == 1
