@@ -149,10 +149,13 @@ class OrtSessionLoader:
         except BackendUnavailable:
             raise
         except Exception as exc:  # an unreadable graph or map, a device copy that failed: the session's own copy
-            if key not in _POOL_FAILED:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if isinstance(exc, (OSError, ValueError)) or type(exc).__name__ == "DecodeError":
+                # a missing, truncated or corrupt file: the session's own load reports it (one line)
+                log.info("%s: no shared weights (%s)", self.path.name, why)
+            elif key not in _POOL_FAILED:
                 _POOL_FAILED.add(key)
-                log.warning("%s: no shared weights (%s: %s); each session loads its own copy", self.path.name,
-                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                log.warning("%s: no shared weights (%s); each session loads its own copy", self.path.name, why)
             return None, {}
 
     def _open(self, ort, initializers: dict):

@@ -259,11 +259,11 @@ def test_refused_values_fall_back_to_the_sessions_own_copy(export, monkeypatch, 
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
 
 
-def test_unreadable_weights_fall_back_with_one_warning(export, monkeypatch, caplog):
+def test_a_failed_device_copy_falls_back_with_one_warning(export, monkeypatch, caplog):
     from runtimes import shared_weights as sw
 
     def broken(self, t):
-        raise OSError("mmap failed")
+        raise RuntimeError("out of device memory")
 
     monkeypatch.setattr(sw.WeightPool, "_make", broken)
     with caplog.at_level(logging.WARNING, logger="armt.run"):
@@ -271,6 +271,14 @@ def test_unreadable_weights_fall_back_with_one_warning(export, monkeypatch, capl
         _run(export / "a.onnx")
     assert not hasattr(s1, "_armt_weight_pool") and np.array_equal(y1, _expected())
     assert sum("no shared weights" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_broken_file_is_reported_by_the_session_alone(export, caplog):
+    """A corrupt graph: no pool warning, the session's one error line (what `armt run` prints)."""
+    (export / "a.onnx").write_bytes(b"not an onnx file")
+    with caplog.at_level(logging.WARNING, logger="armt.run"), pytest.raises(loaders.ExportError, match="cannot load"):
+        _run(export / "a.onnx")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("env,option,shared", [("0", None, False), ("off", None, False), ("", None, True),
