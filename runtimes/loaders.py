@@ -139,7 +139,9 @@ class OrtSessionLoader:
         try:
             ort = import_onnxruntime()
             pool = pool_for(self.path, self.device)
-            if not pool.check_used(ort, self.providers(ort)):
+            probe = [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if isinstance(p, tuple) else p
+                     for p in self.providers(ort)]  # the probe runs plainly (no IO binding to capture)
+            if not pool.check_used(ort, probe):
                 if key not in _POOL_FAILED:
                     _POOL_FAILED.add(key)
                     log.warning("%s: ONNX Runtime on %s does not compute with caller-owned initializers made "
