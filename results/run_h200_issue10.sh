@@ -2,8 +2,8 @@
 # Issue 10 on the H200: the export on ONNX Runtime CUDA next to the torch fast executor, one job.
 #
 #   bash results/run_h200_issue10.sh fp16      (then bf16; one precision per call, < 9 minutes each)
-#   ARMT_ORT_SHARED_WEIGHTS=0 SUFFIX=_ownweights bash results/run_h200_issue10.sh fp16   (each ORT session its
-#   own copy of the weights, as before runtimes/shared_weights.py; SUFFIX keeps both runs' files)
+#   ARMT_ORT_SHARED_WEIGHTS=0 TAG=_ownweights bash results/run_h200_issue10.sh fp16   (each ORT session its
+#   own copy of the weights, as before runtimes/shared_weights.py; TAG keeps both runs' files)
 #
 # LLaMA-1B synthetic shape (segment 1024 + 128 memory tokens, d_mem 64), memory weights at std 1e-3
 # (well conditioned), batch 1, diagonal schedule, 32,768 and 131,072 tokens, logits of the last
@@ -31,9 +31,10 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 mkdir -p results/h200
-SUFFIX=${SUFFIX:-}  # appended to the result names (e.g. _sharedw, _ownweights: two runs side by side)
-LOG=results/h200/issue10_$PREC$SUFFIX.log
-JSON=results/h200/issue10_$PREC$SUFFIX.json
+TAG=${TAG:-}  # a suffix of the result files (e.g. TAG=_cuda_graph EXTRA=--cuda-graph)
+EXTRA=${EXTRA:-}  # more bench options
+LOG=results/h200/issue10_$PREC$TAG.log
+JSON=results/h200/issue10_$PREC$TAG.json
 E=/tmp/armt-issue10-$MODEL-$PREC
 if [ -f "$E/manifest.json" ]; then SRC="--export-dir $E"; else SRC="--export-to $E"; fi
 {
@@ -42,7 +43,7 @@ if [ -f "$E/manifest.json" ]; then SRC="--export-dir $E"; else SRC="--export-to 
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   CMD="$PY -m armt bench --synthetic $MODEL $SHAPE --device $DEVICE --precision $PREC --mem-std 0.001 \
 --backends torch,ort --schedules diagonal --lengths $LENGTHS --logits last --warmup 1 --repeats 3 \
-$SRC --steady-step --parity-length $PARITY --output $JSON"
+$SRC --steady-step --parity-length $PARITY --output $JSON $EXTRA"
   echo "\$ $CMD"
   timeout "$BUDGET" $CMD
   echo "exit $? after ${SECONDS} s"

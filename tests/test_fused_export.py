@@ -653,3 +653,20 @@ def test_fused_export_indexes_qkv_by_its_blocks_once_and_the_reference_rebuilds_
     rebuilt = model_from_export(m)
     for name, p in ref.named_parameters():
         assert torch.equal(dict(rebuilt.named_parameters())[name], p), name
+
+
+def test_ort_cuda_graphs_default_on_for_fused_exports_only(fused_exports):
+    from exporter.manifest import Manifest
+    from runtimes.ort_runner import cuda_graphs_by_default
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    assert cuda_graphs_by_default(m)
+    on = OrtRunner(d, "diagonal_step", device="cuda")  # no session is opened before activate()
+    assert on.cuda_graph and on.loader.cuda_graph and on._causal_loader.cuda_graph
+    off = OrtRunner(d, "diagonal_step", device="cuda", cuda_graph=False)
+    assert not off.cuda_graph and off.cuda_graph_reason == "not requested"
+    assert not OrtRunner(d, "diagonal_step").cuda_graph  # the CPU
+    raw = m.to_dict()
+    for g in raw["graphs"].values():
+        g["attention"] = ""  # graphs without fused Attention (fp32 exports): opt-in
+    assert not cuda_graphs_by_default(Manifest.from_dict(raw))
