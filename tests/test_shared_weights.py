@@ -5,8 +5,10 @@ bytes (fp32, fp16, bf16 bits), sessions give bit-identical outputs with and with
 value paths (CPU zero-copy views of the map; device copies + DLPack views, the CUDA path, run on the
 CPU), ONNX Runtime really computes with the pool's values (a pool of altered values changes the
 output: the test that would fail if the values were silently ignored), tensors are shared by bytes
-not names, a rewritten file gets a new pool, the pool dies with its last session, a refusal falls
-back to the session's own copy (one warning), and the switch. Exports (a tiny LLaMA ARMT, fp32 and
+not names, an initializer only constant nodes read is left to the session, a rewritten file gets a
+new pool, the pool dies with its last session, a refusal or a failed probe falls back to the
+session's own copy (one warning), a broken file is reported by the session alone, the DLPack view on
+older onnxruntime builds' capsule API, and the switch. Exports (a tiny LLaMA ARMT, fp32 and
 fp16 with decode graphs): run_schedule on both schedules, masked and causal variants, the lm_head
 companion, and the decoder, bitwise equal with and without the pool, all sessions on one pool.
 """
