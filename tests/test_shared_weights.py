@@ -325,14 +325,18 @@ def _sessions(runner):
     return [s for s, _ in runner._plain.values()]
 
 
+@pytest.mark.parametrize("mode", ["view", "copy"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("role", ["segment", "diagonal_step"])
-def test_export_runs_bitwise_equal_with_and_without_the_pool(exports, precision, role):
+def test_export_runs_bitwise_equal_with_and_without_the_pool(exports, monkeypatch, precision, role, mode):
     """run_schedule (logits via the lm_head companion, hidden, final memory) on a full and a padded batch:
-    the same bits with the pool as without; every session of the runner and its head on one pool."""
+    the same bits with the pool as without, on both value paths (`copy`: the CUDA path's device copies
+    and DLPack views, on the CPU); every session of the runner and its head on one pool."""
     from graphs.contracts import CAUSAL, MASKED
     from runtimes.execute import run_schedule
     from runtimes.ort_runner import OrtRunner
+    if mode == "copy":
+        monkeypatch.setenv(ENV, "copy")
     export_dir = exports(precision)
     results, pools = {}, {}
     for shared in (False, True):
@@ -356,6 +360,7 @@ def test_export_runs_bitwise_equal_with_and_without_the_pool(exports, precision,
         runner.deactivate()
     assert all(p is None for p in pools[False]) and pools[True][0] is not None
     pool = pools[True][0]
+    assert pool.copy == (mode == "copy")
     graphs = [export_dir / f for f in os.listdir(export_dir) if f.startswith((role, "lm_head")) and f.endswith(".onnx")]
     for a, b in zip(results[False], results[True]):
         assert np.isfinite(a).all() and a.dtype == b.dtype and np.array_equal(a, b)
