@@ -601,8 +601,9 @@ def test_ort_cuda_fp16_tensor_core_memory_matches_torch(fused_exports, schedule)
     real = torch.from_numpy(mask.astype(bool))[..., None]
     with OrtRunner(d, SCHEDULES[schedule], device="cuda") as runner:
         got = run_schedule(runner, ids, mask, collect=("logits", "hidden"))
-        options = runner._session.get_provider_options()["CUDAExecutionProvider"]
-    assert options["use_tf32"] == "1", options
+        sessions = [s for s, _ in (*runner._plain.values(), *runner._shape_sessions.values())]
+        options = [s.get_provider_options()["CUDAExecutionProvider"] for s in sessions]
+    assert options and all(o["use_tf32"] == "1" for o in options), options
     for ref, what in ((ref16, "cuda vs torch fp16"), (ref32, "cuda vs torch fp32")):
         _close("logits", got.logits, ref.logits, f"{schedule} {what}", real)
         _close("A", got.state.A, ref.state.A, f"{schedule} {what}")
