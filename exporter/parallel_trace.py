@@ -260,15 +260,16 @@ def _on_sigterm(signum, frame):  # staged files of an interrupted write are remo
     raise SystemExit(128 + signum)
 
 
-def _worker_main(index: int, model, order: list[str], counter, precision: str, opset: int, cache: bool | None,
-                 out_dir: str, conn, levels: dict[str, int], parent_pid: int) -> None:
-    """A worker process: claim roles, trace each (trace_graph, trace cache included), write the
-    result into out_dir, report on `conn`: ("start", role), ("done", role, seconds, file),
-    ("error", role, one line) for an ExportError, ("crash", role, one line) for anything else,
-    ("exit", peak RSS MB)."""
+def _worker_main(index: int, payload: bytes, order: list[str], counter, precision: str, opset: int,
+                 cache: bool | None, out_dir: str, conn, levels: dict[str, int], parent_pid: int) -> None:
+    """A worker process: unpickle the model (`payload`: its tensors are shared-memory handles), claim
+    roles, trace each (trace_graph, trace cache included), write the result into out_dir, report on
+    `conn`: ("start", role), ("done", role, seconds, file), ("error", role, one line) for an
+    ExportError, ("crash", role or None, one line) for anything else, ("exit", peak RSS MB)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start()
     _die_with_parent(parent_pid)
     logging.basicConfig(level=levels.get("", logging.WARNING), format="%(message)s", stream=sys.stderr)
     for name, level in levels.items():
@@ -280,6 +281,12 @@ def _worker_main(index: int, model, order: list[str], counter, precision: str, o
     from graphs.atomic import atomic_write_bytes
     from graphs.errors import ExportError
     try:
+        try:
+            import pickle
+            model = pickle.loads(payload)
+        except Exception as exc:  # e.g. a model class this process cannot import
+            conn.send(("crash", None, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            return
         while (role := _claim(counter, order)) is not None:
             conn.send(("start", role))
             t0 = time.perf_counter()
@@ -379,19 +386,27 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
 
 def _run(model, order: list[str], precision: str, opset: int, cache: bool | None, n_workers: int, out_dir: Path,
          traced: Traced, workers: list[_Worker], describe, start_method: str) -> None:
-    import torch.multiprocessing as tmp
+    import torch.multiprocessing as tmp  # registers the shared-memory reductions of tensors
 
     from exporter.trace import trace_graph
     from graphs.errors import ExportError
+    from multiprocessing.reduction import ForkingPickler  # torch.multiprocessing registered its tensor reductions
     ctx = tmp.get_context(start_method)
     counter = ctx.Value("i", 0)
     levels = _log_levels()
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # children start with it blocked
+    masks = hasattr(signal, "pthread_sigmask")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masks else None  # children inherit it
     try:
         for i in range(n_workers):
+            try:  # the tensors move into shared memory (once); the pickle holds handles, each usable once
+                payload = bytes(ForkingPickler.dumps(model))
+            except Exception as exc:  # an unpicklable model: this process traces alone
+                log.warning("cannot hand the model to a trace worker (%s: %s); tracing in this process",
+                            exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
+                break
             here, there = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_worker_main, name=f"armt-trace-{i + 1}", daemon=True,
-                            args=(i + 1, model, order, counter, precision, opset, cache, str(out_dir), there,
+                            args=(i + 1, payload, order, counter, precision, opset, cache, str(out_dir), there,
                                   levels, os.getpid()))
             try:
                 p.start()
@@ -404,7 +419,8 @@ def _run(model, order: list[str], precision: str, opset: int, cache: bool | None
             there.close()
             workers.append(_Worker(i + 1, p, here))
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if masks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     while (role := _claim(counter, order)) is not None:  # this process traces too
         if describe is not None:
             describe(role)
@@ -450,7 +466,8 @@ def _drain(w: _Worker, traced: Traced, counter) -> None:
             w.current = None
             _stop_claims(counter)
         elif kind == "crash":
-            log.warning("trace worker %d failed on the %s graph (%s); tracing it here", w.index, msg[1], msg[2])
+            log.warning("trace worker %d failed%s (%s); %s", w.index, f" on the {msg[1]} graph" if msg[1] else "",
+                        msg[2], "tracing it here" if msg[1] else "the other processes trace its share")
             w.current = None
         elif kind == "exit":
             w.peak_rss_mb = msg[1]
