@@ -312,6 +312,29 @@ def _worker_main(index: int, payload: bytes, order: list[str], counter, precisio
             conn.send(("exit", rss))
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start a spawn child without the parent's __main__ script: spawn would run that script again
+    in the child (a script without an `if __name__ == "__main__"` guard would export again there).
+    The worker's target lives in this module; a model class defined in __main__ then fails to
+    unpickle in the worker, which is reported and leaves the tracing to the other processes."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    had_file, file_ = hasattr(main, "__file__"), getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    try:
+        main.__spec__ = None
+        if had_file:
+            del main.__file__
+        yield
+    finally:
+        main.__spec__ = spec
+        if had_file:
+            main.__file__ = file_
+
+
 def _log_levels() -> dict[str, int]:
     """The levels set on this process's loggers ("" = root), for the workers to log alike."""
     levels = {"": logging.getLogger().level}
@@ -357,10 +380,12 @@ def _nothing(model, precision: str, opset: int) -> Traced:
 @contextlib.contextmanager
 def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, cache: bool | None,
                        jobs: int | None, describe: Callable[[str], None] | None = None,
-                       start_method: str = "spawn") -> Iterator[Traced]:
+                       scratch: Path | None = None, start_method: str = "spawn") -> Iterator[Traced]:
     """Trace `roles` of `model` (cast to the precision) across processes before the export loop
     (module docstring); yields the Traced the loop takes its graphs from. jobs: plan_jobs's
-    `requested` (1: yields an empty Traced at once, the loop traces everything)."""
+    `requested` (1: yields an empty Traced at once, the loop traces everything). scratch: the
+    directory to create for the workers' results (removed at the end; the export passes one inside
+    its staging directory, so a killed export's leftovers go with it; None: a temporary directory)."""
     jobs = check_jobs(jobs)
     if jobs == 1 or len(roles) <= 1:
         yield _nothing(model, precision, opset)
@@ -373,7 +398,11 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
         return
     log.info("tracing %d graphs in %d processes (%s)", len(misses), plan.jobs, plan.reason)
     traced = Traced(model, precision, opset)
-    out_dir = Path(tempfile.mkdtemp(prefix="armt-traces-"))
+    if scratch is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="armt-traces-"))
+    else:
+        out_dir = Path(scratch)
+        out_dir.mkdir()
     workers: list[_Worker] = []
     try:
         _run(model, claim_order(misses), precision, opset, cache, plan.jobs - 1, out_dir, traced, workers,
@@ -409,7 +438,8 @@ def _run(model, order: list[str], precision: str, opset: int, cache: bool | None
                             args=(i + 1, payload, order, counter, precision, opset, cache, str(out_dir), there,
                                   levels, os.getpid()))
             try:
-                p.start()
+                with _main_hidden():
+                    p.start()
             except Exception as exc:  # cannot spawn or pickle the model: the others (or the loop) trace
                 log.warning("cannot start a trace worker (%s: %s); tracing with fewer processes",
                             exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
