@@ -167,7 +167,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
         graphs: dict[str, GraphRecord] = {}
         with Progress(len(roles), "tracing graphs") as bar, \
                 traced_in_parallel(model, roles, precision, opset, trace_cache, jobs, bar.describe,
-                                   scratch=stage / ".traces") as ready:
+                                   scratch=stage / ".traces", trace=trace_graph) as ready:
             for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ *_causal) (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_segment_causal) (+ rmt_decode, rmt_memory_write)
                 bar.describe(role)
                 c = contract(cfg, role, precision)

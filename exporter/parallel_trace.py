@@ -380,12 +380,15 @@ def _nothing(model, precision: str, opset: int) -> Traced:
 @contextlib.contextmanager
 def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, cache: bool | None,
                        jobs: int | None, describe: Callable[[str], None] | None = None,
-                       scratch: Path | None = None, start_method: str = "spawn") -> Iterator[Traced]:
+                       scratch: Path | None = None, trace: Callable | None = None,
+                       start_method: str = "spawn") -> Iterator[Traced]:
     """Trace `roles` of `model` (cast to the precision) across processes before the export loop
     (module docstring); yields the Traced the loop takes its graphs from. jobs: plan_jobs's
     `requested` (1: yields an empty Traced at once, the loop traces everything). scratch: the
     directory to create for the workers' results (removed at the end; the export passes one inside
-    its staging directory, so a killed export's leftovers go with it; None: a temporary directory)."""
+    its staging directory, so a killed export's leftovers go with it; None: a temporary directory).
+    trace: the function this process traces with (the export loop's; None: trace.trace_graph; the
+    workers always run trace.trace_graph)."""
     jobs = check_jobs(jobs)
     if jobs == 1 or len(roles) <= 1:
         yield _nothing(model, precision, opset)
@@ -406,7 +409,7 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
     workers: list[_Worker] = []
     try:
         _run(model, claim_order(misses), precision, opset, cache, plan.jobs - 1, out_dir, traced, workers,
-             describe, start_method)
+             describe, trace, start_method)
         yield traced
     finally:
         _stop(workers)
@@ -414,10 +417,11 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
 
 
 def _run(model, order: list[str], precision: str, opset: int, cache: bool | None, n_workers: int, out_dir: Path,
-         traced: Traced, workers: list[_Worker], describe, start_method: str) -> None:
+         traced: Traced, workers: list[_Worker], describe, trace, start_method: str) -> None:
     import torch.multiprocessing as tmp  # registers the shared-memory reductions of tensors
 
     from exporter.trace import trace_graph
+    trace_graph = trace or trace_graph
     from graphs.errors import ExportError
     from multiprocessing.reduction import ForkingPickler  # torch.multiprocessing registered its tensor reductions
     ctx = tmp.get_context(start_method)
