@@ -105,18 +105,21 @@ class JobsPlan:
 
 
 def plan_jobs(requested: int | None, to_trace: int, param_bytes: int, cpus: int,
-              shm_free: int | None) -> JobsPlan:
+              shm_free: int | None, on_cpu: bool = True) -> JobsPlan:
     """How many processes trace `to_trace` roles (those that miss the trace cache) of a model with
     `param_bytes` of parameters and buffers. `requested` None: min(cpus, to_trace, MAX_JOBS); an
     explicit number is capped at to_trace only. Always 1 when asked, when at most one role needs
     tracing, when the parameters exceed MAX_PARALLEL_BYTES (every worker maps the tensors' pages and
-    holds its own torch + tracing working set; a 1B model must not spawn extra copies of itself), or
-    when /dev/shm has no room for twice the parameters."""
+    holds its own torch + tracing working set; a 1B model must not spawn extra copies of itself),
+    when /dev/shm has no room for twice the parameters, or when the tensors are not all in CPU
+    memory (`on_cpu` False: a worker would open the GPU too)."""
     requested = check_jobs(requested)
     if requested == 1:
         return JobsPlan(1, "one process asked for")
     if to_trace <= 1:
         return JobsPlan(1, f"{to_trace} graph{'s' if to_trace != 1 else ''} to trace")
+    if not on_cpu:
+        return JobsPlan(1, "the model's tensors are not all in CPU memory")
     if param_bytes > MAX_PARALLEL_BYTES:
         return JobsPlan(1, f"the parameters ({param_bytes / 2**20:.0f} MiB) exceed the parallel-trace limit "
                            f"({MAX_PARALLEL_BYTES / 2**20:.0f} MiB)")
@@ -224,6 +227,7 @@ class _Worker:
     index: int
     process: object  # multiprocessing Process
     conn: object  # this end of its Pipe
+    started: float = 0.0  # time.time() at start()
     current: str | None = None  # the role it is tracing
     finished: bool = False
     peak_rss_mb: float | None = None
@@ -287,6 +291,7 @@ def _worker_main(index: int, payload: bytes, order: list[str], counter, precisio
         except Exception as exc:  # e.g. a model class this process cannot import
             conn.send(("crash", None, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
             return
+        conn.send(("ready", time.time()))
         while (role := _claim(counter, order)) is not None:
             conn.send(("start", role))
             t0 = time.perf_counter()
@@ -305,11 +310,12 @@ def _worker_main(index: int, payload: bytes, order: list[str], counter, precisio
     finally:
         try:
             import resource
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            use = resource.getrusage(resource.RUSAGE_SELF)
+            rss, cpu = use.ru_maxrss / 1024, use.ru_utime + use.ru_stime  # Linux: ru_maxrss in KiB
         except ImportError:
-            rss = None
+            rss = cpu = None
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("exit", rss))
+            conn.send(("exit", rss, cpu))
 
 
 @contextlib.contextmanager
@@ -394,7 +400,8 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
         yield _nothing(model, precision, opset)
         return
     misses = roles_to_trace(model, roles, precision, opset, cache)
-    plan = plan_jobs(jobs, len(misses), model_bytes(model), usable_cpus(), shm_free_bytes())
+    on_cpu = all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
+    plan = plan_jobs(jobs, len(misses), model_bytes(model) if on_cpu else 0, usable_cpus(), shm_free_bytes(), on_cpu)
     if plan.jobs <= 1:
         log.info("tracing sequentially: %s", plan.reason)
         yield _nothing(model, precision, opset)
@@ -441,6 +448,7 @@ def _run(model, order: list[str], precision: str, opset: int, cache: bool | None
             p = ctx.Process(target=_worker_main, name=f"armt-trace-{i + 1}", daemon=True,
                             args=(i + 1, payload, order, counter, precision, opset, cache, str(out_dir), there,
                                   levels, os.getpid()))
+            started = time.time()
             try:
                 with _main_hidden():
                     p.start()
@@ -451,7 +459,7 @@ def _run(model, order: list[str], precision: str, opset: int, cache: bool | None
                 there.close()
                 break
             there.close()
-            workers.append(_Worker(i + 1, p, here))
+            workers.append(_Worker(i + 1, p, here, started))
     finally:
         if masks:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -489,7 +497,9 @@ def _drain(w: _Worker, traced: Traced, counter) -> None:
         except (EOFError, OSError):
             break
         kind = msg[0]
-        if kind == "start":
+        if kind == "ready":  # imported and unpickled
+            log.info("trace worker %d ready %.1f s after its start", w.index, msg[1] - w.started)
+        elif kind == "start":
             w.current = msg[1]
         elif kind == "done":
             traced.files[msg[1]] = Path(msg[3])
@@ -506,7 +516,7 @@ def _drain(w: _Worker, traced: Traced, counter) -> None:
         elif kind == "exit":
             w.peak_rss_mb = msg[1]
             if msg[1] is not None:
-                log.info("trace worker %d: peak RSS %.0f MB", w.index, msg[1])
+                log.info("trace worker %d: peak RSS %.0f MB, %.1f s CPU", w.index, msg[1], msg[2])
             w.finished = True
             return
     if not w.finished and not w.process.is_alive():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from armt.cli import main
-from exporter import parallel_trace, trace, trace_cache
+from exporter import parallel_trace, trace_cache
 from exporter.export import export_model
 from exporter.parallel_trace import MAX_JOBS, MAX_PARALLEL_BYTES, check_jobs, claim_order, plan_jobs
 from graphs.errors import ExportError, InputError
@@ -127,7 +127,8 @@ def test_a_crashed_worker_leaves_its_graphs_to_the_parent(tmp_path, caplog):
 def test_an_interrupt_stops_the_workers_and_writes_nothing(tmp_path, cache_dir, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(trace, "trace_graph", interrupted)  # this process's first trace is "Ctrl-C"
+    import exporter.export as ex
+    monkeypatch.setattr(ex, "trace_graph", interrupted)  # this process's first trace is "Ctrl-C"
     with pytest.raises(KeyboardInterrupt):
         export_model(tiny_model(), tmp_path / "out", only=("diagonal_step", "lm_head"), jobs=2)
     assert not _workers_alive()
@@ -148,6 +149,8 @@ def test_plan_jobs_defaults_and_caps():
     assert plan_jobs(None, 1, small, 8, 64 * GiB).jobs == 1  # one miss (the rest from the trace cache)
     assert plan_jobs(None, 0, small, 8, 64 * GiB).jobs == 1
     assert plan_jobs(None, 5, small, 8, None).jobs == 4  # /dev/shm unknown: not a reason to stop
+    plan = plan_jobs(4, 5, small, 8, 64 * GiB, on_cpu=False)  # a CUDA (or meta) model: no worker opens the GPU
+    assert plan.jobs == 1 and "CPU memory" in plan.reason
 
 
 def test_the_size_limit_keeps_big_models_sequential():
