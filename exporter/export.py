@@ -1,6 +1,8 @@
 """`export_model`: an ArmtModel or RmtModel -> an export directory (graphs, shared weights, manifest).
 
     model (cast to the precision)
+      |-- parallel_trace.traced_in_parallel: the roles that miss the trace cache traced by worker
+      |                    processes and this one at once (`jobs`), taken by the loop below in its order
       |-- trace.trace_graph (per graph role of graphs/contracts.py) -> contract I/O names and dims,
       |                    portability check, provenance metadata (model id, config hashes, dims,
       |                    roles: exporter/provenance.py), weights -> weights.data (shared), onnx.checker

@@ -386,8 +386,7 @@ def _nothing(model, precision: str, opset: int) -> Traced:
 @contextlib.contextmanager
 def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, cache: bool | None,
                        jobs: int | None, describe: Callable[[str], None] | None = None,
-                       scratch: Path | None = None, trace: Callable | None = None,
-                       start_method: str = "spawn") -> Iterator[Traced]:
+                       scratch: Path | None = None, trace: Callable | None = None) -> Iterator[Traced]:
     """Trace `roles` of `model` (cast to the precision) across processes before the export loop
     (module docstring); yields the Traced the loop takes its graphs from. jobs: plan_jobs's
     `requested` (1: yields an empty Traced at once, the loop traces everything). scratch: the
@@ -416,7 +415,7 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
     workers: list[_Worker] = []
     try:
         _run(model, claim_order(misses), precision, opset, cache, plan.jobs - 1, out_dir, traced, workers,
-             describe, trace, start_method)
+             describe, trace)
         yield traced
     finally:
         _stop(workers)
@@ -424,14 +423,14 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
 
 
 def _run(model, order: list[str], precision: str, opset: int, cache: bool | None, n_workers: int, out_dir: Path,
-         traced: Traced, workers: list[_Worker], describe, trace, start_method: str) -> None:
+         traced: Traced, workers: list[_Worker], describe, trace) -> None:
     import torch.multiprocessing as tmp  # registers the shared-memory reductions of tensors
 
     from exporter.trace import trace_graph
     trace_graph = trace or trace_graph
     from graphs.errors import ExportError
     from multiprocessing.reduction import ForkingPickler  # torch.multiprocessing registered its tensor reductions
-    ctx = tmp.get_context(start_method)
+    ctx = tmp.get_context("spawn")  # a fresh interpreter: no fork of torch's threads
     counter = ctx.Value("i", 0)
     levels = _log_levels()
     masks = hasattr(signal, "pthread_sigmask")
