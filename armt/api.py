@@ -224,7 +224,7 @@ class LoadedModel:
 def open_export_decoder(path, backend: str, device: str, precision: str | None = None,
                         cuda_graph: bool | None = None):
     """The decoder over an export's decode graphs (as `armt generate --backend ort|trt` opens it);
-    `cuda_graph`: CUDA graphs for its steps (ort: CUDA only, default off; trt: default on)."""
+    `cuda_graph`: CUDA graphs for its steps (ort decoder: CUDA only, default off; trt: default on)."""
     try:
         from runtimes.decoders import open_decoder
     except ImportError:

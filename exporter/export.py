@@ -41,7 +41,8 @@ from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSp
 from exporter.polygraphy_loader import write_script
 from exporter.portability import attention_variant, check_portable, op_counts
 from exporter.provenance import graph_metadata
-from exporter.trace import causal_variants, check_opset, default_opset, fused_attention, memory_math, trace_graph
+from exporter.trace import (causal_variants, check_opset, default_opset, drop_separate_view, fused_attention,
+                            memory_math, projection_parts, trace_graph)
 from graphs.progress import Progress
 from exporter.weights import SharedWeights
 
@@ -200,7 +201,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                 log.info("wrote %s (%d nodes); %s is %.1f MB", c.file, sum(graphs[role].op_counts.values()),
                          shared.name, shared.size / 1e6)
                 bar.update()
-        parameters = shared.index_parameters(model)
+        parameters = shared.index_parameters(model, projection_parts(model, precision, opset))
 
         draft = Draft(stage, model, precision, model_id, graphs, versions=_versions())
         if finalize is not None:
@@ -240,5 +241,6 @@ def _copy_tokenizer(model_dir: str | Path | None, stage: Path) -> list[str]:
 
 def _free(model: ArmtModel) -> None:
     """Drop the weights' memory (the graphs hold their own copy now)."""
+    drop_separate_view(model)
     for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype)

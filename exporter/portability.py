@@ -2,8 +2,10 @@
 
 The allow-list holds the default-domain ops the ARMT graphs need (plus a few harmless neighbours).
 Refused on purpose: any non-default domain (com.microsoft fusions), data-dependent shapes (NonZero,
-Unique, NonMaxSuppression, control flow), the opset-23 fused op RotaryEmbedding (batch-1 cos cache trap), Attention in fp32 graphs (it does
-not build in fp32 on TensorRT; fp16/bf16 graphs at opset 23 hold it on purpose), and local functions.
+Unique, NonMaxSuppression, control flow), Attention, RMSNormalization and RotaryEmbedding in fp32
+graphs (TensorRT does not build fp32 Attention; fp16/bf16 graphs at opset 23 hold them on purpose),
+a RotaryEmbedding with a position_ids input (a cos cache indexed by position: the batch-1 cos cache
+trap of the dynamo optimizer's own fusion; ours take each row's cos/sin), and local functions.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ KNOWN_TRAPS = {
     "NonZero": "data-dependent output shape",
     "Unique": "data-dependent output shape",
     "Loop": "control flow", "If": "control flow", "Scan": "control flow",
-    "RotaryEmbedding": "fused rotary with a batch-1 cos cache breaks at batch > 1",
+    "RotaryEmbedding": "fused rotary is for fp16/bf16 graphs at opset 23, with each row's cos/sin (no position_ids)",
     "Attention": "the ONNX Attention op does not build in fp32 on TensorRT",
 }
 
@@ -58,7 +60,7 @@ def attention_variant(model: onnx.ModelProto) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else ""
 
 
-FUSED_ALLOWED_OPS = frozenset({"Attention", "RMSNormalization"})  # fp16/bf16 graphs at opset 23 only (exporter/trace.py)
+FUSED_ALLOWED_OPS = frozenset({"Attention", "RMSNormalization", "RotaryEmbedding"})  # fp16/bf16, opset 23 (exporter/trace.py)
 
 
 def check_portable(model: onnx.ModelProto, role: str, fused: bool = False) -> None:
@@ -74,6 +76,9 @@ def check_portable(model: onnx.ModelProto, role: str, fused: bool = False) -> No
         if node.op_type not in allowed:
             why = KNOWN_TRAPS.get(node.op_type, "not on the exporter's allow-list of portable ops")
             raise ExportError(f"{role} graph node {node.name} uses op {node.op_type}: {why}")
+        if node.op_type == "RotaryEmbedding" and len(node.input) > 3 and node.input[3]:
+            raise ExportError(f"{role} graph node {node.name} uses RotaryEmbedding with position_ids: a cos/sin "
+                              "cache indexed by position breaks at batch > 1 (the batch-1 cache trap)")
     for imp in model.opset_import:
         if imp.domain not in ("", "ai.onnx"):
             raise ExportError(f"{role} graph imports opset domain {imp.domain!r}; only the default domain is portable")

@@ -33,19 +33,33 @@ def model_from_export(manifest: Manifest) -> ArmtModel:
                           f"unexpected {extra[:3]})")
     state = {}
     for name, rec in manifest.parameters.items():
-        path = manifest.path(rec["file"])
-        dtype = rec["dtype"]
-        count = int(np.prod(rec["shape"], dtype=np.int64))
-        raw = np.fromfile(path, dtype=np.uint8, count=int(rec["length"]), offset=int(rec["offset"]))
-        if raw.size != count * numpy_dtype(dtype).itemsize:
-            raise ExportError(f"export {manifest.root}: parameter {name} does not fit its record in {rec['file']}")
-        if dtype == "bfloat16":
-            t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
+        if "parts" in rec:  # column blocks (a fused export's separate projections), concatenated
+            t = torch.cat([_read(manifest, name, part) for part in rec["parts"]], dim=-1)
+            if list(t.shape) != list(rec["shape"]) or str(t.dtype).replace("torch.", "") != rec["dtype"]:
+                raise ExportError(f"export {manifest.root}: parameter {name}'s parts do not give its shape {rec['shape']}")
+            state[name] = t
         else:
-            t = torch.from_numpy(raw.view(numpy_dtype(dtype)).copy())
-        state[name] = t.reshape(rec["shape"]).to(torch_dtype(dtype))
+            state[name] = _read(manifest, name, rec)
     model.load_state_dict(state, assign=True)
     if model.inv_freq is not None:
         from graphs.blocks import rope_inv_freq
         model.inv_freq = rope_inv_freq(cfg.base)
     return model.eval()
+
+
+def _read(manifest: Manifest, name: str, rec: dict) -> torch.Tensor:
+    """One tensor record (file, offset, length, dtype, shape) of the parameter index."""
+    try:
+        path = manifest.path(rec["file"])
+        dtype, shape = rec["dtype"], rec["shape"]
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = np.fromfile(path, dtype=np.uint8, count=int(rec["length"]), offset=int(rec["offset"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"export {manifest.root}: parameter {name} has a malformed record ({exc})") from None
+    if raw.size != count * numpy_dtype(dtype).itemsize:
+        raise ExportError(f"export {manifest.root}: parameter {name} does not fit its record in {rec['file']}")
+    if dtype == "bfloat16":
+        t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(raw.view(numpy_dtype(dtype)).copy())
+    return t.reshape(shape).to(torch_dtype(dtype))

@@ -10,8 +10,9 @@ TorchScript exporter (dynamo=False) also produced a correct graph here but is de
 emits a noisier graph (OneHot/Tile for torch.roll, ~700 Constant nodes); it is not used.
 
 fp16/bf16 exports default to opset 23 instead (FUSED_OPSET): their attention is traced as one ONNX
-`Attention` node per call (blocks.attend(fused=ONNX_ATTENTION): layers folded into the batch, GQA
-from the 4-D head counts, the same boolean slot mask), which ONNX Runtime and TensorRT(-RTX) run as
+`Attention` node per call (layers folded into the batch, GQA from the head counts, the same boolean
+slot mask; LLaMA: 3-D tensors with head attributes after one RotaryEmbedding node each for q and k,
+over separate q/k/v/gate/up weights: `separate_view`), which ONNX Runtime and TensorRT(-RTX) run as
 a fused kernel in fp16/bf16; TensorRT refuses that op in fp32, so fp32 stays at 17..22 and written
 out, bit for bit as before. An fp16/bf16 export asked for at opset 17..22 is written out too.
 Fused exports also trace each step role's causal variant (`segment_causal`, ...: the cells of
@@ -28,14 +29,16 @@ slot = width + M (a derived dim, renamed "slot" in the written graph).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
 
-from graphs.blocks import ONNX_ATTENTION, ONNX_CAUSAL
+from graphs.blocks import ONNX_ATTENTION, ONNX_CAUSAL, PROJECTION_PARTS, separate_projections
 from graphs.cells import cell_for
 from graphs.contracts import MASKED_OF, contract
 from graphs.dtypes import FLOATS, torch_dtype
@@ -188,7 +191,52 @@ def causal_variants(precision: str, opset: int) -> bool:
     return fused_attention(precision, opset)
 
 
+_SEPARATE_VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def separate_view(model):
+    """`model` (ArmtModel or RmtModel) with its LLaMA qkv / gate_up stacks as separate q, k, v, gate, up
+    parameters (graphs.blocks.separate_projections): what every graph of a fused fp16/bf16 export
+    multiplies by (one MatMul per projection: no Split copies of a fused output on the device). A
+    shallow copy sharing every other parameter; made once per model and weight version (the roles of one
+    export share it, so weights.data holds each part once). GPT-2: the model itself."""
+    if model.cfg.base.architecture != "llama":
+        return model
+    stamp = tuple((id(t), t.data_ptr(), t.dtype, t._version) for t in model.layers.values())
+    hit = _SEPARATE_VIEWS.get(model)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # the copy's own module table: the original keeps its layers
+    view.layers = torch.nn.ParameterDict({n: torch.nn.Parameter(t.detach(), requires_grad=False)
+                                          for n, t in separate_projections(model.cfg.base, dict(model.layers)).items()})
+    _SEPARATE_VIEWS[model] = (stamp, view)
+    return view
+
+
+def drop_separate_view(model) -> None:
+    """Forget `model`'s separate_view (its own copies of the projection blocks): the export is written."""
+    _SEPARATE_VIEWS.pop(model, None)
+
+
+def projection_parts(model, precision: str, opset: int) -> dict[str, list[torch.Tensor]]:
+    """Parameter name ("layers.qkv") -> the separate tensors the export's graphs hold for it (the
+    fused graphs' separate_view), for the manifest's parameter index; {} when the graphs hold the
+    model's own parameters."""
+    if not fused_attention(precision, opset) or model.cfg.base.architecture != "llama":
+        return {}
+    view = separate_view(model)
+    out = {}
+    for name in model.layers:
+        base = name[:-5] if name.endswith("_bias") else name
+        if base in PROJECTION_PARTS:
+            out[f"layers.{name}"] = [view.layers[part + name[len(base):]] for part in PROJECTION_PARTS[base]]
+    return out
+
+
 def cell_module(model: ArmtModel, role: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> torch.nn.Module:
+    if fused_attention(precision, opset):
+        model = separate_view(model)
     if role in MASKED_OF:
         if not causal_variants(precision, opset):
             raise ExportError(f"the {role} graph exists for fused fp16/bf16 exports (opset {FUSED_OPSET}) only")

@@ -65,18 +65,28 @@ class SharedWeights:
             self.index[key] = (self._append(blob), len(blob))
         return self.index[key]
 
-    def index_parameters(self, model) -> dict[str, dict]:
-        """Every model parameter in the shared file (mostly bytes the graphs already hold: weight stacks
-        reach the graphs unchanged): name ("layers.qkv") -> file, offset, length, dtype, shape."""
+    def _index_tensor(self, t: torch.Tensor) -> dict:
         import numpy as np
+        t = t.detach().contiguous().cpu()
+        dtype = str(t.dtype).replace("torch.", "")
+        array = t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
+        offset, length = self.add(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        return {"file": self.name, "offset": offset, "length": length, "dtype": dtype, "shape": list(t.shape)}
+
+    def index_parameters(self, model, parts: dict[str, list[torch.Tensor]] | None = None) -> dict[str, dict]:
+        """Every model parameter in the shared file (mostly bytes the graphs already hold: weight stacks
+        reach the graphs unchanged): name ("layers.qkv") -> file, offset, length, dtype, shape.
+        `parts`: parameters the graphs hold as column blocks (a fused export's separate q, k, v, gate,
+        up: exporter/trace.py separate_view), recorded as those blocks ("parts": the records of each,
+        concatenated along the last axis give the parameter), so the file holds their bytes once."""
         out = {}
         for name, p in model.named_parameters():
-            t = p.detach().contiguous().cpu()
-            dtype = str(t.dtype).replace("torch.", "")
-            array = t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
-            offset, length = self.add(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-            out[name] = {"file": self.name, "offset": offset, "length": length, "dtype": dtype,
-                         "shape": list(t.shape)}
+            if parts and name in parts:
+                rec = {k: v for k, v in self._index_tensor(p[..., :0]).items() if k in ("file", "dtype")}
+                rec.update(shape=list(p.shape), parts=[self._index_tensor(t) for t in parts[name]])
+                out[name] = rec
+            else:
+                out[name] = self._index_tensor(p)
         return out
 
     def adopt_ir(self, model, path: Path, edit: Callable[[onnx.ModelProto], None] | None = None) -> onnx.ModelProto:

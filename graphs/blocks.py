@@ -156,23 +156,75 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(2, 3).reshape(n, B, P, H * hd)
 
 
+PROJECTION_PARTS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # fused weight -> its column blocks
+
+
+def separate_projections(spec: BaseSpec, layers: Params) -> Params:
+    """LLaMA's stacked qkv / gate_up weights (and biases) as separate contiguous tensors q, k, v,
+    gate, up (+ `_bias`): what the fused fp16/bf16 graphs multiply by (one MatMul each, no Split of a
+    fused output; exporter/trace.py). Other weights are passed through; a GPT-2 dict is returned as is."""
+    if spec.architecture != "llama":
+        return dict(layers)
+    Hq, Hkv, hd, F_ = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_ff
+    widths = {"qkv": (Hq * hd, Hkv * hd, Hkv * hd), "gate_up": (F_, F_)}
+    out = {}
+    for name, w in layers.items():
+        base = name[:-5] if name.endswith("_bias") else name
+        if base not in PROJECTION_PARTS:
+            out[name] = w
+            continue
+        suffix = name[len(base):]
+        for part, block in zip(PROJECTION_PARTS[base], torch.split(w, widths[base], dim=-1)):
+            out[part + suffix] = block.contiguous()  # (n, d, width) / (n, width)
+    return out
+
+
+def _projections(x: torch.Tensor, p: Params, fused: str, parts: tuple[str, ...], widths: tuple[int, ...]):
+    """x @ W for each part: separate MatMuls when `p` holds the parts (separate_projections), else one
+    MatMul of the fused weight and column slices."""
+    if parts[0] in p:
+        return tuple(linear(x, p[n], p.get(n + "_bias")) for n in parts)
+    y = linear(x, p[fused], p.get(fused + "_bias"))
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+    return tuple(y[..., e - w: e] for w, e in zip(widths, ends))
+
+
+def _onnx_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                         allowed: torch.Tensor | None, Hq: int, Hkv: int, hd: int) -> torch.Tensor:
+    """Rotary + attention as ONNX opset-23 RotaryEmbedding and Attention nodes on 3-D (n B, P, heads hd)
+    tensors (num_heads attributes): no head transposes in the graph. cos/sin are the rows' own tables
+    (n B, P, hd/2), no position_ids input (so no cos cache with a batch-1 shape). `allowed` None:
+    is_causal=1 and no mask. q (n, B, P, Hq hd), k/v (n, B, P, Hkv hd) -> (n, B, P, Hq hd)."""
+    n, B, P, _ = q.shape
+    cos, sin = (t[:, :, 0, :, : hd // 2].reshape(n * B, P, hd // 2) for t in rope)  # (n B, P, hd/2)
+    q3 = torch.onnx.ops.rotary_embedding(q.reshape(n * B, P, Hq * hd), cos, sin, num_heads=Hq)
+    k3 = torch.onnx.ops.rotary_embedding(k.reshape(n * B, P, Hkv * hd), cos, sin, num_heads=Hkv)
+    mask = None if allowed is None else allowed.reshape(n * B, 1, P, P)  # (n B, 1, P, P)
+    y, _, _, _ = torch.onnx.ops.attention(q3, k3, v.reshape(n * B, P, Hkv * hd), mask, is_causal=allowed is None,
+                                          q_num_heads=Hq, kv_num_heads=Hkv, scale=1.0 / math.sqrt(hd))
+    return y.reshape(n, B, P, Hq * hd)  # (n B, P, Hq hd) -> (n, B, P, Hq hd)
+
+
 def llama_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 allowed: torch.Tensor, fused: Fused = False) -> torch.Tensor:
-    """One LLaMA decoder layer per slot of the n axis. h (n, B, P, d) -> (n, B, P, d)."""
+    """One LLaMA decoder layer per slot of the n axis. h (n, B, P, d) -> (n, B, P, d).
+
+    With `fused` ONNX_ATTENTION / ONNX_CAUSAL (the exporter's fp16/bf16 graphs) rotary and attention
+    are ONNX RotaryEmbedding + Attention nodes on 3-D tensors; otherwise the math written out (or SDPA)."""
     Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     x = rms_norm(h, p["attn_norm"], spec.norm_eps)
-    qkv = linear(x, p["qkv"], p.get("qkv_bias"))  # (n, B, P, (Hq + 2 Hkv) hd)
-    q = _split_heads(qkv[..., : Hq * hd], Hq, hd)  # (n, B, Hq, P, hd)
-    k = _split_heads(qkv[..., Hq * hd: (Hq + Hkv) * hd], Hkv, hd)
-    v = _split_heads(qkv[..., (Hq + Hkv) * hd:], Hkv, hd)
-    cos, sin = rope
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    a = _merge_heads(attend(q, k, v, allowed, fused))  # (n, B, P, Hq hd)
+    q, k, v = _projections(x, p, "qkv", PROJECTION_PARTS["qkv"], (Hq * hd, Hkv * hd, Hkv * hd))  # (n, B, P, H hd)
+    if fused in (ONNX_ATTENTION, ONNX_CAUSAL):
+        a = _onnx_rope_attention(q, k, v, rope, allowed if fused == ONNX_ATTENTION else None, Hq, Hkv, hd)
+    else:
+        q, k, v = _split_heads(q, Hq, hd), _split_heads(k, Hkv, hd), _split_heads(v, Hkv, hd)  # (n, B, H, P, hd)
+        cos, sin = rope
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        a = _merge_heads(attend(q, k, v, allowed, fused))  # (n, B, P, Hq hd)
     h = h + linear(a, p["o"], p.get("o_bias"))
     x = rms_norm(h, p["mlp_norm"], spec.norm_eps)
-    gate_up = linear(x, p["gate_up"], p.get("gate_up_bias"))  # (n, B, P, 2 F)
-    gate, up = gate_up[..., : spec.d_ff], gate_up[..., spec.d_ff:]
+    gate, up = _projections(x, p, "gate_up", PROJECTION_PARTS["gate_up"], (spec.d_ff, spec.d_ff))  # (n, B, P, F)
     return h + linear(F.silu(gate) * up, p["down"], p.get("down_bias"))
 
 

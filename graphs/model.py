@@ -118,11 +118,11 @@ class ArmtModel(nn.Module):
     # ---------------------------------------------------------------- properties and casting
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers["qkv"].dtype
+        return self.layers["o"].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers["qkv"].device
+        return self.layers["o"].device
 
     def cast(self, dtype: torch.dtype) -> "ArmtModel":
         """Layers, embeddings and head to `dtype`; the memory weights stay fp32."""

@@ -90,11 +90,11 @@ class RmtModel(nn.Module):
     # ---------------------------------------------------------------- properties and casting
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers["qkv"].dtype
+        return self.layers["o"].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers["qkv"].device
+        return self.layers["o"].device
 
     def cast(self, dtype: torch.dtype) -> "RmtModel":
         """Every parameter (layers, embeddings, head, learned memory) to `dtype`."""

@@ -29,8 +29,10 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 mkdir -p results/h200
-LOG=results/h200/issue10_$PREC.log
-JSON=results/h200/issue10_$PREC.json
+TAG=${TAG:-}  # a suffix of the result files (e.g. TAG=_cuda_graph EXTRA=--cuda-graph)
+EXTRA=${EXTRA:-}  # more bench options
+LOG=results/h200/issue10_$PREC$TAG.log
+JSON=results/h200/issue10_$PREC$TAG.json
 E=/tmp/armt-issue10-$MODEL-$PREC
 if [ -f "$E/manifest.json" ]; then SRC="--export-dir $E"; else SRC="--export-to $E"; fi
 {
@@ -39,7 +41,7 @@ if [ -f "$E/manifest.json" ]; then SRC="--export-dir $E"; else SRC="--export-to 
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   CMD="$PY -m armt bench --synthetic $MODEL $SHAPE --device $DEVICE --precision $PREC --mem-std 0.001 \
 --backends torch,ort --schedules diagonal --lengths $LENGTHS --logits last --warmup 1 --repeats 3 \
-$SRC --steady-step --parity-length $PARITY --output $JSON"
+$SRC --steady-step --parity-length $PARITY --output $JSON $EXTRA"
   echo "\$ $CMD"
   timeout "$BUDGET" $CMD
   echo "exit $? after ${SECONDS} s"

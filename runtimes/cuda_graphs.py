@@ -42,8 +42,8 @@ def call_key(inputs: Mapping[str, Any], outputs: Mapping[str, Any], *extra) -> t
 
 def resolve_cuda_graph(requested: bool | None, device_type: str, default_on: bool = True) -> bool:
     """The runners' option: None = `default_on` for CUDA devices, off elsewhere; True on a CPU device is
-    refused. The ONNX Runtime runner passes default_on=False (opt-in: NaN measured on the H200 with its
-    graphs, docs/runtimes.md)."""
+    refused. The ONNX Runtime runner passes default_on only for exports with fused Attention
+    (runtimes/ort_runner.py cuda_graphs_by_default: NaN was measured on the H200 with the others' graphs)."""
     if requested is None:
         return default_on and device_type == "cuda"
     if requested and device_type != "cuda":

@@ -9,8 +9,10 @@ their staging OrtValue (`update_inplace`); outputs are read back only when the l
 stream before it returns (ONNX Runtime's default), so a staging buffer is never rewritten while a
 call still reads it.
 
-CUDA graphs (`cuda_graph`, OPT-IN: default off everywhere since an fp16 LLaMA-1B run of 32 segments
-on the H200 returned NaN with them and was finite without; cause not found, docs/runtimes.md): calls run on a session made for their shape (the
+CUDA graphs (`cuda_graph`; default ON on CUDA for the fused fp16/bf16 exports, whose graphs hold
+Attention nodes: on the H200 every replay of theirs equalled a plain run bit for bit and a 131,072-token
+fp16 run took 999 ms instead of 1,229; default OFF for the other exports, since an fp16 LLaMA-1B run of
+32 segments with the written-out graphs returned NaN with them, docs/runtimes.md): calls run on a session made for their shape (the
 graph's symbolic dims pinned by free-dimension overrides, so shape arithmetic folds away and every
 node can stay on the CUDA provider; at most MAX_SHAPE_SESSIONS shapes, further shapes run plainly on
 one dynamic session) with the CUDA provider's `enable_cuda_graph`, and each call runs with the run
@@ -100,6 +102,12 @@ class OrtStorage:
         return block.numpy()
 
 
+def cuda_graphs_by_default(manifest: Manifest) -> bool:
+    """Whether ONNX Runtime CUDA graphs are on by default for this export: its graphs hold fused
+    Attention nodes (the fp16/bf16 opset-23 exports, measured exact and faster with them)."""
+    return any(g.attention for g in manifest.graphs.values())
+
+
 class OrtRunner(Runner):
     backend = "ort"
 
@@ -110,12 +118,12 @@ class OrtRunner(Runner):
         """`source`: an export directory (its manifest and checksums are checked now), a loaded
         Manifest, or an OrtSessionLoader together with `contract` and `model_id`.
         `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
-        `cuda_graph`: capture and replay CUDA graphs (default: off, opt-in, see the module docstring;
-        True on the CPU is refused). `causal`: run the step role's causal variant on calls whose
+        `cuda_graph`: capture and replay CUDA graphs (default None: on for a CUDA device and an export
+        whose graphs hold fused Attention (fp16/bf16, opset 23), off otherwise; see the module
+        docstring; True on the CPU is refused). `causal`: run the step role's causal variant on calls whose
         active slots are full (True: the export's `<role>_causal` graph where it has one; an
         OrtSessionLoader: that graph, with a loader source; False: always the masked graph)."""
         dev = parse_device(device)
-        use_graphs = resolve_cuda_graph(cuda_graph, dev.type, default_on=False)
         if isinstance(source, OrtSessionLoader):
             if contract is None or model_id is None:
                 raise ExportError("an OrtRunner made from a session loader needs the graph's contract and model id")
@@ -137,6 +145,8 @@ class OrtRunner(Runner):
                 g = self.manifest.graph(twin)
                 contract.check_io(g.inputs, g.outputs, f"export {self.manifest.root} ({twin})")
                 causal_loader = OrtSessionLoader(self.manifest.graph_path(twin), dev, threads, tf32=self.manifest.tf32)
+        use_graphs = resolve_cuda_graph(cuda_graph, dev.type, default_on=self.manifest is not None
+                                        and cuda_graphs_by_default(self.manifest))
         super().__init__(contract, dev, model_id)
         self._causal_loader = causal_loader  # the causal variant's graph (None: every call masked)
         self.has_causal = causal_loader is not None

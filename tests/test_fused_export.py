@@ -64,10 +64,10 @@ def fused_exports(tmp_path_factory):
     return get
 
 
-def _graph_with(op):
+def _graph_with(op, inputs=("x",)):
     from onnx import TensorProto, helper
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1])
-    node = helper.make_node(op, ["x"], ["y"], name="the_node")
+    node = helper.make_node(op, list(inputs), ["y"], name="the_node")
     g = helper.make_graph([node], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
 
@@ -91,8 +91,11 @@ def test_portability_allows_attention_only_in_fused_graphs():
     check_portable(_graph_with("RMSNormalization"), "segment", fused=True)
     with pytest.raises(ExportError, match="fp32 on TensorRT"):
         check_portable(_graph_with("Attention"), "segment")
-    with pytest.raises(ExportError, match="batch-1 cos cache"):
-        check_portable(_graph_with("RotaryEmbedding"), "segment", fused=True)
+    check_portable(_graph_with("RotaryEmbedding", ("x", "x", "x")), "segment", fused=True)  # each row's cos/sin
+    with pytest.raises(ExportError, match="fp16/bf16 graphs at opset 23"):
+        check_portable(_graph_with("RotaryEmbedding", ("x", "x", "x")), "segment")
+    with pytest.raises(ExportError, match="batch-1 cache trap"):  # a cos cache indexed by position_ids
+        check_portable(_graph_with("RotaryEmbedding", ("x", "x", "x", "x")), "segment", fused=True)
 
 
 def test_onnx_attention_eager_matches_the_written_out_math_on_a_padded_gqa_slot():
@@ -121,18 +124,27 @@ def test_fp16_export_holds_attention_nodes_and_no_softmax(fused_exports, kind):
     calls = {"segment": L, "diagonal_step": 1, "rmt_segment": L, "lm_head": 0}  # one Attention per block call
     calls.update({CAUSAL_OF[r]: n for r, n in calls.items() if r in CAUSAL_OF})  # the causal variants: the same
     assert set(m.graphs) == {*roles_of(m.model_config()), *causal_roles_of(m.model_config())}
+    llama = m.model_config().base.architecture == "llama"
     for role, g in m.graphs.items():
         assert g.op_counts.get("Attention", 0) == calls[role], (role, g.op_counts)
-        assert "Softmax" not in g.op_counts and "RotaryEmbedding" not in g.op_counts, role
+        assert "Softmax" not in g.op_counts, role
+        # LLaMA: rotary of q and k per block call as RotaryEmbedding; separate projections (no Split)
+        assert g.op_counts.get("RotaryEmbedding", 0) == (2 * calls[role] if llama else 0), (role, g.op_counts)
+        if llama:
+            assert "Split" not in g.op_counts, (role, g.op_counts)
         if role != "lm_head":
             assert g.op_counts.get("RMSNormalization", 0) >= 2 * (L if "diagonal_step" not in role else 1)
         causal = role in MASKED_OF
         assert g.attention == ("" if role == "lm_head" else "causal" if causal else "masked"), role
         proto = onnx.load(str(d / g.file), load_external_data=False)
         for node in proto.graph.node:
-            if node.op_type == "Attention":  # 4-D q/k/v (no head attributes); masked: the explicit bool mask
+            if node.op_type == "RotaryEmbedding":  # each row's cos/sin: no position_ids input
+                assert len(node.input) == 3, node
+            if node.op_type == "Attention":  # LLaMA: 3-D q/k/v with head attributes, GPT-2: 4-D; masked: the bool mask
                 attrs = {a.name: a.i for a in node.attribute}
-                assert all(a not in ("q_num_heads", "kv_num_heads") for a in attrs), node
+                cfg = m.model_config().base
+                heads = {"q_num_heads": cfg.n_heads, "kv_num_heads": cfg.n_kv_heads} if llama else {}
+                assert {a: attrs[a] for a in ("q_num_heads", "kv_num_heads") if a in attrs} == heads, node
                 if causal:  # is_causal=1 and no mask input
                     assert attrs.get("is_causal") == 1 and (len(node.input) == 3 or node.input[3] == ""), node
                 else:
@@ -595,3 +607,66 @@ def test_ort_cuda_fp16_tensor_core_memory_matches_torch(fused_exports, schedule)
         _close("logits", got.logits, ref.logits, f"{schedule} {what}", real)
         _close("A", got.state.A, ref.state.A, f"{schedule} {what}")
         _close("z", got.state.z, ref.state.z, f"{schedule} {what}")
+
+
+# ------------------------------------------------------------------- separate projections (LLaMA layout)
+def test_separate_view_cuts_the_projection_stacks_into_their_column_blocks():
+    from exporter.trace import separate_view
+    m = _model().cast(torch.float16)
+    b = m.cfg.base
+    view = separate_view(m)
+    assert separate_view(m) is view  # one view per model and weight version: the roles share it
+    widths = [b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim, b.n_kv_heads * b.head_dim]
+    qkv, gate_up = m.layers["qkv"], m.layers["gate_up"]
+    assert torch.equal(torch.cat([view.layers[n] for n in ("q", "k", "v")], -1), qkv)
+    assert [view.layers[n].shape[-1] for n in ("q", "k", "v")] == widths
+    assert torch.equal(torch.cat([view.layers["gate"], view.layers["up"]], -1), gate_up)
+    assert "qkv" in m.layers and "qkv" not in view.layers  # the original keeps its own layout
+    assert view.layers["o"].data_ptr() == m.layers["o"].data_ptr() and view.mem["w_q"] is m.mem["w_q"]  # shared
+    m.layers["qkv"].data = m.layers["qkv"].data.clone()  # new weights: a new view
+    assert separate_view(m) is not view
+    g = tiny_model("gpt2", seed=SEED)
+    assert separate_view(g) is g  # GPT-2 keeps its fused qkv
+
+
+def test_fused_export_indexes_qkv_by_its_blocks_once_and_the_reference_rebuilds_it(fused_exports):
+    from exporter.reference import model_from_export
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    rec = m.parameters["layers.qkv"]
+    b = m.model_config().base
+    assert [p["shape"][-1] for p in rec["parts"]] == [b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim,
+                                                      b.n_kv_heads * b.head_dim]
+    assert rec["shape"][-1] == sum(p["shape"][-1] for p in rec["parts"]) and "offset" not in rec
+    # every block is a tensor the graphs hold: the graphs' external data points at the same bytes
+    graph_spans = set()
+    for g in m.graphs.values():
+        proto = onnx.load(str(d / g.file), load_external_data=False)
+        for t in proto.graph.initializer:
+            info = {e.key: e.value for e in t.external_data}
+            if info:
+                graph_spans.add((int(info["offset"]), int(info["length"])))
+    for name in ("layers.qkv", "layers.gate_up"):
+        for part in m.parameters[name]["parts"]:
+            assert (part["offset"], part["length"]) in graph_spans, name
+    ref = _model().cast(torch.float16)
+    rebuilt = model_from_export(m)
+    for name, p in ref.named_parameters():
+        assert torch.equal(dict(rebuilt.named_parameters())[name], p), name
+
+
+def test_ort_cuda_graphs_default_on_for_fused_exports_only(fused_exports):
+    from exporter.manifest import Manifest
+    from runtimes.ort_runner import cuda_graphs_by_default
+    d = fused_exports("armt")
+    m = load_manifest(d)
+    assert cuda_graphs_by_default(m)
+    on = OrtRunner(d, "diagonal_step", device="cuda")  # no session is opened before activate()
+    assert on.cuda_graph and on.loader.cuda_graph and on._causal_loader.cuda_graph
+    off = OrtRunner(d, "diagonal_step", device="cuda", cuda_graph=False)
+    assert not off.cuda_graph and off.cuda_graph_reason == "not requested"
+    assert not OrtRunner(d, "diagonal_step").cuda_graph  # the CPU
+    raw = m.to_dict()
+    for g in raw["graphs"].values():
+        g["attention"] = ""  # graphs without fused Attention (fp32 exports): opt-in
+    assert not cuda_graphs_by_default(Manifest.from_dict(raw))

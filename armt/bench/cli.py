@@ -144,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "torch's head on that row, the export's lm_head graph for ort), all (every position; torch "
                    "backends only)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="ort: CUDA graphs in ONNX Runtime (default OFF: opt-in since its graphs returned NaN "
+                   help="ort: CUDA graphs in ONNX Runtime (default: on with --device cuda for exports "
+                   "whose graphs hold fused Attention (fp16/bf16), off for the others, whose graphs returned NaN "
                    "on a 32-segment fp16 run on the H200, docs/runtimes.md; falls back with one warning where "
                    "capture is refused; ARMT_CHECK_CUDA_GRAPHS=1 checks replays against plain runs)")
     p.add_argument("--steady-step", action="store_true", help="also time one steady diagonal step alone "

@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture each call shape as a CUDA graph and replay it (ort: enable_cuda_graph + "
                    "gpu_graph_id; trt: stream capture; torch: the fast executor's graphs). Default: on with "
-                   "--device cuda for torch/trt, OFF for ort (its graphs returned NaN on a 32-segment run on the "
-                   "H200, see docs/runtimes.md) (falls back to plain runs, with one warning, where capture is refused), "
+                   "--device cuda for torch/trt and for ort on fp16/bf16 exports with fused Attention; off for "
+                   "ort on other exports (their graphs returned NaN on a 32-segment run on the H200, see "
+                   "docs/runtimes.md) (falls back to plain runs, with one warning, where capture is refused), "
                    "off on the CPU; --cuda-graph on the CPU is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also: armt -q)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (shapes, schedule, "
@@ -146,8 +147,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     mask = load_mask(args.attention_mask, ids) if args.attention_mask else None
     device = args.device or ("cuda" if args.backend == "trt" else "cpu")
     from runtimes.cuda_graphs import resolve_cuda_graph
-    # --cuda-graph on the CPU: one line, exit 2; ort: opt-in (NaN measured with its graphs, docs/runtimes.md)
-    cuda_graph = resolve_cuda_graph(args.cuda_graph, device, default_on=args.backend != "ort")
+    # --cuda-graph on the CPU: one line, exit 2; ort: None left to the runner (on for fused exports only)
+    cuda_graph = resolve_cuda_graph(args.cuda_graph, device)
+    if args.backend == "ort" and args.cuda_graph is None:
+        cuda_graph = None
     collect = collect_for(args.logits if args.output else "none", hidden=bool(args.hidden_output))
     if args.backend == "torch":
         from graphs.modeldir import load_model_dir
