@@ -14,8 +14,8 @@ process and `jobs - 1` worker processes together:
                          (ROLE_COST), from one shared counter until none is left; this process traces
                          too. Each role runs `trace.trace_graph` (the trace cache read and written as in
                          the sequential path). A worker writes its optimized graph without the model's
-                         weights to a private temporary directory; this process re-binds them by name
-                         to its own tensors (`decode_traced`)
+                         weights to a scratch directory (inside the export's staging directory); this
+                         process re-binds them by name to its own tensors (`decode_traced`)
     Traced.take(role)    the export loop's graph for `role` (None: trace it in the loop), in the
                          loop's own order, so graphs, weights.data and the manifest are the
                          sequential export's byte for byte (tests/test_parallel_trace.py)
@@ -26,7 +26,8 @@ one. A worker that crashes, dies or cannot start is a warning, and the roles it 
 traced in the loop. Ctrl-C: the workers ignore SIGINT (this process stops them: SIGTERM, which they
 turn into SystemExit so that staged files are removed; SIGKILL after a grace period); a worker whose
 parent dies gets SIGTERM from the kernel (Linux PR_SET_PDEATHSIG). Trace-cache entries are written
-atomically by trace_cache, results into the private directory, which is removed at the end.
+atomically by trace_cache, results into the scratch directory, which is removed at the end (or, after
+a SIGKILL, with the export's stale staging directory by the next export).
 """
 
 from __future__ import annotations
@@ -268,8 +269,9 @@ def _worker_main(index: int, payload: bytes, order: list[str], counter, precisio
                  cache: bool | None, out_dir: str, conn, levels: dict[str, int], parent_pid: int) -> None:
     """A worker process: unpickle the model (`payload`: its tensors are shared-memory handles), claim
     roles, trace each (trace_graph, trace cache included), write the result into out_dir, report on
-    `conn`: ("start", role), ("done", role, seconds, file), ("error", role, one line) for an
-    ExportError, ("crash", role or None, one line) for anything else, ("exit", peak RSS MB)."""
+    `conn`: ("ready", time), ("start", role), ("done", role, seconds, file), ("error", role, one
+    line) for an ExportError, ("crash", role or None, one line) for anything else, ("exit", peak RSS
+    MB, CPU seconds)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "pthread_sigmask"):
@@ -280,13 +282,14 @@ def _worker_main(index: int, payload: bytes, order: list[str], counter, precisio
         logging.getLogger(name or None).setLevel(level)
     lg = logging.getLogger("armt.export")  # its info lines are the parent's to log (_drain); warnings show
     lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    from exporter import trace_cache
-    from exporter.trace import cell_module, trace_graph
-    from graphs.atomic import atomic_write_bytes
-    from graphs.errors import ExportError
     try:
         try:
             import pickle
+
+            from exporter import trace_cache
+            from exporter.trace import cell_module, trace_graph
+            from graphs.atomic import atomic_write_bytes
+            from graphs.errors import ExportError
             model = pickle.loads(payload)
         except Exception as exc:  # e.g. a model class this process cannot import
             conn.send(("crash", None, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
