@@ -36,7 +36,7 @@ from graphs.errors import ExportError
 from graphs.model import ArmtModel
 
 import exporter
-from exporter.parallel_trace import check_jobs, traced_in_parallel
+from exporter.parallel_trace import requested_jobs, traced_in_parallel
 from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSpec, record_files, write_manifest
 from exporter.polygraphy_loader import write_script
 from exporter.portability import attention_variant, check_portable, op_counts
@@ -148,14 +148,15 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only. `only`: export just these roles (a bench exports the graphs of
     the schedules it times: the sequential `segment` graph is the slow one to trace). `trace_cache`: reuse/store
     the translated graphs in the trace cache (exporter/trace_cache.py; None: on unless ARMT_TRACE_CACHE=0).
-    `jobs`: processes that trace the graphs (exporter/parallel_trace.py; None: min(usable CPUs, graphs
-    that miss the trace cache, 4), sequential for models over its size limit; 1: this process alone);
+    `jobs`: processes that trace the graphs (exporter/parallel_trace.py; None: $ARMT_TRACE_JOBS if set,
+    else min(usable CPUs, graphs that miss the trace cache, 4), sequential for models over its size
+    limit; 1: this process alone);
     the files are the same byte for byte either way."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
     check_opset(opset, precision)
-    jobs = check_jobs(jobs)
+    jobs = requested_jobs(jobs)  # None: $ARMT_TRACE_JOBS or the default of exporter/parallel_trace.py
     fused = fused_attention(precision, opset)
     t_start = time.perf_counter()
     cfg = model.cfg

@@ -50,6 +50,7 @@ log = logging.getLogger("armt.export")
 MAX_JOBS = 4  # default cap: more processes than this gave nothing on the 5 graphs of an export
 MAX_PARALLEL_BYTES = 512 << 20  # parameters above this are traced sequentially (see plan_jobs)
 SHM_DIR = "/dev/shm"
+JOBS_ENV = "ARMT_TRACE_JOBS"  # the default of `jobs` when set (requested_jobs)
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
 RESULT_MAGIC = b"ARMT-TRACED-1\n"
 BOUND_PROP = "armt.parallel_trace.bound"
@@ -80,6 +81,21 @@ def check_jobs(jobs: object) -> int | None:
     if jobs < 1:
         raise InputError(f"--jobs must be a positive integer, got {jobs}")
     return jobs
+
+
+def requested_jobs(jobs: object) -> int | None:
+    """check_jobs(jobs), and for None the environment's ARMT_TRACE_JOBS if set (a test suite or a
+    shared machine can pin the default; same validation, naming the variable)."""
+    from graphs.errors import InputError
+    if jobs is not None:
+        return check_jobs(jobs)
+    text = os.environ.get(JOBS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return check_jobs(text)
+    except InputError:
+        raise InputError(f"{JOBS_ENV} must be a positive integer, got {text!r}") from None
 
 
 def usable_cpus() -> int:
@@ -397,7 +413,7 @@ def traced_in_parallel(model, roles: Sequence[str], precision: str, opset: int, 
     its staging directory, so a killed export's leftovers go with it; None: a temporary directory).
     trace: the function this process traces with (the export loop's; None: trace.trace_graph; the
     workers always run trace.trace_graph)."""
-    jobs = check_jobs(jobs)
+    jobs = requested_jobs(jobs)
     if jobs == 1 or len(roles) <= 1:
         yield _nothing(model, precision, opset)
         return

@@ -92,6 +92,17 @@ def test_jobs_must_be_a_positive_integer(bad, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_environment_can_pin_the_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(parallel_trace.JOBS_ENV, "1")
+    assert parallel_trace.requested_jobs(None) == 1 and parallel_trace.requested_jobs(3) == 3  # asked beats env
+    monkeypatch.setenv(parallel_trace.JOBS_ENV, "many")
+    assert main(["export", "--synthetic", "tiny", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ARMT_TRACE_JOBS must be a positive integer, got 'many'" in err, err
+    monkeypatch.delenv(parallel_trace.JOBS_ENV)
+    assert parallel_trace.requested_jobs(None) is None
+
+
 def test_check_jobs():
     assert check_jobs(None) is None and check_jobs(3) == 3 and check_jobs("2") == 2
     for bad in (0, -2, 1.5, True, "x", "-1"):

@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trace every graph afresh and store nothing in the trace cache ($ARMT_CACHE/traces; "
                    "a second export of a same-shaped model reuses its traced graphs, exact to the byte)")
     p.add_argument("--jobs", metavar="N", default=None,
-                   help="processes that trace the graphs at once (default: min(usable CPUs, graphs not in the "
-                   "trace cache, 4); 1: one process; models over 512 MiB of parameters always trace in one); "
-                   "the files are the same byte for byte")
+                   help="processes that trace the graphs at once (default: $ARMT_TRACE_JOBS if set, else "
+                   "min(usable CPUs, graphs not in the trace cache, 4); 1: one process; models over 512 MiB of "
+                   "parameters always trace in one); the files are the same byte for byte")
     p.add_argument("--synthetic", metavar="PRESET",
                    help="export a random-weight model of a preset shape instead (tiny, tiny-gpt2, llama-1b, ...)")
     p.add_argument("--seed", type=int, default=0, help="weights seed for --synthetic")
@@ -105,8 +105,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 [OutputPath("-o", args.output, directory=True, overwrite=args.overwrite)])
     if args.sample_width is not None and args.sample_width < 2:
         raise InputError("--sample-width must be at least 2")
-    from exporter.parallel_trace import check_jobs
-    jobs = check_jobs(args.jobs)  # one line, exit 2, before anything is loaded
+    from exporter.parallel_trace import requested_jobs
+    jobs = requested_jobs(args.jobs)  # one line, exit 2, before anything is loaded
     t0 = time.perf_counter()
     if args.synthetic:
         from exporter.synthetic_model import synthetic_model
