@@ -2,6 +2,8 @@
 # Issue 10 on the H200: the export on ONNX Runtime CUDA next to the torch fast executor, one job.
 #
 #   bash results/run_h200_issue10.sh fp16      (then bf16; one precision per call, < 9 minutes each)
+#   ARMT_ORT_SHARED_WEIGHTS=0 TAG=_ownweights bash results/run_h200_issue10.sh fp16   (each ORT session its
+#   own copy of the weights, as before runtimes/shared_weights.py; TAG keeps both runs' files)
 #
 # LLaMA-1B synthetic shape (segment 1024 + 128 memory tokens, d_mem 64), memory weights at std 1e-3
 # (well conditioned), batch 1, diagonal schedule, 32,768 and 131,072 tokens, logits of the last
@@ -36,7 +38,7 @@ JSON=results/h200/issue10_$PREC$TAG.json
 E=/tmp/armt-issue10-$MODEL-$PREC
 if [ -f "$E/manifest.json" ]; then SRC="--export-dir $E"; else SRC="--export-to $E"; fi
 {
-  echo "# issue 10, $PREC, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "# issue 10, $PREC, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), ARMT_ORT_SHARED_WEIGHTS=${ARMT_ORT_SHARED_WEIGHTS:-unset}"
   $PY -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers(), 'torch', torch.__version__)"
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   CMD="$PY -m armt bench --synthetic $MODEL $SHAPE --device $DEVICE --precision $PREC --mem-std 0.001 \

@@ -18,6 +18,7 @@ from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.base import Device, parse_device
 
 log = logging.getLogger("armt.run")
+_POOL_FAILED: set[tuple[str, str]] = set()  # (export dir, device) whose pool could not be made (warned once)
 
 
 def import_onnxruntime():
@@ -82,7 +83,10 @@ class OrtSessionLoader:
     TF32; the CUDA-graph sessions get the same option); `cuda_graph=True` asks the CUDA provider to capture CUDA graphs (run options then pick
     the graph by `gpu_graph_id`). `fixed_dims` pins the graph's symbolic dims ("batch", "width", ...)
     with ONNX Runtime's free-dimension overrides: shape arithmetic then folds to constants at load
-    (no Shape nodes left for the CPU, which would make the CUDA provider refuse capture)."""
+    (no Shape nodes left for the CPU, which would make the CUDA provider refuse capture).
+    `shared_weights` (None: ARMT_ORT_SHARED_WEIGHTS, default on): the graph's external initializers come
+    from the export's WeightPool on this device (runtimes/shared_weights.py: one copy for every session
+    of the export); a session that fails to load with them is reopened without (one warning)."""
 
     path: Path
     device: Device = field(default_factory=lambda: Device("cpu"))
@@ -90,6 +94,7 @@ class OrtSessionLoader:
     cuda_graph: bool = False
     fixed_dims: dict[str, int] | None = None  # symbolic dims pinned (free-dimension overrides)
     tf32: bool = False  # CUDA: fp32 MatMuls as TF32 (Manifest.tf32; never for fp32 graphs)
+    shared_weights: bool | None = None  # the export's one copy of the weights (None: the environment, default on)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -108,6 +113,55 @@ class OrtSessionLoader:
 
     def __call__(self):
         ort = import_onnxruntime()
+        pool, values = self._shared_values()
+        if not values:
+            return self._open(ort, {})
+        try:
+            session = self._open(ort, values)
+        except BackendUnavailable:  # no kernel, capture refused, no CUDA: not the pool's doing
+            raise
+        except ExportError as exc:
+            session = self._open(ort, {})  # an error here is the graph's own
+            if not pool.refused:
+                pool.refused = True
+                log.warning("%s: ONNX Runtime refused the shared weights (%s); its sessions load their own "
+                            "copy", self.path.name, exc)
+            return session
+        session._armt_weight_pool = pool  # the pool (device copy, map) lives as long as its last session
+        return session
+
+    def _shared_values(self) -> tuple:
+        """(pool, {initializer name: OrtValue}) for this graph, or (None, {}) when off or not possible."""
+        from runtimes.shared_weights import pool_for, sharing_enabled
+        if not sharing_enabled(self.shared_weights):
+            return None, {}
+        key = (str(self.path.resolve().parent), str(self.device))
+        try:
+            ort = import_onnxruntime()
+            pool = pool_for(self.path, self.device)
+            probe = [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if isinstance(p, tuple) else p
+                     for p in self.providers(ort)]  # the probe runs plainly (no IO binding to capture)
+            if not pool.check_used(ort, probe):
+                if key not in _POOL_FAILED:
+                    _POOL_FAILED.add(key)
+                    log.warning("%s: ONNX Runtime on %s does not compute with caller-owned initializers made "
+                                "as the pool makes them; each session loads its own copy", self.path.name, self.device)
+                return None, {}
+            return pool, pool.initializers_for(self.path)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # an unreadable graph or map, a device copy that failed: the session's own copy
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if isinstance(exc, (OSError, ValueError)) or type(exc).__name__ == "DecodeError":
+                # a missing, truncated or corrupt file: the session's own load reports it (one line)
+                log.info("%s: no shared weights (%s)", self.path.name, why)
+            elif key not in _POOL_FAILED:
+                _POOL_FAILED.add(key)
+                log.warning("%s: no shared weights (%s); each session loads its own copy", self.path.name, why)
+            return None, {}
+
+    def _open(self, ort, initializers: dict):
+        """The session, with `initializers` (name -> OrtValue) as caller-owned initializers."""
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if self.threads:
@@ -117,6 +171,8 @@ class OrtSessionLoader:
         for name, value in (self.fixed_dims or {}).items():
             options.add_free_dimension_override_by_name(name, int(value))
         try:
+            for name, value in initializers.items():
+                options.add_initializer(name, value)
             session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers(ort))
         except BackendUnavailable:
             raise

@@ -38,6 +38,11 @@ export's `<role>_causal` graph and runs it on calls whose active slots are full 
 docs/runtimes.md); same I/O, same buffers; sessions, pinned-dims sessions and CUDA-graph keys are
 per variant. `causal=False`: always the masked graph.
 
+Shared weights (default on; `shared_weights=False` or ARMT_ORT_SHARED_WEIGHTS=0: off): every session
+this runner opens (both variants, the pinned-dims sessions, the companions') takes the export's external
+initializers from one WeightPool per export and device (runtimes/shared_weights.py), so the weights are
+held once on the device however many sessions are open.
+
     OrtRunner(export_dir, role, device="cuda")                 from an export directory (manifest)
     OrtRunner(OrtSessionLoader(path), contract=c, model_id=i)  from a loader (export-time validation)
 """
@@ -64,7 +69,7 @@ from runtimes.loaders import (CaptureRefused, OrtSessionLoader, import_onnxrunti
 
 log = logging.getLogger("armt.ort")
 
-MAX_SHAPE_SESSIONS = 2  # sessions with pinned dims per runner (each holds the weights once more)
+MAX_SHAPE_SESSIONS = 2  # sessions with pinned dims per runner (each holds the weights once more unless shared)
 CHECK_ENV = "ARMT_CHECK_CUDA_GRAPHS"  # "1": check the first replay of each graph id; "all": every replay
 PIN_ENV = "ARMT_ORT_PIN_DIMS"  # "1": plain runs on the pinned-dims sessions too (locates a NaN: pinning vs capture)
 CHECK_INPUT_BYTES = 1 << 20  # inputs up to this size are compared before/after a checked replay
@@ -114,7 +119,8 @@ class OrtRunner(Runner):
     def __init__(self, source: str | Path | Manifest | OrtSessionLoader, role: str | None = None, *,
                  device: str = "cpu", precision: str | None = None, verify_checksums: bool = True,
                  threads: int | None = None, contract: GraphContract | None = None, model_id: str | None = None,
-                 cuda_graph: bool | None = None, causal: bool | OrtSessionLoader = True):
+                 cuda_graph: bool | None = None, causal: bool | OrtSessionLoader = True,
+                 shared_weights: bool | None = None):
         """`source`: an export directory (its manifest and checksums are checked now), a loaded
         Manifest, or an OrtSessionLoader together with `contract` and `model_id`.
         `threads`: intra-op threads of the CPU provider (default: ONNX Runtime's choice).
@@ -122,7 +128,10 @@ class OrtRunner(Runner):
         whose graphs hold fused Attention (fp16/bf16, opset 23), off otherwise; see the module
         docstring; True on the CPU is refused). `causal`: run the step role's causal variant on calls whose
         active slots are full (True: the export's `<role>_causal` graph where it has one; an
-        OrtSessionLoader: that graph, with a loader source; False: always the masked graph)."""
+        OrtSessionLoader: that graph, with a loader source; False: always the masked graph).
+        `shared_weights`: the sessions of this runner (and its companions) take the export's one copy
+        of the weights on this device (runtimes/shared_weights.py; None: ARMT_ORT_SHARED_WEIGHTS,
+        default on; False: each session loads its own copy)."""
         dev = parse_device(device)
         if isinstance(source, OrtSessionLoader):
             if contract is None or model_id is None:
@@ -154,6 +163,7 @@ class OrtRunner(Runner):
             loader.device = dev
             loader.threads = threads if threads is not None else loader.threads
             loader.cuda_graph = use_graphs
+            loader.shared_weights = shared_weights if shared_weights is not None else loader.shared_weights
         self.graphs = GraphIds(enabled=use_graphs)
         self._cuda_graph_option = use_graphs  # what was asked (companions get the same)
         self._captured: set[int] = set()  # graph ids whose capture run succeeded (replayed since)
@@ -164,6 +174,7 @@ class OrtRunner(Runner):
         self._buffers = None
         self._threads = threads
         self._causal_option = causal is not False
+        self._shared_option = shared_weights
         # diagnostic: the sessions with pinned dims (what CUDA graphs run on) without capture
         self._pin_plain = not use_graphs and dev.type == "cuda" and os.environ.get(PIN_ENV, "") == "1"
 
@@ -172,7 +183,8 @@ class OrtRunner(Runner):
         if self.manifest is None:
             return super().companion(role)
         return OrtRunner(self.manifest, role, device=str(self.device), threads=self._threads,
-                         cuda_graph=self._cuda_graph_option, causal=self._causal_option)
+                         cuda_graph=self._cuda_graph_option, causal=self._causal_option,
+                         shared_weights=self._shared_option)
 
     @property
     def cuda_graph(self) -> bool:
