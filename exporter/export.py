@@ -1,6 +1,8 @@
 """`export_model`: an ArmtModel or RmtModel -> an export directory (graphs, shared weights, manifest).
 
     model (cast to the precision)
+      |-- parallel_trace.traced_in_parallel: the roles that miss the trace cache traced by worker
+      |                    processes and this one at once (`jobs`), taken by the loop below in its order
       |-- trace.trace_graph (per graph role of graphs/contracts.py) -> contract I/O names and dims,
       |                    portability check, provenance metadata (model id, config hashes, dims,
       |                    roles: exporter/provenance.py), weights -> weights.data (shared), onnx.checker
@@ -34,6 +36,7 @@ from graphs.errors import ExportError
 from graphs.model import ArmtModel
 
 import exporter
+from exporter.parallel_trace import requested_jobs, traced_in_parallel
 from exporter.manifest import POLYGRAPHY_SCRIPT, GraphRecord, Manifest, TensorSpec, record_files, write_manifest
 from exporter.polygraphy_loader import write_script
 from exporter.portability import attention_variant, check_portable, op_counts
@@ -134,7 +137,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  overwrite: bool = False, source: str = "", finalize: Callable[[Draft], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
                  decode: bool = True, only: Sequence[str] | None = None,
-                 trace_cache: bool | None = None) -> ExportResult:
+                 trace_cache: bool | None = None, jobs: int | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast here, in place, to `precision`) into `export_dir`.
 
     `finalize(draft)` runs inside the staging directory after the graphs are written and before the
@@ -144,11 +147,16 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     (graphs/tokenizer.py) are copied into the export, listed in the manifest and checksummed. `decode` (default True): also export the
     generation graphs (decode roles); False (`armt export --no-decode`): the step graphs and lm_head only. `only`: export just these roles (a bench exports the graphs of
     the schedules it times: the sequential `segment` graph is the slow one to trace). `trace_cache`: reuse/store
-    the translated graphs in the trace cache (exporter/trace_cache.py; None: on unless ARMT_TRACE_CACHE=0)."""
+    the translated graphs in the trace cache (exporter/trace_cache.py; None: on unless ARMT_TRACE_CACHE=0).
+    `jobs`: processes that trace the graphs (exporter/parallel_trace.py; None: $ARMT_TRACE_JOBS if set,
+    else min(usable CPUs, graphs that miss the trace cache, 4), sequential for models over its size
+    limit; 1: this process alone);
+    the files are the same byte for byte either way."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     opset = default_opset(precision) if opset is None else opset  # fp32 18, fp16/bf16 23 (fused attention)
     check_opset(opset, precision)
+    jobs = requested_jobs(jobs)  # None: $ARMT_TRACE_JOBS or the default of exporter/parallel_trace.py
     fused = fused_attention(precision, opset)
     t_start = time.perf_counter()
     cfg = model.cfg
@@ -161,12 +169,16 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     with atomic_directory(export_dir, overwrite=overwrite) as stage:  # file modes: graphs.atomic's policy
         shared = SharedWeights(stage)
         graphs: dict[str, GraphRecord] = {}
-        with Progress(len(roles), "tracing graphs") as bar:
+        with Progress(len(roles), "tracing graphs") as bar, \
+                traced_in_parallel(model, roles, precision, opset, trace_cache, jobs, bar.describe,
+                                   scratch=stage / ".traces", trace=trace_graph) as ready:
             for role in roles:  # ARMT: segment, diagonal_step, lm_head (+ *_causal) (+ decode, memory_write); RMT: rmt_segment, lm_head (+ rmt_segment_causal) (+ rmt_decode, rmt_memory_write)
                 bar.describe(role)
                 c = contract(cfg, role, precision)
                 path = stage / c.file
-                traced = trace_graph(model, role, precision, opset, cache=trace_cache)
+                traced = ready.take(role)  # traced before the loop, by a worker or here (None: not yet)
+                if traced is None:
+                    traced = trace_graph(model, role, precision, opset, cache=trace_cache)
 
                 def edit(proto: onnx.ModelProto, c=c) -> None:
                     fix_io(proto, c.role, c.inputs, c.outputs, dict(c.derived_dims))

@@ -293,12 +293,13 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                  source: str = "", report: Callable[[str], None] | None = None,
                  free_model: bool = False, tokenizer_dir: str | Path | None = None,
                  decode: bool = True, only: Sequence[str] | None = None,
-                 trace_cache: bool | None = None) -> ExportResult:
+                 trace_cache: bool | None = None, jobs: int | None = None) -> ExportResult:
     """Export `model` (fp32 as loaded; cast in place to `precision`), write sample feeds from a real
     run and, unless `validate=False`, validate every graph on ONNX Runtime CPU. `report` receives the
     validation tables. Raises ParityFailure when an output misses its bound (nothing is written then).
     `decode` (default True): with the generation graphs; `only`: just these roles (exporter/export.py);
-    `trace_cache`: exporter/trace_cache.py (None: on unless ARMT_TRACE_CACHE=0)."""
+    `trace_cache`: exporter/trace_cache.py (None: on unless ARMT_TRACE_CACHE=0); `jobs`: tracing processes
+    (exporter/parallel_trace.py)."""
     if validate:
         try:
             from runtimes.loaders import import_onnxruntime
@@ -308,6 +309,6 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
     sampler = _Sampler(validate, sample_width, report)
     result = export_graphs(model, export_dir, precision=precision, opset=opset, overwrite=overwrite, source=source,
                            finalize=sampler, free_model=free_model, tokenizer_dir=tokenizer_dir,
-                           decode=decode, only=only, trace_cache=trace_cache)
+                           decode=decode, only=only, trace_cache=trace_cache, jobs=jobs)
     result.validation = sampler.results
     return result

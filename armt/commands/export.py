@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-trace-cache", dest="trace_cache", action="store_false", default=None,
                    help="trace every graph afresh and store nothing in the trace cache ($ARMT_CACHE/traces; "
                    "a second export of a same-shaped model reuses its traced graphs, exact to the byte)")
+    p.add_argument("--jobs", metavar="N", default=None,
+                   help="processes that trace the graphs at once (default: $ARMT_TRACE_JOBS if set, else "
+                   "min(usable CPUs, graphs not in the trace cache, 4); 1: one process; models over 512 MiB of "
+                   "parameters always trace in one); the files are the same byte for byte")
     p.add_argument("--synthetic", metavar="PRESET",
                    help="export a random-weight model of a preset shape instead (tiny, tiny-gpt2, llama-1b, ...)")
     p.add_argument("--seed", type=int, default=0, help="weights seed for --synthetic")
@@ -101,6 +105,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 [OutputPath("-o", args.output, directory=True, overwrite=args.overwrite)])
     if args.sample_width is not None and args.sample_width < 2:
         raise InputError("--sample-width must be at least 2")
+    from exporter.parallel_trace import requested_jobs
+    jobs = requested_jobs(args.jobs)  # one line, exit 2, before anything is loaded
     t0 = time.perf_counter()
     if args.synthetic:
         from exporter.synthetic_model import synthetic_model
@@ -115,7 +121,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_model(model, args.output, precision=args.precision, opset=args.opset,
                               validate=args.validate, overwrite=args.overwrite, sample_width=args.sample_width,
                               source=source, report=lambda text: print(text + "\n"), free_model=True,
-                              tokenizer_dir=args.model_dir, decode=args.decode, trace_cache=args.trace_cache)
+                              tokenizer_dir=args.model_dir, decode=args.decode, trace_cache=args.trace_cache,
+                              jobs=jobs)
     m = result.manifest
     status = m.validation.get("status")
     print(f"exported {source} -> {result.export_dir} ({m.precision}, opset {m.opset}): "
