@@ -16,18 +16,10 @@ from pathlib import Path
 from exporter.manifest import Manifest, load_manifest
 from graphs.errors import BackendUnavailable, ExportError, InputError
 from runtimes.base import Device, parse_device
+from runtimes.ort_import import import_onnxruntime
 
 log = logging.getLogger("armt.run")
 _POOL_FAILED: set[tuple[str, str]] = set()  # (export dir, device) whose pool could not be made (warned once)
-
-
-def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install 'armt-deploy[ort]' "
-                                 "(or 'armt-deploy[ort-gpu]' for the CUDA execution provider)") from None
-    return onnxruntime
 
 
 def open_export(export: str | Path | Manifest, precision: str | None = None,

@@ -243,7 +243,7 @@ class WeightPool:
 
     def _make(self, t: ExternalTensor) -> tuple[Any, Any]:
         """(value, owner) for one tensor: a view of the map (CPU) or a device copy and its DLPack view."""
-        from runtimes.loaders import import_onnxruntime
+        from runtimes.ort_import import import_onnxruntime
         ort = import_onnxruntime()
         mm = self._map(t.file)
         if t.offset + t.length > mm.size:
