@@ -282,7 +282,7 @@ def _on_sigterm(signum, frame):  # staged files of an interrupted write are remo
 
 
 def _worker_main(index: int, payload: bytes, order: list[str], counter, precision: str, opset: int,
-                 cache: bool | None, out_dir: str, conn, levels: dict[str, int], parent_pid: int) -> None:
+                 cache: bool | None, out_dir: str, conn, parent_pid: int) -> None:
     """A worker process: unpickle the model (`payload`: its tensors are shared-memory handles), claim
     roles, trace each (trace_graph, trace cache included), write the result into out_dir, report on
     `conn`: ("ready", time), ("start", role), ("done", role, seconds, file), ("error", role, one
@@ -293,11 +293,8 @@ def _worker_main(index: int, payload: bytes, order: list[str], counter, precisio
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around start()
     _die_with_parent(parent_pid)
-    logging.basicConfig(level=levels.get("", logging.WARNING), format="%(message)s", stream=sys.stderr)
-    for name, level in levels.items():
-        logging.getLogger(name or None).setLevel(level)
-    lg = logging.getLogger("armt.export")  # its info lines are the parent's to log (_drain); warnings show
-    lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    # no logging set-up here (library code configures no logger): the worker's info lines are the
+    # parent's to log (_drain); its warnings reach stderr through logging's last-resort handler
     try:
         try:
             import pickle
@@ -358,15 +355,6 @@ def _main_hidden() -> Iterator[None]:
         main.__spec__ = spec
         if had_file:
             main.__file__ = file_
-
-
-def _log_levels() -> dict[str, int]:
-    """The levels set on this process's loggers ("" = root), for the workers to log alike."""
-    levels = {"": logging.getLogger().level}
-    for name, lg in logging.Logger.manager.loggerDict.items():
-        if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET:
-            levels[name] = lg.level
-    return levels
 
 
 # ------------------------------------------------------------------------------------- the coordinator
@@ -451,7 +439,6 @@ def _run(model, order: list[str], precision: str, opset: int, cache: bool | None
     from multiprocessing.reduction import ForkingPickler  # torch.multiprocessing registered its tensor reductions
     ctx = tmp.get_context("spawn")  # a fresh interpreter: no fork of torch's threads
     counter = ctx.Value("i", 0)
-    levels = _log_levels()
     masks = hasattr(signal, "pthread_sigmask")
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masks else None  # children inherit it
     try:
@@ -465,7 +452,7 @@ def _run(model, order: list[str], precision: str, opset: int, cache: bool | None
             here, there = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_worker_main, name=f"armt-trace-{i + 1}", daemon=True,
                             args=(i + 1, payload, order, counter, precision, opset, cache, str(out_dir), there,
-                                  levels, os.getpid()))
+                                  os.getpid()))
             started = time.time()
             try:
                 with _main_hidden():
