@@ -53,7 +53,6 @@ SHM_DIR = "/dev/shm"
 JOBS_ENV = "ARMT_TRACE_JOBS"  # the default of `jobs` when set (requested_jobs)
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
 RESULT_MAGIC = b"ARMT-TRACED-1\n"
-BOUND_PROP = "armt.parallel_trace.bound"
 
 # Relative trace cost of each role, to claim the longest first (seconds for the official LLaMA fixture,
 # fp32, one quiet process: segment 12.3, memory_write 11.1, decode 9.2, diagonal_step 6.1, lm_head 0.6;
@@ -186,55 +185,37 @@ def encode_traced(model, tensors: dict) -> bytes:
     """A traced (optimized, renamed) onnx_ir Model as bytes, without the data of initializers that
     are `tensors` (the cell's parameters and buffers, by name and the very same memory): those are
     re-bound by `decode_traced`. Everything else (the optimizer's folded constants) is kept inline."""
-    import hashlib
-
-    import numpy as np
-    import onnx_ir as ir
-    held, bound = {}, {}
+    from exporter import trace_cache
+    weights = []
     for name, value in model.graph.initializers.items():
         t, tensor = tensors.get(name), value.const_value
         raw = getattr(tensor, "raw", None)
         if (t is None or tensor is None or not hasattr(raw, "data_ptr") or raw.data_ptr() != t.data_ptr()
                 or tuple(raw.shape) != tuple(t.shape) or raw.stride() != t.stride() or raw.dtype != t.dtype):
             continue
-        held[name] = tensor
-        bound[name] = [tensor.dtype.name, list(t.shape)]
-        value.const_value = ir.Tensor(np.zeros(0, dtype=np.uint8), name=name)  # placeholder, no data
-    model.metadata_props[BOUND_PROP] = json.dumps(bound, sort_keys=True)
-    try:
-        payload = ir.serde.serialize_model(model).SerializeToString()
-    finally:
-        del model.metadata_props[BOUND_PROP]
-        for name, tensor in held.items():
-            model.graph.initializers[name].const_value = tensor
-    return RESULT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+        weights.append(name)
+    return trace_cache.frame(RESULT_MAGIC, trace_cache.serialize_unbound(model, weights))
 
 
 def decode_traced(blob: bytes, tensors: dict, role: str):
     """The onnx_ir Model of `encode_traced` with its weights bound to `tensors` (this process's cell
     tensors, shared, as a trace here binds them). A damaged or mismatched result: ExportError."""
-    import hashlib
-
     import onnx
     import onnx_ir as ir
-    from torch.onnx._internal.exporter._core import TorchTensor  # what a fresh trace binds
 
+    from exporter import trace_cache
     from graphs.errors import ExportError
-    head = len(RESULT_MAGIC)
-    digest, payload = blob[head:head + 64], blob[head + 65:]
-    if not blob.startswith(RESULT_MAGIC) or hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise ExportError(f"the {role} graph traced by a worker process is damaged")
+    try:
+        payload = trace_cache.unframe(RESULT_MAGIC, blob)
+    except ValueError:
+        raise ExportError(f"the {role} graph traced by a worker process is damaged") from None
     model = ir.serde.deserialize_model(onnx.ModelProto.FromString(payload))
-    bound = json.loads(model.metadata_props.pop(BOUND_PROP, "{}"))
-    for name, (dtype, shape) in bound.items():
-        value, t = model.graph.initializers.get(name), tensors.get(name)
-        tensor = None if t is None else TorchTensor(t.detach(), name=name)
-        if value is None or tensor is None or tensor.dtype.name != dtype or list(t.shape) != shape:
-            raise ExportError(f"the {role} graph traced by a worker process does not fit this model's "
-                              f"tensor {name}")
-        value.const_value = tensor
-        value.dtype = tensor.dtype
-        value.shape = ir.Shape(list(t.shape))
+    bound = json.loads(model.metadata_props.pop(trace_cache.BOUND_PROP, "{}"))
+    try:
+        trace_cache.bind_weights(model, bound, tensors)
+    except trace_cache.WeightMismatch as exc:
+        raise ExportError(f"the {role} graph traced by a worker process does not fit this model's "
+                          f"tensor {exc.name}") from None
     return model
 
 

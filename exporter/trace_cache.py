@@ -165,41 +165,94 @@ class _Unusable(Exception):
     """A cache entry that cannot be used (the reason is the message)."""
 
 
-def _encode(model, key: str, module: torch.nn.Module) -> bytes:
-    """The entry bytes of `model`: weight initializers (the cell's tensors) without data."""
+class WeightMismatch(Exception):
+    """An initializer left out by `serialize_unbound` that `bind_weights` cannot re-bind (`name`)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def frame(magic: bytes, payload: bytes) -> bytes:
+    """`payload` behind `magic` and its sha256 (hex, one line)."""
+    return magic + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def unframe(magic: bytes, blob: bytes) -> bytes:
+    """The payload of `frame(magic, ...)`; ValueError("header") for another or a short blob,
+    ValueError("sha256") for a damaged one."""
+    if not blob.startswith(magic) or len(blob) < len(magic) + 65:
+        raise ValueError("header")
+    digest, payload = blob[len(magic):len(magic) + 64], blob[len(magic) + 65:]
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise ValueError("sha256")
+    return payload
+
+
+def serialize_unbound(model, names, props: dict[str, str] | None = None) -> bytes:
+    """The serialized onnx_ir `model` without the data of its initializers `names` (a zero-length
+    placeholder each, their dtype and shape in the metadata entry BOUND_PROP, for `bind_weights`)
+    and with `props` in its metadata; `model` itself is as it was afterwards."""
     import numpy as np
     import onnx_ir as ir
+    held: dict = {}
+    bound: dict[str, list] = {}
+    for name in names:
+        value = model.graph.initializers[name]
+        held[name] = value.const_value
+        bound[name] = [value.const_value.dtype.name, list(value.const_value.shape)]
+        value.const_value = ir.Tensor(np.zeros(0, dtype=np.uint8), name=name)  # placeholder, no data
+    added = {**(props or {}), BOUND_PROP: json.dumps(bound, sort_keys=True)}
+    model.metadata_props.update(added)
+    try:
+        return ir.serde.serialize_model(model).SerializeToString()
+    finally:
+        for k in added:
+            del model.metadata_props[k]
+        for name, tensor in held.items():
+            model.graph.initializers[name].const_value = tensor
+
+
+def bind_weights(model, bound: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Bind the initializers `bound` ({name: [dtype name, shape]}, from serialize_unbound) of a
+    deserialized `model` to `tensors` (sharing their memory, as a fresh trace binds them).
+    WeightMismatch for one that is missing or of another dtype/shape."""
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import TorchTensor  # what a fresh trace binds
+    for name, (dtype, shape) in bound.items():
+        value = model.graph.initializers.get(name)
+        t = tensors.get(name)
+        if value is None or t is None:
+            raise WeightMismatch(name, f"initializer {name} is not in the graph or the cell")
+        tensor = TorchTensor(t.detach(), name=name)
+        if tensor.dtype.name != dtype or list(t.shape) != shape:
+            raise WeightMismatch(name, f"{name} is {tensor.dtype.name} {list(t.shape)} in the cell, "
+                                       f"{dtype} {shape} in the entry")
+        value.const_value = tensor
+        value.dtype = tensor.dtype
+        value.shape = ir.Shape(list(t.shape))
+
+
+def _encode(model, key: str, module: torch.nn.Module) -> bytes:
+    """The entry bytes of `model`: weight initializers (the cell's tensors) without data."""
     if len(model.functions):
         raise _Unusable("the graph has local functions")
     names = _names_state(model.graph)
     tensors = cell_tensors(module)
-    bound: dict[str, list] = {}
-    held = {}
-    for name, value in model.graph.initializers.items():
-        if name in tensors and value.const_value is not None:
-            held[name] = value.const_value
-            bound[name] = [value.const_value.dtype.name, list(value.const_value.shape)]
-            value.const_value = ir.Tensor(np.zeros(0, dtype=np.uint8), name=name)  # placeholder, no data
-    props = model.metadata_props
-    props[KEY_PROP], props[BOUND_PROP], props[NAMES_PROP] = key, json.dumps(bound, sort_keys=True), json.dumps(names)
-    try:
-        payload = ir.serde.serialize_model(model).SerializeToString()
-    finally:
-        del props[KEY_PROP], props[BOUND_PROP], props[NAMES_PROP]
-        for name, tensor in held.items():
-            model.graph.initializers[name].const_value = tensor
-    return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    weights = [name for name, value in model.graph.initializers.items()
+               if name in tensors and value.const_value is not None]
+    payload = serialize_unbound(model, weights, {KEY_PROP: key, NAMES_PROP: json.dumps(names)})
+    return frame(MAGIC, payload)
 
 
 def _decode(blob: bytes, key: str, module: torch.nn.Module):
     import onnx
     import onnx_ir as ir
-    from torch.onnx._internal.exporter._core import TorchTensor  # what a fresh trace binds
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 65:
-        raise _Unusable("not a trace cache entry")
-    digest, payload = blob[len(MAGIC):len(MAGIC) + 64], blob[len(MAGIC) + 65:]
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise _Unusable("sha256 mismatch: the file is damaged")
+    try:
+        payload = unframe(MAGIC, blob)
+    except ValueError as exc:
+        raise _Unusable("not a trace cache entry" if str(exc) == "header"
+                        else "sha256 mismatch: the file is damaged") from None
     try:
         proto = onnx.ModelProto.FromString(payload)
         model = ir.serde.deserialize_model(proto)
@@ -215,18 +268,10 @@ def _decode(blob: bytes, key: str, module: torch.nn.Module):
         raise _Unusable("no list of weight initializers or names") from None
     del props[KEY_PROP]
     _restore_names(model.graph, names)
-    tensors = cell_tensors(module)
-    for name, (dtype, shape) in bound.items():
-        value = model.graph.initializers.get(name)
-        t = tensors.get(name)
-        if value is None or t is None:
-            raise _Unusable(f"initializer {name} is not in the graph or the cell")
-        tensor = TorchTensor(t.detach(), name=name)
-        if tensor.dtype.name != dtype or list(t.shape) != shape:
-            raise _Unusable(f"{name} is {tensor.dtype.name} {list(t.shape)} in the cell, {dtype} {shape} in the entry")
-        value.const_value = tensor
-        value.dtype = tensor.dtype
-        value.shape = ir.Shape(list(t.shape))
+    try:
+        bind_weights(model, bound, cell_tensors(module))
+    except WeightMismatch as exc:
+        raise _Unusable(str(exc)) from None
     return model
 
 

@@ -12,3 +12,18 @@ if ROOT not in sys.path:
 import tempfile  # noqa: E402
 
 os.environ["ARMT_CACHE"] = tempfile.mkdtemp(prefix="armt-test-cache-")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh, empty trace cache for this test (every graph misses it; ARMT_CACHE is where
+    exporter.checksums.cache_dir looks): the traces directory inside it."""
+    from exporter import trace_cache
+    root = tmp_path / "cache"
+    monkeypatch.setenv("ARMT_CACHE", str(root))
+    monkeypatch.delenv(trace_cache.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(trace_cache.DIR_ENV, raising=False)
+    return root / "traces"

@@ -23,16 +23,6 @@ from tests.helpers import tiny_model
 GiB = 1 << 30
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """A fresh, empty trace cache for this test (every graph misses it)."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ARMT_CACHE", str(root))
-    monkeypatch.delenv(trace_cache.ENV_SWITCH, raising=False)
-    monkeypatch.delenv(trace_cache.DIR_ENV, raising=False)
-    return root / "traces"
-
-
 def _files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
 

@@ -15,16 +15,6 @@ from exporter.trace_cache import TraceCache, trace_key
 from tests.helpers import flip_bits, tiny_model, tiny_rmt
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """A fresh, empty trace cache for this test (ARMT_CACHE is where exporter.checksums.cache_dir looks)."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ARMT_CACHE", str(root))
-    monkeypatch.delenv(trace_cache.ENV_SWITCH, raising=False)
-    monkeypatch.delenv(trace_cache.DIR_ENV, raising=False)
-    return root / "traces"
-
-
 def _no_tracing(monkeypatch) -> list[str]:
     """Make a fresh trace fail: a run that passes took every graph from the cache."""
     traced: list[str] = []
