@@ -203,6 +203,7 @@ def export_model(model: ArmtModel, export_dir: str | Path, precision: str = "fp3
                          shared.name, shared.size / 1e6)
                 bar.update()
         parameters = shared.index_parameters(model, projection_parts(model, precision, opset))
+        drop_separate_view(model)  # the fused graphs' projection blocks: written; not held past the traces
 
         draft = Draft(stage, model, precision, model_id, graphs, versions=_versions())
         if finalize is not None:
@@ -242,6 +243,5 @@ def _copy_tokenizer(model_dir: str | Path | None, stage: Path) -> list[str]:
 
 def _free(model: ArmtModel) -> None:
     """Drop the weights' memory (the graphs hold their own copy now)."""
-    drop_separate_view(model)
     for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype)

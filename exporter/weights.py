@@ -82,9 +82,8 @@ class SharedWeights:
         out = {}
         for name, p in model.named_parameters():
             if parts and name in parts:
-                rec = {k: v for k, v in self._index_tensor(p[..., :0]).items() if k in ("file", "dtype")}
-                rec.update(shape=list(p.shape), parts=[self._index_tensor(t) for t in parts[name]])
-                out[name] = rec
+                out[name] = {"file": self.name, "dtype": str(p.dtype).replace("torch.", ""), "shape": list(p.shape),
+                             "parts": [self._index_tensor(t) for t in parts[name]]}
             else:
                 out[name] = self._index_tensor(p)
         return out
