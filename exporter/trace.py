@@ -38,7 +38,7 @@ import weakref
 import numpy as np
 import torch
 
-from graphs.blocks import ONNX_ATTENTION, ONNX_CAUSAL, PROJECTION_PARTS, separate_projections
+from graphs.blocks import ONNX_ATTENTION, ONNX_CAUSAL, block_names, separate_projections
 from graphs.cells import cell_for
 from graphs.contracts import MASKED_OF, contract
 from graphs.dtypes import FLOATS, torch_dtype
@@ -226,12 +226,8 @@ def projection_parts(model, precision: str, opset: int) -> dict[str, list[torch.
     if not fused_attention(precision, opset) or model.cfg.base.architecture != "llama":
         return {}
     view = separate_view(model)
-    out = {}
-    for name in model.layers:
-        base = name[:-5] if name.endswith("_bias") else name
-        if base in PROJECTION_PARTS:
-            out[f"layers.{name}"] = [view.layers[part + name[len(base):]] for part in PROJECTION_PARTS[base]]
-    return out
+    return {f"layers.{name}": [view.layers[b] for b in block_names(name)] for name in model.layers
+            if block_names(name) is not None}
 
 
 def cell_module(model: ArmtModel, role: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> torch.nn.Module:

@@ -159,32 +159,45 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 PROJECTION_PARTS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # fused weight -> its column blocks
 
 
+def block_names(name: str) -> tuple[str, ...] | None:
+    """The names of the column blocks of fused LLaMA parameter `name` ("qkv" -> q, k, v; "gate_up_bias"
+    -> gate_bias, up_bias), None for a parameter that is not fused."""
+    base = name[:-5] if name.endswith("_bias") else name
+    return tuple(part + name[len(base):] for part in PROJECTION_PARTS[base]) if base in PROJECTION_PARTS else None
+
+
+def projection_widths(spec: BaseSpec) -> dict[str, tuple[int, ...]]:
+    """LLaMA's fused weight -> the widths of its column blocks, in PROJECTION_PARTS order."""
+    Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    return {"qkv": (Hq * hd, Hkv * hd, Hkv * hd), "gate_up": (spec.d_ff, spec.d_ff)}
+
+
 def separate_projections(spec: BaseSpec, layers: Params) -> Params:
     """LLaMA's stacked qkv / gate_up weights (and biases) as separate contiguous tensors q, k, v,
     gate, up (+ `_bias`): what the fused fp16/bf16 graphs multiply by (one MatMul each, no Split of a
     fused output; exporter/trace.py). Other weights are passed through; a GPT-2 dict is returned as is."""
     if spec.architecture != "llama":
         return dict(layers)
-    Hq, Hkv, hd, F_ = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_ff
-    widths = {"qkv": (Hq * hd, Hkv * hd, Hkv * hd), "gate_up": (F_, F_)}
+    widths = projection_widths(spec)
     out = {}
     for name, w in layers.items():
-        base = name[:-5] if name.endswith("_bias") else name
-        if base not in PROJECTION_PARTS:
+        blocks = block_names(name)
+        if blocks is None:
             out[name] = w
             continue
-        suffix = name[len(base):]
-        for part, block in zip(PROJECTION_PARTS[base], torch.split(w, widths[base], dim=-1)):
-            out[part + suffix] = block.contiguous()  # (n, d, width) / (n, width)
+        for block_name, block in zip(blocks, torch.split(w, widths[name.removesuffix("_bias")], dim=-1)):
+            out[block_name] = block.contiguous()  # (n, d, width) / (n, width)
     return out
 
 
-def _projections(x: torch.Tensor, p: Params, fused: str, parts: tuple[str, ...], widths: tuple[int, ...]):
-    """x @ W for each part: separate MatMuls when `p` holds the parts (separate_projections), else one
-    MatMul of the fused weight and column slices."""
+def _projections(x: torch.Tensor, p: Params, spec: BaseSpec, fused: str) -> tuple[torch.Tensor, ...]:
+    """x @ W for each block of the fused weight `fused` (PROJECTION_PARTS): separate MatMuls when `p`
+    holds the blocks (separate_projections), else one MatMul of the fused weight and column slices."""
+    parts = PROJECTION_PARTS[fused]
     if parts[0] in p:
         return tuple(linear(x, p[n], p.get(n + "_bias")) for n in parts)
     y = linear(x, p[fused], p.get(fused + "_bias"))
+    widths = projection_widths(spec)[fused]
     ends = [sum(widths[:i + 1]) for i in range(len(widths))]
     return tuple(y[..., e - w: e] for w, e in zip(widths, ends))
 
@@ -213,7 +226,7 @@ def llama_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: tuple[torch.Te
     are ONNX RotaryEmbedding + Attention nodes on 3-D tensors; otherwise the math written out (or SDPA)."""
     Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     x = rms_norm(h, p["attn_norm"], spec.norm_eps)
-    q, k, v = _projections(x, p, "qkv", PROJECTION_PARTS["qkv"], (Hq * hd, Hkv * hd, Hkv * hd))  # (n, B, P, H hd)
+    q, k, v = _projections(x, p, spec, "qkv")  # (n, B, P, H hd)
     if fused in (ONNX_ATTENTION, ONNX_CAUSAL):
         a = _onnx_rope_attention(q, k, v, rope, allowed if fused == ONNX_ATTENTION else None, Hq, Hkv, hd)
     else:
@@ -224,7 +237,7 @@ def llama_block(spec: BaseSpec, p: Params, h: torch.Tensor, rope: tuple[torch.Te
         a = _merge_heads(attend(q, k, v, allowed, fused))  # (n, B, P, Hq hd)
     h = h + linear(a, p["o"], p.get("o_bias"))
     x = rms_norm(h, p["mlp_norm"], spec.norm_eps)
-    gate, up = _projections(x, p, "gate_up", PROJECTION_PARTS["gate_up"], (spec.d_ff, spec.d_ff))  # (n, B, P, F)
+    gate, up = _projections(x, p, spec, "gate_up")  # (n, B, P, F)
     return h + linear(F.silu(gate) * up, p["down"], p.get("down_bias"))
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from graphs.blocks import (PROJECTION_PARTS, _merge_heads, _projections, _rotate_half, _split_heads, gelu_tanh,
+from graphs.blocks import (_merge_heads, _projections, _rotate_half, _split_heads, gelu_tanh,
                            layer_norm, linear, rms_norm, rope_tables)
 from graphs.kv_cache import KvCache
 from graphs.memory import memory_read, memory_read_fast, memory_write
@@ -87,7 +87,7 @@ def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, k_cache:
     if spec.architecture == "llama":
         Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
         x = rms_norm(h, p["attn_norm"], spec.norm_eps)
-        q, k, v = _projections(x, p, "qkv", PROJECTION_PARTS["qkv"], (Hq * hd, Hkv * hd, Hkv * hd))  # separate or sliced
+        q, k, v = _projections(x, p, spec, "qkv")  # separate or sliced
         q, k, v = _split_heads(q, Hq, hd), _split_heads(k, Hkv, hd), _split_heads(v, Hkv, hd)  # (1, B, H, n, hd)
         cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
@@ -102,7 +102,7 @@ def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, k_cache:
     if spec.architecture == "llama":
         h = h + linear(a, p["o"], p.get("o_bias"))
         x = rms_norm(h, p["mlp_norm"], spec.norm_eps)
-        gate, up = _projections(x, p, "gate_up", PROJECTION_PARTS["gate_up"], (spec.d_ff, spec.d_ff))
+        gate, up = _projections(x, p, spec, "gate_up")
         h = h + linear(torch.nn.functional.silu(gate) * up, p["down"], p.get("down_bias"))
     else:
         h = h + linear(a, p["o"], p["o_bias"])
