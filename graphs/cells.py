@@ -35,7 +35,7 @@ from torch import nn
 
 from graphs.contracts import (DECODE, DIAGONAL_STEP, DIAGONAL_STEP_CAUSAL, LM_HEAD, MEMORY_WRITE, RMT_DECODE,
                               RMT_MEMORY_WRITE, RMT_SEGMENT, RMT_SEGMENT_CAUSAL, SEGMENT, SEGMENT_CAUSAL)
-from graphs.decode import armt_write_hook, decode_layers
+from graphs.decode import ArmtMemoryWrites, decode_layers
 from graphs.model import ArmtModel
 from graphs.rmt import RmtModel
 
@@ -169,7 +169,7 @@ class DecodeCell(nn.Module):
 
 
 class MemoryWriteCell(nn.Module):
-    """ARMT segment boundary while generating: graphs/decode.py `armt_write_hook` over decode_layers."""
+    """ARMT segment boundary while generating: graphs/decode.py `ArmtMemoryWrites` over decode_layers."""
 
     def __init__(self, model: ArmtModel, fused: bool = False, fast_memory: bool = False):
         super().__init__()
@@ -184,10 +184,10 @@ class MemoryWriteCell(nn.Module):
         m = self.model
         B = positions.shape[0]
         x = _pos_embed(m, m.globals["memory"][None].expand(B, -1, -1), positions)  # (B, M, d)
-        memory = [A_in, z_in, written_in]
-        decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, memory, armt_write_hook(m, memory, write),
-                      fast_memory=self.fast_memory)
-        return tuple(memory)
+        memory = (A_in, z_in, written_in)
+        writes = ArmtMemoryWrites(m, memory, write)
+        decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, memory, writes, fast_memory=self.fast_memory)
+        return writes.stacked()
 
 
 class RmtDecodeCell(nn.Module):

@@ -156,20 +156,24 @@ def cached_layers(model, x: torch.Tensor, positions: np.ndarray, cache: KvCache,
     return h
 
 
-def armt_write_hook(model, memory: list[torch.Tensor], write: torch.Tensor) -> LayerHook:
-    """The hook of the ARMT's memory-write pass: after layer l, the M memory places' output is
-    written into layer l's (A, z) of the rows in `write` (B,) bool (memory_write, as in `armt run`).
-    `memory` = [A, z, written] is updated in place (layer l after layer l's pass)."""
-    a = model.cfg.armt
+class ArmtMemoryWrites:
+    """The hook of the ARMT's memory-write pass: after layer l, the M memory places' output h (B, M, d)
+    is written into layer l's (A, z) of the rows in `write` (B,) bool (memory_write, as in `armt run`).
+    `memory` = (A, z, written) is only read: layer l reads and writes layer l alone, so every layer's
+    write starts from the memory the pass began with. `stacked()` -> the new (A, z, written), (L, ...)
+    each, after the pass; each layer's new state is computed once and stacked once (no per-layer
+    copy of the whole state: the memory_write graph traces L writes and one Concat each)."""
 
-    def hook(l: int, h: torch.Tensor) -> None:
-        A, z, wr = memory
-        m = model.mem
-        A_l, z_l, w_l = memory_write(h[None], m["w_k"][l:l + 1], m["w_v"][l:l + 1], m["w_b"][l:l + 1],
-                                     m["b_b"][l:l + 1], A[l:l + 1], z[l:l + 1], wr[l:l + 1], write[None],
-                                     a.nu, a.correction)
-        A, z, wr = A.clone(), z.clone(), wr.clone()
-        A[l], z[l], wr[l] = A_l[0], z_l[0], w_l[0]
-        memory[:] = [A, z, wr]
+    def __init__(self, model, memory, write: torch.Tensor):
+        self.model, self.memory, self.write = model, tuple(memory), write
+        self.layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    return hook
+    def __call__(self, l: int, h: torch.Tensor) -> None:  # called for l = 0, 1, ..., L-1 in turn
+        A, z, wr = self.memory
+        m, a = self.model.mem, self.model.cfg.armt
+        self.layers.append(memory_write(h[None], m["w_k"][l:l + 1], m["w_v"][l:l + 1], m["w_b"][l:l + 1],
+                                        m["b_b"][l:l + 1], A[l:l + 1], z[l:l + 1], wr[l:l + 1], self.write[None],
+                                        a.nu, a.correction))  # (1, B, K, d), (1, B, K), (1, B)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.cat(parts) for parts in zip(*self.layers))  # (L, B, K, d), (L, B, K), (L, B)

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from graphs.decode import armt_write_hook, cached_layers, empty_cache
+from graphs.decode import ArmtMemoryWrites, cached_layers, empty_cache
 from graphs.dtypes import check_precision, compute_dtype, torch_dtype
 from graphs.errors import InputError
 from graphs.rmt_segments import write_block_positions
@@ -211,8 +211,9 @@ class TorchDecoder:
                 pos = np.broadcast_to(T + np.arange(M), (B, M))
             pos = np.ascontiguousarray(pos, dtype=np.int64)
             x = self._embed(m.globals["memory"][None].expand(B, -1, -1).to(m.dtype), pos)
-            cached_layers(m, x, pos, self.cache, memory=self.memory, advance=None,
-                          hook=armt_write_hook(m, self.memory, write))
+            writes = ArmtMemoryWrites(m, self.memory, write)
+            cached_layers(m, x, pos, self.cache, memory=self.memory, advance=None, hook=writes)
+            self.memory = list(writes.stacked())
         else:
             pos = np.ascontiguousarray(write_block_positions(self.cfg, np.full(B, T)), dtype=np.int64)
             x = self._embed(m.read_memory(*self.memory), pos)
