@@ -311,14 +311,21 @@ def _fewer_collections():
 def _translate(module: torch.nn.Module, model: ArmtModel, role: str, precision: str, opset: int):
     """torch.export capture, aten decompositions and FX -> ONNX translation (no optimizer, torch's own
     names on the inputs/outputs): the onnx_ir Model the trace cache stores."""
+    from exporter.layered import try_translate_layered
     args = example_args(model, role, precision)
-    try:
-        program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes(model, role), opset_version=opset,
-                                    dynamo=True, optimize=False, external_data=True, verbose=False)
-    except Exception as exc:  # torch.export raises many types; the message is what the user needs
-        raise ExportError(f"torch.onnx.export of the {role} graph failed: {exc.__class__.__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    return program.model
+    dims = dynamic_shapes(model, role)
+
+    def export(cell, cell_args, cell_dims):
+        try:
+            return torch.onnx.export(cell, cell_args, dynamic_shapes=cell_dims, opset_version=opset, dynamo=True,
+                                     optimize=False, external_data=True, verbose=False).model
+        except Exception as exc:  # torch.export raises many types; the message is what the user needs
+            raise ExportError(f"torch.onnx.export of the {role} graph failed: {exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+    names = [spec.name for spec in contract(model.cfg, role, precision).inputs]
+    stitched = try_translate_layered(module, args, dims, names, export)
+    return stitched if stitched is not None else export(module, args, dims)
 
 
 def _rename(values, names: tuple[str, ...] | list[str]) -> None:

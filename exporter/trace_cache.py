@@ -65,11 +65,14 @@ def cache_root() -> Path:
     return cache_dir() / "traces"
 
 
+TRACE_SOURCES = ("trace.py", "trace_cache.py", "layered.py")  # the exporter files that shape a traced graph
+
+
 @functools.lru_cache(maxsize=4)
 def source_digest(root: Path = _ROOT) -> str:
     """sha256 over the path and bytes of every source file that shapes a traced graph (under `root`,
     the project's checkout)."""
-    files = sorted((root / "graphs").glob("*.py")) + [root / "exporter" / "trace.py", root / "exporter" / "trace_cache.py"]
+    files = sorted((root / "graphs").glob("*.py")) + [root / "exporter" / f for f in TRACE_SOURCES]
     h = hashlib.sha256()
     for f in files:
         h.update(str(f).encode() + b"\0" + f.read_bytes() + b"\0")

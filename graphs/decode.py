@@ -77,12 +77,10 @@ def _store(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, 
     return k_cache.scatter(2, idx, k), v_cache.scatter(2, idx, v)
 
 
-def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           lengths: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoder block l on new places h (B, n, d) against layer l's cache (B, Hkv, C, hd)
-    -> (B, n, d), the layer's cache with the new keys/values stored."""
-    spec = model.cfg.base
-    p = {key: w[l:l + 1] for key, w in model.layers.items()}
+def _layer(spec, p: dict[str, torch.Tensor], h: torch.Tensor, rope, allowed: torch.Tensor, k_cache: torch.Tensor,
+           v_cache: torch.Tensor, lengths: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder block with weights p {name: (1, ...)} on new places h (B, n, d) against its layer's
+    cache (B, Hkv, C, hd) -> (B, n, d), the layer's cache with the new keys/values stored."""
     h = h[None]  # (1, B, n, d): the block functions' layer axis
     if spec.architecture == "llama":
         Hq, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
@@ -111,6 +109,18 @@ def _layer(model, l: int, h: torch.Tensor, rope, allowed: torch.Tensor, k_cache:
     return h[0], k_cache, v_cache
 
 
+def decode_layer(cfg, p: dict[str, torch.Tensor], w_q: torch.Tensor | None, h: torch.Tensor, rope,
+                 allowed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                 memory=None, inplace: bool = False, fast_memory: bool = False):
+    """One layer of `decode_layers` with its weights: p {name: (1, ...)}, w_q (1, d, K) (the memory
+    read's, with memory = this layer's (A, z, written) (1, B, ...) each; None: nothing read); h (B, n, d);
+    k_cache/v_cache (B, Hkv, C, hd) -> h (B, n, d), the layer's caches with the new places stored."""
+    if memory is not None:
+        read = memory_read_fast if fast_memory else memory_read
+        h = read(h[None], w_q, *memory, cfg.armt.nu)[0]
+    return _layer(cfg.base, p, h, rope, allowed, k_cache, v_cache, lengths, inplace)
+
+
 def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, memory=None, hook: LayerHook | None = None, inplace: bool = False,
                   fast_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,12 +135,10 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, lengths: torc
     h = x
     ks, vs = [], []
     for l in range(model.cfg.base.n_layers):
-        if memory is not None:
-            A, z, written = memory
-            read = memory_read_fast if fast_memory else memory_read
-            h = read(h[None], model.mem["w_q"][l:l + 1], A[l:l + 1], z[l:l + 1], written[l:l + 1],
-                     model.cfg.armt.nu)[0]
-        h, k_l, v_l = _layer(model, l, h, rope, allowed, k_cache[l], v_cache[l], lengths, inplace)
+        layer_memory = None if memory is None else tuple(t[l:l + 1] for t in memory)
+        h, k_l, v_l = decode_layer(model.cfg, {key: w[l:l + 1] for key, w in model.layers.items()},
+                                   model.mem["w_q"][l:l + 1] if memory is not None else None, h, rope, allowed,
+                                   k_cache[l], v_cache[l], lengths, layer_memory, inplace, fast_memory)
         ks.append(k_l)
         vs.append(v_l)
         if hook is not None:

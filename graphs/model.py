@@ -84,6 +84,23 @@ class ArmtOutput:
     segment_states: list[MemoryState] = field(default_factory=list)
 
 
+
+def layer_cells(cfg: ModelConfig, layers: dict[str, torch.Tensor], mem: dict[str, torch.Tensor], h: torch.Tensor,
+                rope, allowed: torch.Tensor, A: torch.Tensor, z: torch.Tensor, written: torch.Tensor,
+                write: torch.Tensor, fused: bool = False, fast_memory: bool = False) -> tuple[torch.Tensor, ...]:
+    """ARMT cells over n layers, each on its own slot, with those layers' weights: layers / mem
+    {name: (n, ...)}; h (n, B, P, d), A (n, B, K, d), z (n, B, K), written/write (n, B) -> new (h, A, z,
+    written): the memory read, the decoder block, the memory write from the M memory places."""
+    a = cfg.armt
+    read = memory_read_fast if fast_memory else memory_read
+    h = read(h, mem["w_q"], A, z, written, a.nu)
+    h = BLOCKS[cfg.base.architecture](cfg.base, layers, h, rope, allowed, fused)
+    m = h[:, :, -a.num_mem_tokens:]  # (n, B, M, d)
+    A, z, written = memory_write(m, mem["w_k"], mem["w_v"], mem["w_b"], mem["b_b"], A, z, written,
+                                 write, a.nu, a.correction)
+    return h, A, z, written
+
+
 class ArmtModel(nn.Module):
     """Associative Recurrent Memory Transformer over a LLaMA or GPT-2 decoder."""
 
@@ -188,16 +205,9 @@ class ArmtModel(nn.Module):
         """Layers lo..hi-1, each on its own slot: h (n, B, P, d), A (n, B, K, d), z (n, B, K),
         written/write (n, B) -> new (h, A, z, written). `fast_memory`: the read of
         graphs.memory.memory_read_fast (what fp16/bf16 opset-23 exports trace; never the reference)."""
-        a = self.cfg.armt
-        mem = {k: v[lo:hi] for k, v in self.mem.items()}
-        read = memory_read_fast if fast_memory else memory_read
-        h = read(h, mem["w_q"], A, z, written, a.nu)
-        h = BLOCKS[self.cfg.base.architecture](self.cfg.base, {k: v[lo:hi] for k, v in self.layers.items()},
-                                               h, rope, allowed, fused)
-        m = h[:, :, -a.num_mem_tokens:]  # (n, B, M, d)
-        A, z, written = memory_write(m, mem["w_k"], mem["w_v"], mem["w_b"], mem["b_b"], A, z, written,
-                                     write, a.nu, a.correction)
-        return h, A, z, written
+        return layer_cells(self.cfg, {k: v[lo:hi] for k, v in self.layers.items()},
+                           {k: v[lo:hi] for k, v in self.mem.items()}, h, rope, allowed, A, z, written, write,
+                           fused, fast_memory)
 
     # ---------------------------------------------------------------- schedules
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

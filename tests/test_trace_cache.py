@@ -164,7 +164,7 @@ def test_the_source_digest_covers_the_code_and_its_location(tmp_path):
     copy = tmp_path / "checkout"
     for rel in ["graphs", "exporter"]:
         (copy / rel).mkdir(parents=True)
-    for f in list((root / "graphs").glob("*.py")) + [root / "exporter" / "trace.py", root / "exporter" / "trace_cache.py"]:
+    for f in list((root / "graphs").glob("*.py")) + [root / "exporter" / f for f in trace_cache.TRACE_SOURCES]:
         shutil.copy(f, copy / f.relative_to(root))
     here, there = trace_cache.source_digest(), trace_cache.source_digest(copy)
     assert here != there  # same bytes, another location
