@@ -256,7 +256,7 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
             t = getattr(m, group)[n]
             stacked[n, group] = b.weight(f"model.{group}.{n}")
             bound[f"model.{group}.{n}"] = [ir.DataType(_elem_type(t.dtype)).name, list(t.shape)]
-    axis0 = b.const("layered/axis0", np.array([l], np.int64))
+    axis0 = b.const("layered/axis0", np.array([0], np.int64))
     h, per_layer = pro[0], []
     for l in range(L):
         start = b.const(f"layered/start{l}", np.array([l], np.int64))
