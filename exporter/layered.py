@@ -1,15 +1,16 @@
-"""Layer-once tracing: a per-layer graph role traced as three pieces and stitched in ONNX.
+"""Layer-once tracing: a per-layer graph role traced as its ends and one layer, stitched in ONNX.
 
 A graph that runs every layer in turn (segment and its causal twin, decode, memory_write) costs
 torch.export one capture and one decomposition of every layer: the trace time grows with the
 layer count (~4 s a layer for the tiny fixture, most of it symbolic-shape work). The layers are one
-function of their own weights, so this traces
+function of their own weights, so this traces two pieces,
 
-    prologue(graph inputs)                        -> h, rope tables, mask   (embeddings, geometry)
-    layer(h, tables, mask, layer l's inputs, W_l) -> h, layer l's outputs   (once: weights are inputs)
-    epilogue(h, graph inputs)                     -> graph outputs          (final norm, head; optional)
+    ends:  prologue(graph inputs)                  -> h0, rope tables, mask   (embeddings, geometry)
+           epilogue(h, graph inputs)               -> graph outputs           (final norm, head; optional)
+    layer: layer(h, tables, mask, layer l's inputs, W_l) -> h, layer l's outputs  (weights are inputs)
 
-and writes the role's ONNX graph from them (segment shown):
+(memory_write has no epilogue: its ends are the prologue alone), and writes the role's ONNX graph
+from them (segment shown):
 
     inputs --prologue--> h0 --layer(W_0, A_in[0:1], ...)--> h1 --layer(W_1, A_in[1:2], ...)--> ... --epilogue--> hidden
                                      |                                 |
@@ -18,9 +19,11 @@ and writes the role's ONNX graph from them (segment shown):
 W_l is Slice(stacked weight, l, l+1) of the model's own (L, ...) parameters (a full trace slices
 them the same way, and the optimizer folds the slices alike). Each piece is traced by the same
 torch.onnx.export call as a whole graph (dims, opset, no optimizer), so it holds the nodes a full
-trace gives for that code; the stitched graph then goes through the same onnxscript optimizer, the
-trace cache and the export's validation against the torch cell. Cells without a plan here (the
-diagonal step, which batches its layers already, the RMT roles, the LM head) are traced whole.
+trace gives for that code; the stitched graph (nodes in topological order) then goes through the
+same onnxscript optimizer, the trace cache and the export's validation against the torch cell.
+Cells without a plan here (the diagonal step, which batches its layers already, the RMT roles, the
+LM head) and 1-layer models are traced whole; so is a cell whose pieces cannot be stitched (a
+subgraph or a local function in a piece: logged).
 """
 
 from __future__ import annotations
@@ -141,6 +144,23 @@ class _DecodeEpilogue(nn.Module):
         return self.model.head(h)[0].float()
 
 
+class _Ends(nn.Module):
+    """The prologue and the epilogue as one traced piece (one torch.onnx.export call fewer): inputs
+    the prologue's and the last layer's h; outputs the prologue's, then the epilogue's."""
+
+    def __init__(self, cell, plan: "_Plan"):
+        super().__init__()
+        self.model = cell.model  # the pieces' parameters keep the cell's names ("model.globals.embed")
+        self.__dict__["parts"] = (plan.prologue, plan.epilogue, plan.prologue_in, plan.epilogue_in)  # not submodules
+
+    def forward(self, *args):
+        prologue, epilogue, prologue_in, epilogue_in = self.parts
+        n = len(prologue_in)
+        h = args[n]
+        out = epilogue(*(h if s[0] == "h" else args[prologue_in.index(s[1])] for s in epilogue_in))
+        return (*prologue(*args[:n]), *(out if isinstance(out, tuple) else (out,)))
+
+
 # ------------------------------------------------------------------------------------------ plans
 @dataclass
 class _Plan:
@@ -223,16 +243,14 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
             layer_args.append(args[src[1]]), layer_dims.append(in_dims[src[1]])
     layer_args += [layer_w, mem_w]
     layer_dims += [[None] * len(layer_w), [None] * len(mem_w)]
-    pieces = {"prologue": (plan.prologue, pro_args, tuple(in_dims[i] for i in plan.prologue_in)),
-              "layer": (plan.layer, tuple(layer_args), tuple(layer_dims))}
-    if plan.epilogue is not None:
-        epi_args, epi_dims = [], []
-        for src in plan.epilogue_in:
-            if src[0] == "h":
-                epi_args.append(pro_out[0]), epi_dims.append(h_dims)
-            else:
-                epi_args.append(args[src[1]]), epi_dims.append(in_dims[src[1]])
-        pieces["epilogue"] = (plan.epilogue, tuple(epi_args), tuple(epi_dims))
+    pro_dims = tuple(in_dims[i] for i in plan.prologue_in)
+    pieces = {"layer": (plan.layer, tuple(layer_args), tuple(layer_dims))}
+    if plan.epilogue is None:
+        pieces["prologue"] = (plan.prologue, pro_args, pro_dims)
+    else:
+        if any(s[0] == "in" and s[1] not in plan.prologue_in for s in plan.epilogue_in):
+            raise _NotLayerable("its epilogue reads a graph input the prologue does not")
+        pieces["ends"] = (_Ends(cell, plan), (*pro_args, pro_out[0]), ((*pro_dims, _epilogue_h_dims(cell, dims)),))  # (*args,)
 
     protos, bound = {}, {}
     for name, (piece, piece_args, piece_dims) in pieces.items():
@@ -249,7 +267,12 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
     b = _Builder()
     graph_inputs = [onnx.helper.make_tensor_value_info(n, _elem_type(a.dtype), [f"{n}_{i}" for i in range(a.dim())])
                     for n, a in zip(input_names, args)]
-    pro = b.add(protos["prologue"], "prologue/", [input_names[i] for i in plan.prologue_in])
+    pro_feeds = [input_names[i] for i in plan.prologue_in]
+    if plan.epilogue is None:
+        pro, epi = b.add(protos["prologue"], "prologue/", pro_feeds), []
+    else:  # the epilogue's h is the last layer's, added below (the nodes are sorted at the end)
+        ends = b.add(protos["ends"], "ends/", [*pro_feeds, "layered/h_last"])
+        pro, epi = ends[:len(pro_out)], ends[len(pro_out):]
     stacked = {}
     for group, names in zip(("layers", "mem"), plan.names):
         for n in names:
@@ -281,15 +304,14 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
         outs = b.add(protos["layer"], f"l{l}/", feeds)
         h = outs[0]
         per_layer.append(outs)
-    epi = []
     if plan.epilogue is not None:
-        epi = b.add(protos["epilogue"], "epilogue/", [h if s[0] == "h" else input_names[s[1]] for s in plan.epilogue_in])
+        b.node("Identity", [h], "layered/h_last")
     outputs = []
     for k, (kind, j) in enumerate(plan.outputs):
         name = f"layered_out{k}"
         if kind == "epi":
             b.node("Identity", [epi[j]], name)
-            outputs.append((name, protos["epilogue"].graph.output[j].type))
+            outputs.append((name, protos["ends"].graph.output[len(pro_out) + j].type))
         else:
             b.node("Concat", [outs[j] for outs in per_layer], name, axis=0)
             stacked_type = onnx.TypeProto()
@@ -318,6 +340,12 @@ def _piece_dims(cell, dims: dict, pro_out) -> tuple[dict, dict, dict]:
         n = positions[1]
         return {0: batch, 1: n}, {1: batch, 3: n}, {0: batch, 2: n, 3: cache[3]}
     return {0: batch}, {1: batch}, {0: batch, 3: cache[3]}  # memory_write: the M memory places
+
+
+def _epilogue_h_dims(cell, dims: dict) -> dict:
+    """torch.export dims of the epilogue's h, in the dims of the graph inputs it is traced with."""
+    batch, places = dims["positions"][0], dims["positions"][1]  # segment: the slot; decode: the new places
+    return {1: batch, 2: places} if isinstance(cell, SegmentCell) else {0: batch, 1: places}
 
 
 def try_translate_layered(cell, args, dims, input_names, export):
@@ -415,9 +443,36 @@ class _Builder:
             v = onnx.ValueInfoProto(name=name)
             v.type.CopyFrom(type_proto)
             out_info.append(v)
-        graph = onnx.helper.make_graph(self.nodes, "main_graph", inputs, out_info,
+        graph = onnx.helper.make_graph(_topological(self.nodes), "main_graph", inputs, out_info,
                                        initializer=list(self.inits.values()), value_info=self.value_info)
         return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v)
                                                             for d, v in sorted(self.opsets.items())],
                                       ir_version=first.ir_version, producer_name=first.producer_name,
                                       producer_version=first.producer_version)
+
+
+def _topological(nodes: list) -> list:
+    """`nodes` in an order where every value is produced before it is used (ONNX requires one), as
+    close to the given order as that allows (the earliest ready node first)."""
+    import heapq
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    users: dict[int, list[int]] = {}
+    waiting = []
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in n.input if x in producer}
+        waiting.append(len(deps))
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise _NotLayerable("the stitched graph has a cycle")
+    return order

@@ -55,11 +55,12 @@ GRACE_S = 5.0  # SIGTERM -> SIGKILL
 RESULT_MAGIC = b"ARMT-TRACED-1\n"
 
 # Relative trace cost of each role, to claim the longest first (seconds for the official LLaMA fixture,
-# fp32, one quiet process: segment 12.3, memory_write 11.1, decode 9.2, diagonal_step 6.1, lm_head 0.6;
-# causal twins and RMT roles as their ARMT counterparts). Only the order matters.
-ROLE_COST = {"segment": 12.0, "segment_causal": 12.0, "rmt_segment": 12.0, "rmt_segment_causal": 12.0,
-             "memory_write": 11.0, "rmt_memory_write": 10.0, "decode": 9.0, "rmt_decode": 9.0,
-             "diagonal_step": 6.0, "diagonal_step_causal": 6.0, "lm_head": 0.6}
+# fp32, one process, with layer-once tracing (exporter/layered.py): segment 9.0, memory_write 8.6,
+# decode 7.8, diagonal_step 6.6, lm_head 0.6; causal twins and RMT roles as their ARMT counterparts,
+# the RMT ones traced whole). Only the order matters.
+ROLE_COST = {"segment": 9.0, "segment_causal": 9.0, "rmt_segment": 12.0, "rmt_segment_causal": 12.0,
+             "memory_write": 8.5, "rmt_memory_write": 10.0, "decode": 8.0, "rmt_decode": 9.0,
+             "diagonal_step": 6.5, "diagonal_step_causal": 6.5, "lm_head": 0.6}
 DEFAULT_COST = 5.0
 
 
