@@ -90,3 +90,27 @@ def test_which_cells_are_stitched():
         assert not layered.layered(cell_for(model, role))  # the diagonal step batches its layers already
     for role in ("rmt_segment", "rmt_decode", "rmt_memory_write"):
         assert not layered.layered(cell_for(rmt, role))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,role,precision", [("llama", "segment", "fp32"), ("llama", "segment", "fp16"),
+                                                 ("llama", "diagonal_step", "fp32"), ("gpt2", "decode", "fp32")])
+def test_the_skipped_rewrite_rules_change_no_graph(arch, role, precision):
+    """The optimizer without trace.SKIPPED_REWRITE_RULES (quadratic, never firing here) writes the
+    graph it writes with them, byte for byte."""
+    model = tiny_model(arch)
+    if precision != "fp32":
+        model.cast(torch.float16)
+    opset = trace.default_opset(precision)
+    translated = trace._translate(trace.cell_module(model, role, precision, opset), model, role, precision, opset)
+    graphs = []
+    for skip in (True, False):
+        copy = ir.serde.deserialize_model(ir.serde.serialize_model(translated))
+        program = torch.onnx.ONNXProgram(copy, None)
+        if skip:
+            with trace._without_quadratic_rules():
+                program.optimize()
+        else:
+            program.optimize()
+        graphs.append(ir.serde.serialize_model(program.model).SerializeToString())
+    assert graphs[0] == graphs[1]
