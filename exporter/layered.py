@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphs.cells import DecodeCell, MemoryWriteCell, SegmentCausalCell, SegmentCell, _pos_embed
+from graphs.cells import DecodeCell, MemoryWriteCell, SegmentCausalCell, SegmentCell, pos_embed
 from graphs.blocks import rope_tables
 from graphs.decode import decode_layer, key_mask
 from graphs.memory import memory_write
@@ -104,7 +104,7 @@ class _DecodePrologue(nn.Module):
             x = m.globals["embed"][input_ids]  # (B, n, d)
         else:
             x = m.globals["memory"][None].expand(positions.shape[0], -1, -1)  # (B, M, d)
-        x = _pos_embed(m, x, positions)
+        x = pos_embed(m, x, positions)
         allowed = key_mask(lengths, positions.shape[1], k_cache.shape[3])[:, None]  # (B, 1, n, C)
         rope = rope_tables(positions[None], m.inv_freq, m.dtype) if m.inv_freq is not None else ()
         return (x, *rope, allowed)

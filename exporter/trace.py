@@ -22,6 +22,10 @@ The same switch picks the memory read of graphs.memory.memory_read_fast for thos
 layout, `fast_memory`); the manifest records it as `memory_math` and ONNX Runtime CUDA sessions of
 such graphs turn TF32 on (runtimes/loaders.py).
 
+The roles that run the layers one after another (segment, its causal twin, decode, memory_write)
+are traced as their ends and one layer and stitched in ONNX (exporter/layered.py): their trace time
+does not grow with the layer count.
+
 Example inputs: batch 2, width chosen to collide with no fixed dim (torch.export "duck-sizes"
 equal sample sizes), zero state. Dims are declared with torch.export.Dim: "batch", "width", and
 slot = width + M (a derived dim, renamed "slot" in the written graph).
@@ -263,10 +267,11 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int | None =
     initializers still share memory with the torch parameters. opset None: default_opset(precision).
     cache: use the trace cache (exporter/trace_cache.py; None: its default, on unless ARMT_TRACE_CACHE=0).
 
-    torch.onnx.export(dynamo=True, optimize=False) captures, decomposes and translates; the onnxscript
-    optimizer and the renaming of the graph's inputs/outputs to the contract's names then run here, in
-    the order torch.onnx.export(optimize=True, input_names=..., output_names=...) runs them, so the
-    graph is the one that call gives. A trace-cache hit replaces only the first step."""
+    torch.onnx.export(dynamo=True, optimize=False) captures, decomposes and translates (the per-layer
+    roles piece by piece, stitched by exporter/layered.py); the onnxscript optimizer (without
+    SKIPPED_REWRITE_RULES) and the renaming of the graph's inputs/outputs to the contract's names then
+    run here, in the order torch.onnx.export(optimize=True, input_names=..., output_names=...) runs
+    them. A trace-cache hit replaces only the first step."""
     from exporter import trace_cache
     opset = default_opset(precision) if opset is None else opset
     check_opset(opset, precision)

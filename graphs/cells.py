@@ -141,7 +141,7 @@ class RmtSegmentCausalCell(RmtSegmentCell):
         return super().forward(input_ids, positions, torch.ones_like(key_valid), write, memory_in, written_in)
 
 
-def _pos_embed(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def pos_embed(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """GPT-2: add the learned position rows (the decoder checks the table's bound on the host)."""
     if model.cfg.base.architecture == "gpt2":
         return x + model.globals["pos_embed"][positions]
@@ -162,7 +162,7 @@ class DecodeCell(nn.Module):
         """input_ids, positions (B, n); lengths (B,); k/v_cache_in (L, B, Hkv, C, hd); A_in, z_in,
         written_in: the memory every layer reads -> logits (B, n, V) f32, k_cache_out, v_cache_out."""
         m = self.model
-        x = _pos_embed(m, m.globals["embed"][input_ids], positions)  # (B, n, d)
+        x = pos_embed(m, m.globals["embed"][input_ids], positions)  # (B, n, d)
         h, k, v = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, (A_in, z_in, written_in),
                                 fast_memory=self.fast_memory)
         return m.head(h)[0].float(), k, v
@@ -183,7 +183,7 @@ class MemoryWriteCell(nn.Module):
         -> A_out, z_out, written_out (rows with write False: bit for bit the input)."""
         m = self.model
         B = positions.shape[0]
-        x = _pos_embed(m, m.globals["memory"][None].expand(B, -1, -1), positions)  # (B, M, d)
+        x = pos_embed(m, m.globals["memory"][None].expand(B, -1, -1), positions)  # (B, M, d)
         memory = (A_in, z_in, written_in)
         writes = ArmtMemoryWrites(m, memory, write)
         decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, memory, writes, fast_memory=self.fast_memory)
@@ -210,7 +210,7 @@ class RmtDecodeCell(nn.Module):
         shift = torch.where(read, 0, M)[:, None]  # (B, 1): where each row's places start in `full`
         src = torch.clamp(place + shift, max=M + n - 1)  # (B, M+n)
         x = torch.gather(full, 1, src[..., None].expand(-1, -1, full.shape[-1]))
-        x = _pos_embed(m, x, positions)
+        x = pos_embed(m, x, positions)
         h, k, v = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, None)
         tok = place[:, :n] + torch.where(read, M, 0)[:, None]  # (B, n): the token places
         h = torch.gather(h, 1, tok[..., None].expand(-1, -1, h.shape[-1]))
@@ -229,7 +229,7 @@ class RmtMemoryWriteCell(nn.Module):
         """positions (B, M); lengths (B,); k/v_cache_in (L, B, Hkv, C, hd); write (B,); memory_in
         (B, M, d); written_in (B,) -> memory_out (B, M, d) (rows with write False: memory_in), written_out."""
         m = self.model
-        x = _pos_embed(m, m.read_memory(memory_in, written_in), positions)  # (B, M, d)
+        x = pos_embed(m, m.read_memory(memory_in, written_in), positions)  # (B, M, d)
         h, _, _ = decode_layers(m, x, positions, lengths, k_cache_in, v_cache_in, None)
         new = m.final_norm(h)
         return torch.where(write[:, None, None], new, memory_in), written_in | write
