@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphs.cells import DecodeCell, MemoryWriteCell, SegmentCausalCell, SegmentCell, pos_embed
 from graphs.blocks import rope_tables
+from graphs.cells import DecodeCell, MemoryWriteCell, SegmentCausalCell, SegmentCell, pos_embed
 from graphs.decode import decode_layer, key_mask
+from graphs.errors import ExportError
 from graphs.memory import memory_write
 from graphs.model import layer_cells
 
@@ -349,14 +350,15 @@ def _epilogue_h_dims(cell, dims: dict) -> dict:
 
 
 def try_translate_layered(cell, args, dims, input_names, export):
-    """translate_layered, or None when the cell has no plan here or its pieces cannot be stitched
-    (logged: the caller traces it whole)."""
+    """translate_layered, or None when the cell has no plan here, or its pieces cannot be traced or
+    stitched (logged: the caller then traces it whole, and a whole trace's error is the user's)."""
+    from exporter.trace_cache import WeightMismatch
     if not layered(cell):
         return None
     try:
         return translate_layered(cell, args, dims, input_names, export)
-    except _NotLayerable as exc:
-        log.info("tracing the graph whole: %s", exc)
+    except (_NotLayerable, ExportError, WeightMismatch) as exc:
+        log.info("tracing the graph whole: %s", str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
         return None
 
 

@@ -114,3 +114,19 @@ def test_the_skipped_rewrite_rules_change_no_graph(arch, role, precision):
             program.optimize()
         graphs.append(ir.serde.serialize_model(program.model).SerializeToString())
     assert graphs[0] == graphs[1]
+
+
+def test_a_piece_that_does_not_trace_falls_back_to_the_whole_cell(monkeypatch, caplog):
+    def broken(self, *args):
+        raise RuntimeError("no layer here")
+
+    monkeypatch.setattr(layered._SegmentLayer, "forward", broken)
+    model = tiny_model("llama", num_hidden_layers=2)
+    with caplog.at_level("INFO", logger="armt.export"):
+        graph = trace.trace_graph(model, "segment", "fp32", cache=False)
+    assert "tracing the graph whole" in caplog.text
+    feeds = [a.numpy() for a in trace.example_args(model, "segment", "fp32")]
+    with torch.no_grad():
+        ref = cell_for(model, "segment")(*(torch.from_numpy(f) for f in feeds))
+    for spec, got, want in zip(contract(model.cfg, "segment").outputs, _run(graph, feeds), ref):
+        assert compare(spec.name, spec.kind, "fp32", got, want.numpy()).ok
