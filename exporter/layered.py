@@ -22,8 +22,8 @@ torch.onnx.export call as a whole graph (dims, opset, no optimizer), so it holds
 trace gives for that code; the stitched graph (nodes in topological order) then goes through the
 same onnxscript optimizer, the trace cache and the export's validation against the torch cell.
 Cells without a plan here (the diagonal step, which batches its layers already, the RMT roles, the
-LM head) and 1-layer models are traced whole; so is a cell whose pieces cannot be stitched (a
-subgraph or a local function in a piece: logged).
+LM head) and 1-layer models are traced whole; so is a cell whose pieces fail to trace, bind or
+stitch (a subgraph or a local function in a piece, say: logged).
 """
 
 from __future__ import annotations
