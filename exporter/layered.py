@@ -36,11 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphs.blocks import rope_tables
 from graphs.cells import DecodeCell, MemoryWriteCell, SegmentCausalCell, SegmentCell, pos_embed
-from graphs.decode import decode_layer, key_mask
+from graphs.decode import armt_layer_write, decode_geometry, decode_layer
 from graphs.errors import ExportError
-from graphs.memory import memory_write
 from graphs.model import layer_cells
 
 log = logging.getLogger("armt.export")
@@ -105,10 +103,8 @@ class _DecodePrologue(nn.Module):
             x = m.globals["embed"][input_ids]  # (B, n, d)
         else:
             x = m.globals["memory"][None].expand(positions.shape[0], -1, -1)  # (B, M, d)
-        x = pos_embed(m, x, positions)
-        allowed = key_mask(lengths, positions.shape[1], k_cache.shape[3])[:, None]  # (B, 1, n, C)
-        rope = rope_tables(positions[None], m.inv_freq, m.dtype) if m.inv_freq is not None else ()
-        return (x, *rope, allowed)
+        rope, allowed = decode_geometry(m, positions, lengths, k_cache.shape[3])
+        return (pos_embed(m, x, positions), *(rope or ()), allowed)
 
 
 class _DecodeLayer(nn.Module):
@@ -129,9 +125,7 @@ class _DecodeLayer(nn.Module):
                                False, self.fast_memory)
         if not self.write:
             return h, k[None], v[None]
-        a = self.cfg.armt
-        return (h, *memory_write(h[None], mem["w_k"], mem["w_v"], mem["w_b"], mem["b_b"], A, z, written, write[None],
-                                 a.nu, a.correction))
+        return (h, *armt_layer_write(self.cfg, mem, h, A, z, written, write))
 
 
 class _DecodeEpilogue(nn.Module):
@@ -166,10 +160,10 @@ class _Ends(nn.Module):
 @dataclass
 class _Plan:
     """How a cell's graph is stitched. Feeds name where a piece input comes from: ("in", i) graph
-    input i; ("pro", j) prologue output j (j < 0 from the end; ("tables",): all rope tables);
-    ("h",) the running hidden state; ("layer", i) layer l's Slice [l:l+1] of graph input i; ("none",)
-    None (no graph input). The layer's
-    first output is the running h, the others are stacked over layers (Concat axis 0)."""
+    input i; ("tables",) the prologue's rope tables; ("mask",) its mask (its last output); ("h",) the
+    running hidden state; ("layer", i) layer l's Slice [l:l+1] of graph input i; ("none",) None (no
+    graph input). The layer's first output is the running h, the others are stacked over layers
+    (Concat axis 0)."""
     prologue: nn.Module
     prologue_in: list[int]
     layer: nn.Module
@@ -177,7 +171,6 @@ class _Plan:
     epilogue: nn.Module | None
     epilogue_in: list[tuple]
     outputs: list[tuple]  # ("epi", j) or ("stack", j): the layer's output j >= 1
-    n_tables: int = 0
     names: tuple = field(default_factory=tuple)
 
 
@@ -185,19 +178,19 @@ def _plan(cell) -> _Plan | None:
     if isinstance(cell, SegmentCell):  # inputs: input_ids, positions, key_valid, write, A_in, z_in, written_in
         layer = _SegmentLayer(cell)
         return _Plan(_SegmentPrologue(cell), [0, 1, 2], layer,
-                     [("h",), ("tables",), ("pro", -1), ("layer", 4), ("layer", 5), ("layer", 6), ("in", 3)],
+                     [("h",), ("tables",), ("mask",), ("layer", 4), ("layer", 5), ("layer", 6), ("in", 3)],
                      _SegmentEpilogue(cell), [("h",), ("in", 0)], [("epi", 0), ("stack", 1), ("stack", 2), ("stack", 3)],
                      names=layer.names)
     if isinstance(cell, DecodeCell):  # input_ids, positions, lengths, k_cache_in, v_cache_in, A_in, z_in, written_in
         layer = _DecodeLayer(cell, write=False)
         return _Plan(_DecodePrologue(cell), [1, 2, 3, 0], layer,
-                     [("h",), ("tables",), ("pro", -1), ("layer", 3), ("layer", 4), ("in", 2), ("layer", 5),
+                     [("h",), ("tables",), ("mask",), ("layer", 3), ("layer", 4), ("in", 2), ("layer", 5),
                       ("layer", 6), ("layer", 7), ("none",)],
                      _DecodeEpilogue(cell), [("h",)], [("epi", 0), ("stack", 1), ("stack", 2)], names=layer.names)
     if isinstance(cell, MemoryWriteCell):  # positions, lengths, k_cache_in, v_cache_in, write, A_in, z_in, written_in
         layer = _DecodeLayer(cell, write=True)
         return _Plan(_DecodePrologue(cell), [0, 1, 2], layer,
-                     [("h",), ("tables",), ("pro", -1), ("layer", 2), ("layer", 3), ("in", 1), ("layer", 5),
+                     [("h",), ("tables",), ("mask",), ("layer", 2), ("layer", 3), ("in", 1), ("layer", 5),
                       ("layer", 6), ("layer", 7), ("in", 4)],
                      None, [], [("stack", 1), ("stack", 2), ("stack", 3)], names=layer.names)
     return None
@@ -228,14 +221,14 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
     layer_w = [w[0:1] for w in m.layers.values()]  # lists: torch.onnx hands the dims' containers on as lists
     mem_w = [w[0:1] for w in m.mem.values()]
     layer_args, layer_dims = [], []
-    h_dims, table_dims, mask_dims = _piece_dims(cell, dims, pro_out)
+    h_dims, table_dims, mask_dims = _piece_dims(cell, dims)
     for src in plan.layer_in:
         if src[0] == "h":
             layer_args.append(pro_out[0]), layer_dims.append(h_dims)
         elif src[0] == "tables":
             layer_args.append(list(pro_out[1:1 + n_tables])), layer_dims.append([table_dims] * n_tables)
-        elif src[0] == "pro":
-            layer_args.append(pro_out[src[1]]), layer_dims.append(mask_dims)
+        elif src[0] == "mask":
+            layer_args.append(pro_out[-1]), layer_dims.append(mask_dims)
         elif src[0] == "layer":
             layer_args.append(args[src[1]][0:1]), layer_dims.append(in_dims[src[1]])
         elif src[0] == "none":
@@ -291,8 +284,8 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
                 feeds.append(h)
             elif src[0] == "tables":
                 feeds += pro[1:1 + n_tables]
-            elif src[0] == "pro":
-                feeds.append(pro[src[1]])
+            elif src[0] == "mask":
+                feeds.append(pro[-1])
             elif src[0] == "none":
                 continue
             elif src[0] == "layer":
@@ -325,7 +318,7 @@ def translate_layered(cell: nn.Module, args: tuple[torch.Tensor, ...], dims: dic
     return model
 
 
-def _piece_dims(cell, dims: dict, pro_out) -> tuple[dict, dict, dict]:
+def _piece_dims(cell, dims: dict) -> tuple[dict, dict, dict]:
     """torch.export dims of the layer piece's h, rope tables and mask. The segment's slot is a dim of
     its own there (>= M + 1, as in the graph: the layer never sees the width)."""
     from torch.export import Dim

@@ -109,6 +109,24 @@ def _layer(spec, p: dict[str, torch.Tensor], h: torch.Tensor, rope, allowed: tor
     return h[0], k_cache, v_cache
 
 
+def decode_geometry(model, positions: torch.Tensor, lengths: torch.Tensor, capacity: int):
+    """The rotary tables (LLaMA: cos, sin (1, B, 1, n, hd); GPT-2: None) and the cache mask
+    (B, 1, n, capacity) of new places at `positions` (B, n) against caches holding `lengths` (B,)."""
+    allowed = key_mask(lengths, positions.shape[1], capacity)[:, None]  # (B, 1, n, C)
+    rope = rope_tables(positions[None], model.inv_freq, model.dtype) if model.inv_freq is not None else None
+    return rope, allowed
+
+
+def armt_layer_write(cfg, mem: dict[str, torch.Tensor], h: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
+                     written: torch.Tensor, write: torch.Tensor):
+    """One layer's ARMT memory write from its M memory places' output h (B, M, d), with that layer's
+    memory weights mem {name: (1, ...)} and state A (1, B, K, d), z (1, B, K), written (1, B); rows of
+    `write` (B,) -> the new (A, z, written)."""
+    a = cfg.armt
+    return memory_write(h[None], mem["w_k"], mem["w_v"], mem["w_b"], mem["b_b"], A, z, written, write[None],
+                        a.nu, a.correction)
+
+
 def decode_layer(cfg, p: dict[str, torch.Tensor], w_q: torch.Tensor | None, h: torch.Tensor, rope,
                  allowed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                  memory=None, inplace: bool = False, fast_memory: bool = False):
@@ -129,9 +147,7 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, lengths: torc
     written) read by every layer (None: nothing read) -> last hidden state (B, n, d) before the final
     norm, and the caches with the new places stored (inplace: the given tensors, written; else new ones).
     `fast_memory`: the read of graphs.memory.memory_read_fast (the fp16/bf16 opset-23 decode graphs)."""
-    n = x.shape[1]
-    allowed = key_mask(lengths, n, k_cache.shape[3])[:, None]  # (B, 1, n, C)
-    rope = rope_tables(positions[None], model.inv_freq, model.dtype) if model.inv_freq is not None else None
+    rope, allowed = decode_geometry(model, positions, lengths, k_cache.shape[3])
     h = x
     ks, vs = [], []
     for l in range(model.cfg.base.n_layers):
@@ -177,11 +193,9 @@ class ArmtMemoryWrites:
         self.layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, l: int, h: torch.Tensor) -> None:  # called for l = 0, 1, ..., L-1 in turn
-        A, z, wr = self.memory
-        m, a = self.model.mem, self.model.cfg.armt
-        self.layers.append(memory_write(h[None], m["w_k"][l:l + 1], m["w_v"][l:l + 1], m["w_b"][l:l + 1],
-                                        m["b_b"][l:l + 1], A[l:l + 1], z[l:l + 1], wr[l:l + 1], self.write[None],
-                                        a.nu, a.correction))  # (1, B, K, d), (1, B, K), (1, B)
+        mem = {k: w[l:l + 1] for k, w in self.model.mem.items()}
+        state = (t[l:l + 1] for t in self.memory)
+        self.layers.append(armt_layer_write(self.model.cfg, mem, h, *state, self.write))  # (1, B, K, d), (1, B, K), (1, B)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.cat(parts) for parts in zip(*self.layers))  # (L, B, K, d), (L, B, K), (L, B)

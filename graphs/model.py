@@ -84,7 +84,6 @@ class ArmtOutput:
     segment_states: list[MemoryState] = field(default_factory=list)
 
 
-
 def layer_cells(cfg: ModelConfig, layers: dict[str, torch.Tensor], mem: dict[str, torch.Tensor], h: torch.Tensor,
                 rope, allowed: torch.Tensor, A: torch.Tensor, z: torch.Tensor, written: torch.Tensor,
                 write: torch.Tensor, fused: bool = False, fast_memory: bool = False) -> tuple[torch.Tensor, ...]:
