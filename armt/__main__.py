@@ -1,7 +1,5 @@
 """`python -m armt ...` is `armt ...`."""
 
-import sys
+from armt.cli import console_main
 
-from armt.cli import main
-
-sys.exit(main())
+console_main()

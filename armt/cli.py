@@ -16,6 +16,11 @@ input (one line on stderr); 3 a backend or resource that cannot run here (also: 
 4 an internal error (a bug; `-v` shows the traceback); 130 interrupted; 141 stdout closed by its reader
 (`armt schedule | head`: no message, as a Unix tool stopped by SIGPIPE).
 
+The console script (and `python -m armt`) is `console_main`: main(), then an exit that skips the
+interpreter's final teardown of every module (exit_now; 1.5-2 s after an export, whose torch,
+sympy and onnxscript objects number in the millions). `main()` itself returns its code (tests call it
+in-process).
+
 A missing optional package (torch, onnxruntime, tensorrt_rtx, matplotlib, ...) is one line naming the
 extra that installs it, exit 3.
 """
@@ -23,9 +28,11 @@ extra that installs it, exit 3.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+import threading
 
 from armt import demo
 from armt.bench import cli as bench_cli
@@ -156,5 +163,34 @@ def _closed_pipe() -> int:
     return EXIT_CLOSED_PIPE
 
 
+def console_main() -> None:
+    """The `armt` console script and `python -m armt`: main(), then exit_now with its code."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """Exit with `code` as sys.exit would at the end of the program, without the interpreter's
+    teardown: atexit's handlers run (logging's flush, multiprocessing's and tempfile's clean-ups),
+    stdout and stderr are flushed, then os._exit. What is skipped is the clearing of every module
+    and object, which frees nothing a process that ends needs freed. While another non-daemon thread
+    still runs (the interpreter would wait for it), or without atexit's runner: sys.exit."""
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if run_exit_handlers is None or others:
+        sys.exit(code)
+    run_exit_handlers()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _closed_pipe() if code == 0 else code
+    except (OSError, ValueError):  # stdout closed or gone: nothing left to write there
+        pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -281,7 +281,7 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int | None =
     store = trace_cache.TraceCache() if use_cache else None
     key = trace_cache.trace_key(model, role, precision, opset, fused_attention(precision, opset), module) if store else ""
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad(), _fewer_collections():
+    with warnings.catch_warnings(), torch.no_grad(), _fewer_collections(), shared_op_registry():
         warnings.simplefilter("ignore")  # the exporter's deprecation/user warnings are not ours to show
         translated = store.load(key, module) if store else None
         hit = translated is not None
@@ -338,6 +338,44 @@ def _fewer_collections():
         yield
     finally:
         gc.set_threshold(*old)
+
+
+# torch.onnx.export builds its ATen -> ONNX op registry (ONNXRegistry.from_torchlib: every torchlib
+# function, overload lookups, the opset clean-up) afresh on every call: ~0.37 s, 8 times in an export
+# with decode graphs (two pieces per stitched role), a tenth of its tracing CPU. The registry is only
+# read once built (torch.onnx registers custom_translation_table ops into it; this project passes
+# none), so while shared_op_registry is active one registry per opset is built per process and
+# handed to every call. tests/test_layered_trace.py checks that the graphs are the same byte for byte.
+_OP_REGISTRIES: dict[int, object] = {}
+
+
+@contextlib.contextmanager
+def shared_op_registry():
+    """Within the block, torch.onnx's ONNXRegistry.from_torchlib returns this process's registry for
+    the opset (built on first use, kept in _OP_REGISTRIES); the original method comes back after.
+    A torch without that private layout: the block changes nothing (each call builds its own)."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        cls = _registration.ONNXRegistry
+        original = cls.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(klass, opset_version=None, *args, **kwargs):
+        if args or kwargs or klass is not cls:  # not the call torch.onnx.export makes: as torch has it
+            return build(klass, *((opset_version,) if opset_version is not None else ()), *args, **kwargs)
+        key = opset_version if opset_version is not None else -1
+        if key not in _OP_REGISTRIES:
+            _OP_REGISTRIES[key] = build(klass) if opset_version is None else build(klass, opset_version)
+        return _OP_REGISTRIES[key]
+
+    cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        cls.from_torchlib = original
 
 
 def _translate(module: torch.nn.Module, model: ArmtModel, role: str, precision: str, opset: int):

@@ -115,6 +115,46 @@ def test_closed_pipe_exits_quietly():
     assert err == "", err
 
 
+def _console(code: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+
+
+CONSOLE = """
+import atexit, sys, threading, time
+from armt import cli
+class Torn:
+    def __del__(self):
+        print("torn down", flush=True)
+keep = Torn()  # its __del__ runs only in the interpreter's teardown
+atexit.register(lambda: print("handler ran"))  # unflushed: exit_now flushes after the handlers
+{before}
+sys.argv = ["armt", "schedule", "--layers", "{layers}", "--segments", "2"]
+cli.console_main()
+"""
+
+
+@pytest.mark.parametrize("layers,code", [("2", 0), ("0", 2)])
+def test_the_console_exit_runs_atexit_and_skips_the_teardown(layers, code):
+    """console_main's exit: the command's code, atexit's handlers run and their output flushed, the
+    interpreter's final teardown skipped (a module object's __del__ never runs)."""
+    proc = _console(CONSOLE.format(before="", layers=layers))
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.rstrip().endswith("handler ran"), proc.stdout
+    assert "torn down" not in proc.stdout
+    assert ("diagonal schedule" in proc.stdout) == (code == 0)
+    assert ("armt schedule: error" in proc.stderr) == (code == 2), proc.stderr
+
+
+def test_the_console_exit_waits_for_a_running_thread():
+    """A non-daemon thread still running: the ordinary exit, which waits for it (and tears down)."""
+    late = 'threading.Thread(target=lambda: (time.sleep(1.0), print("thread done", flush=True))).start()'
+    proc = _console(CONSOLE.format(before=late, layers="2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "thread done" in proc.stdout and "handler ran" in proc.stdout and "torn down" in proc.stdout, proc.stdout
+
+
 def test_library_code_sets_no_logger_levels():
     """Only the `armt` command (an application) configures logging; the libraries never do."""
     offenders = []
