@@ -364,7 +364,8 @@ def shared_op_registry():
         return
 
     def from_torchlib(klass, opset_version=None, *args, **kwargs):
-        if args or kwargs or klass is not cls:  # not the call torch.onnx.export makes: as torch has it
+        if args or kwargs or klass is not cls or not isinstance(opset_version, (int, type(None))):
+            # not the call torch.onnx.export makes (another torch's signature): as torch has it
             return build(klass, *((opset_version,) if opset_version is not None else ()), *args, **kwargs)
         key = opset_version if opset_version is not None else -1
         if key not in _OP_REGISTRIES:
