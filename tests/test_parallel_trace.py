@@ -170,5 +170,5 @@ def test_model_bytes_and_claim_order():
     want = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     assert parallel_trace.model_bytes(m) == want
     assert claim_order(["lm_head", "diagonal_step", "segment", "decode", "memory_write"]) == \
-        ["segment", "memory_write", "decode", "diagonal_step", "lm_head"]
+        ["segment", "memory_write", "diagonal_step", "decode", "lm_head"]
     assert claim_order(["rmt_segment", "lm_head", "rmt_decode", "rmt_memory_write"])[0] == "rmt_segment"
