@@ -38,6 +38,7 @@ from torch import nn
 
 from graphs.cells import DecodeCell, MemoryWriteCell, SegmentCausalCell, SegmentCell, pos_embed
 from graphs.decode import armt_layer_write, decode_geometry, decode_layer
+from graphs.dtypes import ONNX_ELEMENT_TYPES, dtype_name
 from graphs.errors import ExportError
 from graphs.model import layer_cells
 
@@ -359,13 +360,12 @@ class _NotLayerable(Exception):
     """The cell's pieces cannot be stitched (the reason is the message): it is traced whole."""
 
 
-_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.bool: 9, torch.int32: 6}
-
-
 def _elem_type(dtype: torch.dtype) -> int:
-    if dtype not in _ELEM:
+    """The ONNX element type of a torch dtype (graphs.dtypes.ONNX_ELEMENT_TYPES)."""
+    name = dtype_name(dtype)
+    if name not in ONNX_ELEMENT_TYPES:
         raise _NotLayerable(f"no ONNX type for {dtype}")
-    return _ELEM[dtype]
+    return ONNX_ELEMENT_TYPES[name]
 
 
 # ------------------------------------------------------------------------------------------ stitching

@@ -345,8 +345,8 @@ def _fewer_collections():
 # with decode graphs (two pieces per stitched role), a tenth of its tracing CPU. The registry is only
 # read once built (torch.onnx registers custom_translation_table ops into it; this project passes
 # none), so while shared_op_registry is active one registry per opset is built per process and
-# handed to every call. tests/test_layered_trace.py checks that the graphs are the same byte for byte.
-_OP_REGISTRIES: dict[int, object] = {}
+# handed to every call. tests/test_trace_registry.py checks that the graphs are the same byte for byte.
+_OP_REGISTRIES: dict[int | None, object] = {}  # opset (None: torch's default) -> registry
 
 
 @contextlib.contextmanager
@@ -364,13 +364,12 @@ def shared_op_registry():
         return
 
     def from_torchlib(klass, opset_version=None, *args, **kwargs):
+        given = () if opset_version is None else (opset_version,)  # not given: torch's default opset
         if args or kwargs or klass is not cls or not isinstance(opset_version, (int, type(None))):
-            # not the call torch.onnx.export makes (another torch's signature): as torch has it
-            return build(klass, *((opset_version,) if opset_version is not None else ()), *args, **kwargs)
-        key = opset_version if opset_version is not None else -1
-        if key not in _OP_REGISTRIES:
-            _OP_REGISTRIES[key] = build(klass) if opset_version is None else build(klass, opset_version)
-        return _OP_REGISTRIES[key]
+            return build(klass, *given, *args, **kwargs)  # not torch.onnx.export's call (another torch): as torch has it
+        if opset_version not in _OP_REGISTRIES:
+            _OP_REGISTRIES[opset_version] = build(klass, *given)
+        return _OP_REGISTRIES[opset_version]
 
     cls.from_torchlib = classmethod(from_torchlib)
     try:
