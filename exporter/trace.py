@@ -51,6 +51,8 @@ from graphs.dtypes import FLOATS, torch_dtype
 from graphs.errors import ExportError
 from graphs.model import ArmtModel
 
+from exporter.decompositions import direct_decompositions
+
 log = logging.getLogger("armt.export")
 
 DEFAULT_OPSET = 18  # fp32
@@ -281,7 +283,8 @@ def trace_graph(model: ArmtModel, role: str, precision: str, opset: int | None =
     store = trace_cache.TraceCache() if use_cache else None
     key = trace_cache.trace_key(model, role, precision, opset, fused_attention(precision, opset), module) if store else ""
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad(), _fewer_collections(), shared_op_registry():
+    with (warnings.catch_warnings(), torch.no_grad(), _fewer_collections(), shared_op_registry(),
+          direct_decompositions()):
         warnings.simplefilter("ignore")  # the exporter's deprecation/user warnings are not ours to show
         translated = store.load(key, module) if store else None
         hit = translated is not None

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from exporter.decompositions import full_decompositions_forced
+
 log = logging.getLogger("armt.export")
 
 MAGIC = b"ARMT-TRACE-1\n"
@@ -65,7 +67,7 @@ def cache_root() -> Path:
     return cache_dir() / "traces"
 
 
-TRACE_SOURCES = ("trace.py", "trace_cache.py", "layered.py")  # the exporter files that shape a traced graph
+TRACE_SOURCES = ("trace.py", "trace_cache.py", "layered.py", "decompositions.py")  # the exporter files that shape a traced graph
 
 
 @functools.lru_cache(maxsize=4)
@@ -100,7 +102,8 @@ def trace_key(model, role: str, precision: str, opset: int, fused: bool, module:
     cfg = model.cfg
     spec = {"format": MAGIC.decode().strip(), "kind": cfg.kind, "config": cfg.base.hf_config,
             "armt_config": cfg.armt.to_dict(), "role": role, "precision": precision, "opset": opset,
-            "fused": fused, "fast_memory": bool(getattr(module, "fast_memory", False)), "versions": _versions(), "source": source_digest(),
+            "fused": fused, "fast_memory": bool(getattr(module, "fast_memory", False)),
+            "full_decompositions": full_decompositions_forced(), "versions": _versions(), "source": source_digest(),
             "tensors": [[n, list(t.shape), str(t.dtype)] for n, t in cell_tensors(module).items()]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
