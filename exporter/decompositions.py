@@ -1,4 +1,4 @@
-"""torch.onnx's decomposition step without its re-trace, where the re-trace would only rename ops.
+"""torch.onnx's decomposition step without its re-trace, where the re-trace would only swap a few ops.
 
 Every `torch.onnx.export(..., dynamo=True)` call runs three steps:
 
@@ -24,10 +24,11 @@ must decompose), a torch.ops.onnx op, a symbolic-int operator or an assertion (t
 those after this step) has them rewritten in place, and the re-trace is skipped. Anything else (a
 mutation, a higher-order op or subgraph, an op of the table, an unknown target, a form of these ops
 not listed, a data-dependent (unbacked) size, which the re-trace may write otherwise: torch 2.11
-captures one in the stitched roles' epilogue) makes the step run torch's own re-trace, unchanged. The translated graphs are the same
-nodes, attributes, initializers and wiring as with torch's re-trace (only FX node names, and so ONNX
-node names and their metadata, differ): tests/test_decompositions.py compares them for every role of
-the LLaMA, GPT-2 and RMT models, fp32 and the fused fp16 graphs, and checks the fall-back.
+captures one in the stitched roles' epilogue) makes the step run torch's own re-trace, unchanged.
+The translated graphs are the same nodes, attributes, initializers and wiring as with torch's
+re-trace (only FX node names, and so ONNX node names and their metadata, differ):
+tests/test_decompositions.py compares them for five roles (LLaMA, GPT-2 and RMT; fp32, fp16, bf16)
+and each rewritten op, and checks the fall-backs; docs/exporter.md lists the exports compared.
 
 This patches a private function of torch.onnx (`_fx_passes.decompose_with_registry`) for the block
 only; a torch without it, or `ARMT_FULL_DECOMPOSITIONS=1`, runs torch's step as it is.
@@ -70,31 +71,31 @@ class _Fallback(Exception):
     """The program needs torch's re-trace (the message says why)."""
 
 
-# registry -> (ops torchlib translates, torch.onnx's decomposition table). The registries are
-# per-process (trace.shared_op_registry), so this is built once per opset.
-_TABLES: dict[int, tuple[object, set, dict]] = {}
+# (registry, ops torchlib translates, torch.onnx's decomposition table) of the last registry seen:
+# the registries are per process and opset (trace.shared_op_registry), so this is rebuilt only when
+# an export changes opset.
+_last_tables: tuple[object, set, dict] | None = None
 
 
-def _tables(registry):
-    from torch.onnx._internal.exporter import _decomp
-    entry = _TABLES.get(id(registry))
-    if entry is None or entry[0] is not registry:
+def _tables(registry) -> tuple[set, dict]:
+    global _last_tables
+    if _last_tables is None or _last_tables[0] is not registry:
+        from torch.onnx._internal.exporter import _decomp
         registered = set(_decomp.get_onnx_implemented_overloads(registry))
-        entry = (registry, registered, _decomp.create_onnx_friendly_decomposition_table(registered))
-        _TABLES[id(registry)] = entry
-    return entry[1], entry[2]
+        _last_tables = (registry, registered, _decomp.create_onnx_friendly_decomposition_table(registered))
+    return _last_tables[1], _last_tables[2]
 
 
 def _check(program, registered: set, table: dict) -> None:
     """Raise _Fallback unless every node of the program is one this module may leave or rewrite."""
     from torch._export import utils as export_utils
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
     assertions, rewritten, _ = _known_ops()
     signature = program.graph_signature
     if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
         raise _Fallback("the program mutates its inputs or buffers")
     if any(isinstance(m, torch.fx.GraphModule) for _, m in program.graph_module.named_children()):
         raise _Fallback("the program has subgraphs")
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
     for node in program.graph.nodes:
         if free_unbacked_symbols(node.meta.get("val")):  # a size torch's re-trace may express otherwise
             raise _Fallback(f"node {node.name} has a data-dependent (unbacked) size")

@@ -81,7 +81,6 @@ def _translate_both(translate, retraces, monkeypatch):
             with decompositions.direct_decompositions() if direct else contextlib.nullcontext():
                 graph = translate()
             runs.append((graph, calls[n_calls:], len(retraces) - n_retraces))
-    monkeypatch.setattr(torch.onnx, "export", export)
     return runs
 
 
